@@ -1,0 +1,478 @@
+"""`Agent`: one endpoint of the transport (owner of leased blocks, reader/writer of peers').
+
+Sync methods are for engine threads; each has an async twin (`a...`) for asyncio users. All UCX
+work runs on the process-wide transport loop (runtime.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from . import handshake as hs
+from .channel import Channel
+from .config import AgentConfig, parse_hostport
+from .dataeps import DataEndpoints
+from .datapath import CancelToken, Receiver, Sender, StagingPool
+from .descs import Descs
+from .errors import (BadMessage, PeerLost, TransferCancelled, TransferError, TransferTimeout,
+                     Unauthorized, error_from_wire)
+from .leases import Lease, LeaseTable
+from .plan import StreamPlan
+from .region import Region, make_region
+from .runtime import TAG_CHUNK_BITS, Runtime
+from .stats import AgentStats
+from .transfer import Peer, Transfer
+from .wire import Frame, Msg
+
+log = logging.getLogger(__name__)
+
+MIN_CHUNK, MAX_CHUNK = 4096, 1 << 30
+
+
+def _valid_chunk(c: int) -> bool:
+    return MIN_CHUNK <= c <= MAX_CHUNK and c & (c - 1) == 0
+
+
+class Agent:
+    """See docs/API.md and README for the full contract.
+
+    Example (owner)::
+
+        with Agent("prefill-0", AgentConfig(auth_key=b"k")) as a:
+            lease = a.expose(Descs.from_blocks(a.register(kv), ids, block_bytes), ttl_s=30)
+    """
+
+    def __init__(self, name: str, config: AgentConfig | None = None):
+        if not name or not isinstance(name, str):
+            raise ValueError("agent name must be a non-empty string")
+        self.name = name
+        self.config = config or AgentConfig()
+        self.stats = AgentStats()
+        self._rt = Runtime.get(self.config.transports)
+        self._lock = threading.Lock()
+        self._leases = LeaseTable()
+        self._notifs: list[tuple[str, bytes]] = []
+        self._by_name: dict[str, Channel] = {}      # every live, authenticated channel by peer name
+        self._by_addr: dict[str, Channel] = {}      # outbound channels by address
+        self._data: dict[int, DataEndpoints] = {}   # id(channel) -> data endpoint pool
+        self._tokens: dict[tuple[int, int], CancelToken] = {}  # (id(channel), xid) -> token
+        self._write_waiters: dict[int, asyncio.Future] = {}
+        self._xids = itertools.count(1)
+        self._pools: dict[str, StagingPool] = {}
+        self._streams: dict[int, Any] = {}
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"nixl-pack-{name}")
+        self._closed = False
+        self._listener = None
+        self._sweeper: asyncio.Task | None = None
+        self._worker_address = b""
+        host, port = parse_hostport(self.config.listen)
+        self._host = host
+        self._rt.call(self._start(port), self.config.timeout_s)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _start(self, port: int) -> None:
+        import ucxx
+
+        self._worker_address = bytes(ucxx.get_worker_address().tobytes())
+        self._listener = ucxx.create_listener(self._on_accept, port, endpoint_error_handling=True)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        log.info("agent %s listening on %s", self.name, self.address)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self._listener.port}"
+
+    def close(self) -> None:
+        """Close every connection and the listener; in-flight transfers fail with PeerLost."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._rt.call(self._aclose(), 15.0)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._rt.acall(self._aclose())
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _aclose(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        for ch in list(self._by_name.values()) + list(self._by_addr.values()):
+            await self._drop_channel(ch)
+        if self._listener is not None:
+            self._listener.close()
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ memory and leases
+    def register(self, obj: Any, whole_storage: bool = False) -> Region:
+        """Register a torch tensor (cpu or cuda), numpy array or __cuda_array_interface__ object.
+
+        Regions need no UCX registration up front: UCX registers memory on first use and caches it.
+        """
+        return make_region(obj, whole_storage)
+
+    def expose(self, descs: Descs, peer: str | None = None, ttl_s: float = 30.0,
+               writable: bool = False) -> Lease:
+        """Let `peer` (or any authenticated peer, if None) read (or, if writable, write) exactly
+        these bytes, in this order, for `ttl_s` seconds (renewable by the peer)."""
+        if not isinstance(descs, Descs):
+            raise TypeError("expose() takes a Descs")
+        with self._lock:
+            e = self._leases.add(descs, peer, ttl_s, writable)
+            return self._leases.public(e)
+
+    def release(self, lease_id: str) -> bool:
+        """End a lease now. Its blocks come back from `freed_leases()` once no transfer uses them."""
+        with self._lock:
+            return self._leases.release(lease_id)
+
+    def freed_leases(self) -> list[str]:
+        """Drain the ids of leases that ended (released or expired) and that no transfer touches
+        any more: their blocks may be reused by the engine now."""
+        with self._lock:
+            self._leases.sweep()
+            return self._leases.drain_freed()
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        """Drain (peer_name, payload) notifications received since the last call."""
+        with self._lock:
+            out, self._notifs = self._notifs, []
+            return out
+
+    def peers(self) -> list[str]:
+        return [n for n, ch in self._by_name.items() if ch.lost is None]
+
+    # ------------------------------------------------------------------ connect
+    def connect(self, address: str, timeout: float | None = None) -> Peer:
+        t = timeout or self.config.timeout_s
+        return self._rt.call(self._aconnect(address, t), t)
+
+    async def aconnect(self, address: str, timeout: float | None = None) -> Peer:
+        return await self._rt.acall(self._aconnect(address, timeout or self.config.timeout_s))
+
+    async def _aconnect(self, address: str, timeout: float) -> Peer:
+        import ucxx
+
+        old = self._by_addr.get(address)
+        if old is not None and old.lost is None:
+            return Peer(old.peer_name, address)
+        host, port = parse_hostport(address)
+        try:
+            ep = await asyncio.wait_for(
+                ucxx.create_endpoint(host, port, endpoint_error_handling=True, connect_timeout=timeout),
+                timeout)
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"connect to {address}: no answer within {timeout:.1f}s") from None
+        except Exception as e:
+            raise PeerLost(f"connect to {address} failed: {type(e).__name__}: {e}") from None
+        ch = Channel(ep, self.config.max_message_bytes, f"{self.name}->{address}")
+        key = self.config.auth_key
+        try:
+            nonce_c = hs.new_nonce()
+            await ch.send(Msg.HELLO, 1, name=self.name, nonce=nonce_c, compat=dict(self.config.compat),
+                          worker=self._worker_address)
+            ack = await ch.recv_frame(timeout)
+            self._raise_if_error(ack, Msg.HELLO_ACK)
+            server = ack.body["name"]
+            want = hs.mac(key, b"S", nonce_c, ack.body["nonce"], self.name, server)
+            if not hs.macs_equal(want, ack.body["mac"]):
+                raise Unauthorized(f"{address} ({server}) failed to authenticate: wrong or missing auth_key")
+            await ch.send(Msg.AUTH, 2, mac=hs.mac(key, b"C", nonce_c, ack.body["nonce"], self.name, server))
+            self._raise_if_error(await ch.recv_frame(timeout), Msg.WELCOME)
+        except BaseException as e:
+            self.stats.handshake_failures += 1
+            await ch.close()
+            if isinstance(e, TransferError):
+                log.warning("%s: handshake with %s failed: %s", self.name, address, e)
+            raise
+        ch.peer_name, ch.peer_worker = server, ack.body["worker"]
+        self._adopt(ch, address)
+        log.info("%s connected to %s at %s", self.name, server, address)
+        return Peer(server, address)
+
+    @staticmethod
+    def _raise_if_error(f: Frame, expected: Msg) -> None:
+        if f.type is Msg.ERROR:
+            raise error_from_wire(f.body["code"], f.body["message"], f.body["field"])
+        if f.type is not expected:
+            raise BadMessage(f"expected {expected.value}, got {f.type.value}")
+
+    async def _on_accept(self, ep: Any) -> None:
+        ch = Channel(ep, self.config.max_message_bytes, f"{self.name}<-?")
+        timeout = self.config.timeout_s
+        key = self.config.auth_key
+        rid = 0
+        try:
+            hello = await ch.recv_frame(timeout)
+            rid = hello.rid
+            if hello.type is not Msg.HELLO:
+                raise BadMessage(f"expected hello, got {hello.type.value}")
+            hs.check_compat(dict(self.config.compat), hello.body["compat"])
+            client, nonce_c, nonce_s = hello.body["name"], hello.body["nonce"], hs.new_nonce()
+            ch.label = f"{self.name}<-{client}"
+            await ch.send(Msg.HELLO_ACK, rid, name=self.name, nonce=nonce_s, worker=self._worker_address,
+                          mac=hs.mac(key, b"S", nonce_c, nonce_s, client, self.name))
+            auth = await ch.recv_frame(timeout)
+            rid = auth.rid
+            if auth.type is not Msg.AUTH:
+                raise BadMessage(f"expected auth, got {auth.type.value}")
+            if not hs.macs_equal(hs.mac(key, b"C", nonce_c, nonce_s, client, self.name), auth.body["mac"]):
+                raise Unauthorized(f"peer {client!r} failed to authenticate")
+            await ch.send(Msg.WELCOME, rid)
+        except TransferError as e:
+            self.stats.handshake_failures += 1
+            log.warning("%s: rejected incoming handshake: %s", self.name, e)
+            await ch.reply_error(rid, e)
+            await asyncio.sleep(0.2)  # let the error reach the peer before closing
+            await ch.close()
+            return
+        ch.peer_name, ch.peer_worker = client, hello.body["worker"]
+        self._adopt(ch, None)
+        log.info("%s accepted %s", self.name, client)
+
+    def _adopt(self, ch: Channel, address: str | None) -> None:
+        old = self._by_name.get(ch.peer_name)
+        if old is not None and old is not ch and address is None:
+            log.info("%s: %s reconnected; dropping its old connection", self.name, ch.peer_name)
+            asyncio.get_running_loop().create_task(self._drop_channel(old))
+        self._by_name[ch.peer_name] = ch
+        if address is not None:
+            self._by_addr[address] = ch
+        self._data[id(ch)] = DataEndpoints(ch.peer_worker)
+        ch.on_lost(self._on_channel_lost)
+        ch.start(self._handle)
+
+    def _on_channel_lost(self, ch: Channel, err: BaseException) -> None:
+        log.warning("%s: lost %s: %s", self.name, ch.peer_name, err)
+        perr = err if isinstance(err, TransferError) else PeerLost(str(err))
+        for (cid, _), tok in list(self._tokens.items()):
+            if cid == id(ch):
+                tok.set(perr)
+        if self._by_name.get(ch.peer_name) is ch:
+            del self._by_name[ch.peer_name]
+        for a, c in list(self._by_addr.items()):
+            if c is ch:
+                del self._by_addr[a]
+        pool = self._data.pop(id(ch), None)
+        if pool is not None:
+            asyncio.get_running_loop().create_task(pool.close())
+
+    async def _drop_channel(self, ch: Channel) -> None:
+        await ch.close()
+
+    def _channel(self, peer: Peer | str) -> Channel:
+        ch = None
+        if isinstance(peer, Peer):
+            ch = self._by_addr.get(peer.address) or self._by_name.get(peer.name)
+        elif isinstance(peer, str):
+            ch = self._by_name.get(peer) or self._by_addr.get(peer)
+        if ch is None or ch.lost is not None:
+            raise PeerLost(f"not connected to {peer}")
+        return ch
+
+    # ------------------------------------------------------------------ reader / writer side
+    def read(self, peer: Peer | str, local: Descs, lease_id: str, notify: bytes | None = None,
+             timeout: float | None = None) -> Transfer:
+        """Pull the whole lease `lease_id` held by `peer` into `local` (same total size)."""
+        return self._start_xfer(self._xfer_read, peer, local, lease_id, notify, timeout)
+
+    def write(self, peer: Peer | str, local: Descs, lease_id: str, notify: bytes | None = None,
+              timeout: float | None = None) -> Transfer:
+        """Push `local` into the writable lease `lease_id` held by `peer`."""
+        return self._start_xfer(self._xfer_write, peer, local, lease_id, notify, timeout)
+
+    async def aread(self, *args: Any, **kw: Any) -> None:
+        await self.read(*args, **kw)
+
+    async def awrite(self, *args: Any, **kw: Any) -> None:
+        await self.write(*args, **kw)
+
+    def _start_xfer(self, fn, peer, local, lease_id, notify, timeout) -> Transfer:
+        if not isinstance(local, Descs):
+            raise TypeError("local must be a Descs")
+        if notify is not None and not isinstance(notify, (bytes, bytearray)):
+            raise TypeError("notify must be bytes or None")
+        tok_holder: list[CancelToken] = []
+        ready = threading.Event()
+
+        async def run() -> None:
+            tok = CancelToken()
+            tok_holder.append(tok)
+            ready.set()
+            await fn(peer, local, lease_id, notify, timeout or self.config.timeout_s, tok)
+
+        fut = asyncio.run_coroutine_threadsafe(run(), self._rt.loop)
+
+        def cancel() -> None:
+            def _set() -> None:
+                if tok_holder:
+                    tok_holder[0].set(TransferCancelled("transfer cancelled by caller"))
+            self._rt.call_soon(_set)
+        return Transfer(fut, local.nbytes, cancel)
+
+    def _pool(self, device: torch.device) -> StagingPool:
+        key = str(device)
+        if key not in self._pools:
+            self._pools[key] = StagingPool(device, self.config.chunk_bytes, self.config.staging_slots)
+        return self._pools[key]
+
+    def _stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device.index not in self._streams:
+            self._streams[device.index] = torch.cuda.Stream(device=device)
+        return self._streams[device.index]
+
+    def _device(self, d: Descs) -> torch.device:
+        return d.regions[0].device if d.regions else torch.device("cpu")
+
+    async def _run_stream(self, kind, ch: Channel, descs: Descs, chunk: int, tag: int, deadline: float,
+                          tok: CancelToken) -> None:
+        pool = self._data.get(id(ch))
+        if pool is None:
+            raise PeerLost(f"not connected to {ch.peer_name}")
+        ep = await pool.borrow()
+        dev = self._device(descs)
+        io = kind(ep, StreamPlan(descs, chunk), self._pool(dev), self._executor, tag, self._stream(dev))
+        try:
+            await io.run(descs, deadline, tok)
+        finally:
+            if io.aborted:
+                pass  # already aborted: the endpoint is gone
+            elif ch.lost is None:
+                await pool.give_back(ep)
+
+    async def _xfer_read(self, peer, local: Descs, lease_id: str, notify, timeout: float,
+                         tok: CancelToken) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ch = self._channel(peer)
+        xid = next(self._xids)
+        tag = self._rt.new_tag_base()
+        t0 = loop.time()
+        try:
+            ack = await ch.request(Msg.READ_REQ, timeout, xid=xid, lease=lease_id, nbytes=local.nbytes,
+                                   chunk=self.config.chunk_bytes, tag=tag)
+            chunk = ack.body["chunk"]
+            if not _valid_chunk(chunk) or chunk > self.config.chunk_bytes:
+                raise BadMessage(f"owner chose an invalid chunk size {chunk}")
+            self._tokens[(id(ch), xid)] = tok
+            if ch.lost is not None:
+                tok.set(PeerLost(f"lost {ch.peer_name}"))
+            try:
+                await self._run_stream(Receiver, ch, local, chunk, tag, deadline, tok)
+            except TransferError as e:
+                await self._send_quiet(ch, Msg.XFER_ABORT, xid=xid, reason=str(e)[:200])
+                raise
+            await ch.send(Msg.READ_DONE, xid=xid, lease=lease_id, notify=bytes(notify) if notify else None)
+        except TransferError:
+            self.stats.transfers_failed += 1
+            raise
+        finally:
+            self._tokens.pop((id(ch), xid), None)
+        self.stats.record_in(local.nbytes, loop.time() - t0)
+
+    async def _xfer_write(self, peer, local: Descs, lease_id: str, notify, timeout: float,
+                          tok: CancelToken) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ch = self._channel(peer)
+        xid = next(self._xids)
+        done = loop.create_future()
+        self._write_waiters[xid] = done
+        t0 = loop.time()
+        try:
+            ack = await ch.request(Msg.WRITE_REQ, timeout, xid=xid, lease=lease_id, nbytes=local.nbytes,
+                                   chunk=self.config.chunk_bytes, notify=bytes(notify) if notify else None)
+            chunk, tag = ack.body["chunk"], ack.body["tag"]
+            if not _valid_chunk(chunk) or chunk > self.config.chunk_bytes or tag & ((1 << TAG_CHUNK_BITS) - 1):
+                raise BadMessage("owner answered with an invalid chunk size or tag")
+            self._tokens[(id(ch), xid)] = tok
+            if ch.lost is not None:
+                tok.set(PeerLost(f"lost {ch.peer_name}"))
+            try:
+                await self._run_stream(Sender, ch, local, chunk, tag, deadline, tok)
+                waiter = loop.create_task(tok.wait())
+                try:
+                    fin, _ = await asyncio.wait({done, waiter}, timeout=max(0.0, deadline - loop.time()),
+                                                return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if done in fin:
+                    done.result()
+                elif waiter in fin:
+                    raise tok.error or TransferCancelled("cancelled")
+                else:
+                    raise TransferTimeout("owner did not confirm the write before the deadline")
+            except TransferError as e:
+                await self._send_quiet(ch, Msg.XFER_ABORT, xid=xid, reason=str(e)[:200])
+                raise
+        except TransferError:
+            self.stats.transfers_failed += 1
+            raise
+        finally:
+            self._write_waiters.pop(xid, None)
+            self._tokens.pop((id(ch), xid), None)
+        self.stats.record_out(local.nbytes, loop.time() - t0)
+
+    async def _send_quiet(self, ch: Channel, msg: Msg, **body: Any) -> None:
+        try:
+            await ch.send(msg, **body)
+        except TransferError:
+            pass
+
+    # ------------------------------------------------------------------ misc peer calls
+    def renew(self, peer: Peer | str, lease_id: str, ttl_s: float = 30.0, timeout: float | None = None) -> float:
+        """Extend a lease held by `peer`; returns the seconds it now has left."""
+        t = timeout or self.config.timeout_s
+        return self._rt.call(self._arenew(peer, lease_id, ttl_s, t), t)
+
+    async def arenew(self, peer: Peer | str, lease_id: str, ttl_s: float = 30.0,
+                     timeout: float | None = None) -> float:
+        return await self._rt.acall(self._arenew(peer, lease_id, ttl_s, timeout or self.config.timeout_s))
+
+    async def _arenew(self, peer, lease_id: str, ttl_s: float, timeout: float) -> float:
+        f = await self._channel(peer).request(Msg.RENEW, timeout, lease=lease_id, ttl=float(ttl_s))
+        return float(f.body["expires_in"] or 0.0)
+
+    def notify(self, peer: Peer | str, payload: bytes, timeout: float | None = None) -> None:
+        """Send a notification; the peer sees it in its `notifications()`."""
+        t = timeout or self.config.timeout_s
+        self._rt.call(self._anotify(peer, payload), t)
+
+    async def anotify(self, peer: Peer | str, payload: bytes) -> None:
+        await self._rt.acall(self._anotify(peer, payload))
+
+    async def _anotify(self, peer, payload: bytes) -> None:
+        await self._channel(peer).send(Msg.NOTIFY, payload=bytes(payload))
+
+    # ------------------------------------------------------------------ owner side
+    async def _handle(self, ch: Channel, f: Frame) -> None:
+        from .serve import serve_frame  # owner-side request handling lives in serve.py
+
+        await serve_frame(self, ch, f)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            with self._lock:
+                n = self._leases.sweep()
+            if n:
+                self.stats.leases_expired += n
+                log.info("%s: %d lease(s) expired", self.name, n)

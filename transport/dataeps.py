@@ -1,0 +1,54 @@
+"""Per-peer pool of data endpoints (UCX peer error handling off), one per transfer at a time.
+
+A transfer borrows an endpoint and gives it back when it succeeded; a failed or cancelled
+transfer aborts its endpoint instead, which cancels exactly that transfer's UCX requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ABORT_PERIOD_NS = 1_000_000_000
+
+
+async def abort_endpoint(ep: Any) -> None:
+    """Abort without blocking the event loop (ucxx's abort waits for its progress thread)."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, lambda: ep.abort(period=ABORT_PERIOD_NS, max_attempts=1))
+    except Exception as e:
+        log.debug("endpoint abort failed: %s", e)
+
+
+class DataEndpoints:
+    def __init__(self, worker_address: bytes, max_idle: int = 4):
+        self._address = worker_address
+        self._idle: list[Any] = []
+        self._max_idle = max_idle
+        self._closed = False
+
+    async def borrow(self) -> Any:
+        if self._idle:
+            return self._idle.pop()
+        import ucxx
+
+        addr = ucxx.get_ucx_address_from_buffer(self._address)
+        return await ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=False)
+
+    async def give_back(self, ep: Any) -> None:
+        if self._closed or len(self._idle) >= self._max_idle:
+            await abort_endpoint(ep)
+        else:
+            self._idle.append(ep)
+
+    async def discard(self, ep: Any) -> None:
+        await abort_endpoint(ep)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for ep in idle:
+            await abort_endpoint(ep)

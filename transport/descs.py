@@ -1,0 +1,105 @@
+"""Descriptor lists: numpy-backed rows of (region, offset, length), never looped in Python."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .region import Region
+
+
+@dataclass(frozen=True)
+class Descs:
+    """An ordered list of byte ranges over registered regions.
+
+    `regions` holds the distinct regions; `region_idx[i]` indexes into it; `offset[i]` and
+    `length[i]` are in bytes. The *stream* of a Descs is the concatenation of its ranges in
+    order: that is what a transfer moves.
+    """
+
+    regions: tuple[Region, ...]
+    region_idx: np.ndarray  # int32
+    offset: np.ndarray      # int64
+    length: np.ndarray      # int64
+
+    def __post_init__(self) -> None:
+        n = len(self.offset)
+        if not (len(self.region_idx) == n == len(self.length)):
+            raise ValueError("region_idx, offset and length must have the same length")
+        if n and (self.region_idx.min() < 0 or self.region_idx.max() >= len(self.regions)):
+            raise ValueError("region index out of range")
+        if n and (self.length.min() <= 0 or self.offset.min() < 0):
+            raise ValueError("descriptor lengths must be > 0 and offsets >= 0")
+        if n:
+            sizes = np.array([r.nbytes for r in self.regions], dtype=np.int64)
+            if np.any(self.offset + self.length > sizes[self.region_idx]):
+                bad = int(np.argmax(self.offset + self.length > sizes[self.region_idx]))
+                raise ValueError(f"descriptor {bad} [{self.offset[bad]}, +{self.length[bad]}) "
+                                 f"exceeds its region ({sizes[self.region_idx[bad]]} bytes)")
+        if n and len({r.device for r in self.regions}) > 1:
+            raise ValueError("all regions of one Descs must live on the same device")
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_ranges(cls, region: Region, offsets, lengths) -> "Descs":
+        off = np.ascontiguousarray(offsets, dtype=np.int64).reshape(-1)
+        ln = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
+        if ln.size == 1 and off.size > 1:
+            ln = np.full(off.size, int(ln[0]), dtype=np.int64)
+        return cls((region,), np.zeros(off.size, dtype=np.int32), off, ln)
+
+    @classmethod
+    def from_blocks(cls, region: Region, block_ids, block_bytes: int,
+                    base_offset: int = 0, stride: int | None = None) -> "Descs":
+        """Block `b` is bytes [base_offset + b*stride, +block_bytes) of `region`."""
+        if block_bytes <= 0:
+            raise ValueError("block_bytes must be > 0")
+        ids = np.asarray(block_ids)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError("block_ids must be integers")
+        ids = ids.astype(np.int64, copy=False).reshape(-1)
+        if ids.size and ids.min() < 0:
+            raise ValueError("block ids must be >= 0")
+        step = block_bytes if stride is None else int(stride)
+        off = base_offset + ids * step
+        return cls((region,), np.zeros(ids.size, dtype=np.int32), off,
+                   np.full(ids.size, block_bytes, dtype=np.int64))
+
+    @classmethod
+    def concat(cls, parts: "list[Descs]") -> "Descs":
+        regions: list[Region] = []
+        index: dict[int, int] = {}
+        ridx, offs, lens = [], [], []
+        for p in parts:
+            remap = np.empty(len(p.regions), dtype=np.int32)
+            for i, r in enumerate(p.regions):
+                if r.uid not in index:
+                    index[r.uid] = len(regions)
+                    regions.append(r)
+                remap[i] = index[r.uid]
+            ridx.append(remap[p.region_idx] if len(p.region_idx) else p.region_idx)
+            offs.append(p.offset)
+            lens.append(p.length)
+        if not parts:
+            return cls((), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return cls(tuple(regions), np.concatenate(ridx).astype(np.int32), np.concatenate(offs),
+                   np.concatenate(lens))
+
+    # -- properties -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.offset.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.length.sum()) if len(self) else 0
+
+    def coalesced(self) -> "Descs":
+        """Merge neighbours in stream order that are adjacent in the same region."""
+        n = len(self)
+        if n < 2:
+            return self
+        cont = (self.region_idx[1:] == self.region_idx[:-1]) & \
+               (self.offset[:-1] + self.length[:-1] == self.offset[1:])
+        starts = np.flatnonzero(np.concatenate(([True], ~cont)))
+        lens = np.add.reduceat(self.length, starts)
+        return Descs(self.regions, self.region_idx[starts], self.offset[starts], lens)

@@ -1,0 +1,114 @@
+"""Owner-side handling of requests arriving on a control channel.
+
+Every request is validated against the lease table before any memory is touched; a rejected
+request gets a typed ERROR reply and is logged, and the agent keeps serving everyone else.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .channel import Channel
+from .datapath import CancelToken, Receiver, Sender
+from .errors import BadMessage, LeaseRejected, TransferError
+from .runtime import TAG_CHUNK_BITS
+from .wire import Frame, Msg
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+MIN_CHUNK, MAX_CHUNK = 4096, 1 << 30
+
+
+def _check_chunk(c: int) -> None:
+    if not (MIN_CHUNK <= c <= MAX_CHUNK and c & (c - 1) == 0):
+        raise BadMessage(f"chunk size {c} is not a power of two in [{MIN_CHUNK}, {MAX_CHUNK}]")
+
+
+async def serve_frame(agent: "Agent", ch: Channel, f: Frame) -> None:
+    b = f.body
+    if f.type is Msg.READ_REQ:
+        await _serve_transfer(agent, ch, f, write=False)
+    elif f.type is Msg.WRITE_REQ:
+        await _serve_transfer(agent, ch, f, write=True)
+    elif f.type is Msg.READ_DONE:
+        with agent._lock:
+            e = agent._leases.get(b["lease"])
+            if e is not None:
+                e.reads += 1
+            if b["notify"] is not None:
+                agent._notifs.append((ch.peer_name, b["notify"]))
+    elif f.type is Msg.WRITE_DONE:
+        fut = agent._write_waiters.get(b["xid"])
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+    elif f.type is Msg.XFER_ABORT:
+        tok = agent._tokens.get((id(ch), b["xid"]))
+        err = TransferError(f"peer aborted the transfer: {b['reason']}")
+        if tok is not None:
+            tok.set(err)
+        fut = agent._write_waiters.get(b["xid"])
+        if fut is not None and not fut.done():
+            fut.set_exception(err)
+    elif f.type is Msg.RENEW:
+        with agent._lock:
+            left = agent._leases.renew(b["lease"], ch.peer_name, b["ttl"], agent.config.max_ttl_s)
+        await ch.send(Msg.OK, f.rid, expires_in=left)
+    elif f.type is Msg.NOTIFY:
+        with agent._lock:
+            agent._notifs.append((ch.peer_name, b["payload"]))
+    elif f.type is Msg.PING:
+        await ch.send(Msg.PONG, f.rid)
+    else:
+        raise BadMessage(f"unexpected {f.type.value} after the handshake")
+
+
+async def _serve_transfer(agent: "Agent", ch: Channel, f: Frame, write: bool) -> None:
+    b = f.body
+    _check_chunk(b["chunk"])
+    if not write and (b["tag"] <= 0 or b["tag"] & ((1 << TAG_CHUNK_BITS) - 1) or b["tag"] >= 1 << 63):
+        raise BadMessage("invalid data tag")
+    try:
+        with agent._lock:
+            entry = agent._leases.acquire(b["lease"], ch.peer_name, b["nbytes"], want_write=write)
+    except LeaseRejected:
+        agent.stats.requests_rejected += 1
+        raise
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    xid = b["xid"]
+    tok = CancelToken()
+    key = (id(ch), xid)
+    try:
+        chunk = min(b["chunk"], agent.config.chunk_bytes)
+        if key in agent._tokens:
+            raise BadMessage(f"transfer id {xid} already in use")
+        agent._tokens[key] = tok
+        deadline = loop.time() + agent.config.timeout_s
+        if write:
+            tag = agent._rt.new_tag_base()
+            await ch.send(Msg.WRITE_ACK, f.rid, xid=xid, chunk=chunk, tag=tag)
+            await agent._run_stream(Receiver, ch, entry.descs, chunk, tag, deadline, tok)
+            with agent._lock:
+                if b["notify"] is not None:
+                    agent._notifs.append((ch.peer_name, b["notify"]))
+            await ch.send(Msg.WRITE_DONE, xid=xid)
+            agent.stats.record_in(entry.descs.nbytes, loop.time() - t0)
+        else:
+            await ch.send(Msg.READ_ACK, f.rid, xid=xid, chunk=chunk)
+            await agent._run_stream(Sender, ch, entry.descs, chunk, b["tag"], deadline, tok)
+            agent.stats.record_out(entry.descs.nbytes, loop.time() - t0)
+    except TransferError as e:
+        agent.stats.transfers_failed += 1
+        log.warning("%s: %s of lease %s for %s failed: %s", agent.name, "write" if write else "read",
+                    b["lease"][:12], ch.peer_name, e)
+        if write:
+            await agent._send_quiet(ch, Msg.XFER_ABORT, xid=xid, reason=str(e)[:200])
+    finally:
+        if agent._tokens.get(key) is tok:
+            del agent._tokens[key]
+        with agent._lock:
+            agent._leases.drop(entry)

@@ -1,0 +1,134 @@
+"""`UcxConnector`: vLLM KV connector over the `transport` core (facade routing by role)."""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
+)
+
+from .config import UcxConnectorConfig
+from .metadata import UcxConnectorMetadata
+from .stats import UcxConnectorStats
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class UcxConnector(KVConnectorBase_V1):
+    """Disaggregated prefill/decode: decode pulls prefill's blocks by lease over UCX."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = vllm_config.kv_transfer_config
+        self.cfg = UcxConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
+        self.engine_id = str(ktc.engine_id or uuid.uuid4())
+        self._scheduler = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from .scheduler import UcxScheduler
+            self._scheduler = UcxScheduler(vllm_config, self.engine_id, self.cfg)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            from .worker import UcxWorker
+            num_blocks = getattr(kv_cache_config, "num_blocks", None)
+            self._worker = UcxWorker(vllm_config, self.engine_id, self.cfg,
+                                     get_tensor_model_parallel_rank(), num_blocks)
+
+    # -- scheduler side ---------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: Any,
+                                 num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        mgr = self._kv_cache_manager
+
+        def block_ids_of(rid: str) -> list[int]:
+            return list(mgr.get_block_ids(rid)[0]) if mgr is not None else []
+        return self._scheduler.build_connector_meta(scheduler_output, block_ids_of)
+
+    def on_new_request(self, request: "Request") -> None:
+        self._scheduler.on_new_request(request)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: "Request", block_ids: list[int]):
+        return self._scheduler.request_finished(request, block_ids)
+
+    def set_xfer_handshake_metadata(
+            self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        if self._scheduler is not None:
+            self._scheduler.set_handshake(metadata)
+
+    def has_pending_block_frees(self) -> bool:
+        return False
+
+    # -- worker side ------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return self._worker.handshake_metadata() if self._worker is not None else None
+
+    def _meta(self) -> UcxConnectorMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, UcxConnectorMetadata) else None
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._meta()
+        if meta is not None:
+            self._worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        self._worker.wait_for_save(self._meta())
+
+    def get_finished(self, finished_req_ids: set[str]):
+        sending, recving, _ = self._worker.get_finished(finished_req_ids)
+        return sending or None, recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        sending, recving, failed = self._worker.get_finished(finished_req_ids)
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
+                                          failed_recving=failed)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.load_errors() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self._worker.worker_meta() if self._worker is not None else None
+
+    def get_kv_connector_stats(self) -> UcxConnectorStats | None:
+        return self._worker.stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return UcxConnectorStats(data=dict(data)) if data is not None else UcxConnectorStats()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()

@@ -1,0 +1,28 @@
+"""Benchmarks: the NIXL baseline and the local copy limit the transport is compared with."""
+
+from nixl_connectors.bench.copy_limit import local_copy_limit
+from nixl_connectors.bench.nixl_baseline import (
+    DEFAULT_PROFILES,
+    NixlBenchError,
+    NixlProfile,
+    measure_nixl_read,
+    profile_config,
+    run_nixl_read,
+)
+from nixl_connectors.bench.nixl_import import NixlAvailability, find_nixl
+from nixl_connectors.bench.nixl_types import NixlReadConfig, NixlReadResult, UcxErrorHandling
+
+__all__ = [
+    "DEFAULT_PROFILES",
+    "NixlAvailability",
+    "NixlBenchError",
+    "NixlProfile",
+    "NixlReadConfig",
+    "NixlReadResult",
+    "UcxErrorHandling",
+    "find_nixl",
+    "local_copy_limit",
+    "measure_nixl_read",
+    "profile_config",
+    "run_nixl_read",
+]

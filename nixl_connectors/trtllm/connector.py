@@ -1,0 +1,5 @@
+"""The module named in TensorRT-LLM's ``kv_connector_config.connector_module``."""
+from .scheduler import UcxKvConnectorScheduler
+from .worker import KvLoadError, UcxKvConnectorWorker
+
+__all__ = ["UcxKvConnectorScheduler", "UcxKvConnectorWorker", "KvLoadError"]

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _tp_rank() -> int:
+    """This worker's TP rank (0 outside vLLM's distributed set-up, e.g. in tests)."""
+    from vllm.distributed import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return ps.get_tensor_model_parallel_rank()
+    return 0
+
+
 class UcxConnector(KVConnectorBase_V1):
     """Disaggregated prefill/decode: decode pulls prefill's blocks by lease over UCX."""
 
@@ -40,12 +49,10 @@ class UcxConnector(KVConnectorBase_V1):
             from .scheduler import UcxScheduler
             self._scheduler = UcxScheduler(vllm_config, self.engine_id, self.cfg)
         else:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
             from .worker import UcxWorker
             num_blocks = getattr(kv_cache_config, "num_blocks", None)
-            self._worker = UcxWorker(vllm_config, self.engine_id, self.cfg,
-                                     get_tensor_model_parallel_rank(), num_blocks)
+            self._worker = UcxWorker(vllm_config, self.engine_id, self.cfg, _tp_rank(),
+                                     num_blocks)
 
     # -- scheduler side ---------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):

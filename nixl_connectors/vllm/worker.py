@@ -73,7 +73,7 @@ class UcxWorker:
                            transports=self.cfg.transports)
         self.agent = Agent(f"{self.engine_id}-tp{self.tp_rank}", acfg)
         for key, tensor in layout.distinct_storages(kv_caches).items():
-            self.regions[key] = self.agent.register(tensor)
+            self.regions[key] = self.agent.register(tensor, whole_storage=True)
         self.producer = ProducerBook(self.agent, self.cfg.lease_ttl_s)
         self.consumer = ConsumerBook(self.agent, self.cfg.lease_ttl_s, self.cfg.pull_workers)
         logger.info("UcxConnector worker %s rank %d: agent at %s, %d layers, %d segments, "

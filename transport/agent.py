@@ -54,7 +54,7 @@ class Agent:
         self.name = name
         self.config = config or AgentConfig()
         self.stats = AgentStats()
-        self._rt = Runtime.get(self.config.transports)
+        self._rt = Runtime.get(self.config.transports, self.config.ucx_options)
         self._lock = threading.Lock()
         self._leases = LeaseTable()
         self._notifs: list[tuple[str, bytes]] = []

@@ -58,6 +58,9 @@ class AgentConfig:
     zero_copy_min_bytes: a chunk that lies inside one contiguous run goes without packing.
     max_ttl_s: longest lease lifetime a peer may ask for in renew().
     sweep_interval_s: how often expired leases are reclaimed.
+    max_message_bytes: size limit of one control message, checked before decoding.
+    ucx_options: extra UCX settings (names without the UCX_ prefix) for the process's UCX
+        context; like `transports`, the first agent of a process decides them.
     """
 
     listen: str = "127.0.0.1:0"
@@ -71,6 +74,7 @@ class AgentConfig:
     max_ttl_s: float = 600.0
     sweep_interval_s: float = 0.5
     max_message_bytes: int = 1 << 20
+    ucx_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen)

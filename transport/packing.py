@@ -38,7 +38,11 @@ def unpack(descs: Descs, unit: int, plan: ChunkPlan, staging: torch.Tensor) -> N
     for seg in plan.segments:
         dst = _rows(descs.regions[seg.region].flat, unit)
         src = rows_in.narrow(0, seg.stage_start, len(seg.index))
-        dst.index_copy_(0, _index(seg.index, dst.device), src)
+        if dst.device.type == "cpu":
+            # numpy's fancy-index assignment is a tight memcpy loop: ~10x torch's CPU index_copy_
+            dst.numpy()[seg.index] = src.numpy()
+        else:
+            dst.index_copy_(0, _index(seg.index, dst.device), src)
 
 
 def contiguous_view(descs: Descs, plan: ChunkPlan) -> torch.Tensor:

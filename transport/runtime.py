@@ -26,8 +26,9 @@ class Runtime:
     _instance: "Runtime | None" = None
     _lock = threading.Lock()
 
-    def __init__(self, transports: TransportSet):
+    def __init__(self, transports: TransportSet, ucx_options: dict[str, str] | None = None):
         self.transports = transports
+        self.ucx_options = dict(ucx_options or {})
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="nixl-transport-loop", daemon=True)
         self._ready = threading.Event()
@@ -37,10 +38,10 @@ class Runtime:
         self.call(self._init_ucx(), timeout=60.0)
 
     @classmethod
-    def get(cls, transports: TransportSet) -> "Runtime":
+    def get(cls, transports: TransportSet, ucx_options: dict[str, str] | None = None) -> "Runtime":
         with cls._lock:
             if cls._instance is None:
-                cls._instance = Runtime(transports)
+                cls._instance = Runtime(transports, ucx_options)
             elif transports is not TransportSet.AUTO and cls._instance.transports is not transports:
                 raise ValueError(f"this process's UCX context already uses transports "
                                  f"{cls._instance.transports.value!r}; cannot switch to {transports.value!r}")
@@ -54,7 +55,10 @@ class Runtime:
     async def _init_ucx(self) -> None:
         import ucxx  # imported lazily: importing transport must not start UCX
 
-        options = {"WARN_UNUSED_ENV_VARS": "n"}
+        # Rendezvous by the receiver pulling (cma / cuda_ipc get) over a single lane measured
+        # fastest here (tcp lanes otherwise join the stripe and drag large messages down).
+        options = {"WARN_UNUSED_ENV_VARS": "n", "RNDV_SCHEME": "get_zcopy", "MAX_RNDV_RAILS": "1"}
+        options.update(self.ucx_options)
         tls = self.transports.ucx_tls()
         if tls:
             options["TLS"] = tls

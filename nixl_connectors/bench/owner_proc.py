@@ -1,0 +1,104 @@
+"""The owner half of a two-process transfer: a child process that holds a pool of blocks,
+exposes requested block lists under leases and reports back over a multiprocessing pipe.
+
+Commands on the pipe (tuples, local IPC only): ("expose", block_ids ndarray) -> lease id;
+("freed",) -> list of freed lease ids; ("notifs",) -> notifications; ("stop",).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..pattern import fill_pool
+
+
+@dataclass(frozen=True)
+class OwnerSpec:
+    num_blocks: int
+    block_bytes: int
+    seed: int = 1
+    device: str = "cpu"
+    auth_key: bytes | None = None
+    transports: str = "auto"
+    chunk_bytes: int = 8 << 20
+    ttl_s: float = 60.0
+    timeout_s: float = 60.0
+
+
+def _owner_main(spec: OwnerSpec, conn) -> None:
+    import torch
+
+    from transport import Agent, AgentConfig, Descs, TransportSet
+
+    pool = np.empty((spec.num_blocks, spec.block_bytes), dtype=np.uint8)
+    fill_pool(pool, spec.seed)
+    cfg = AgentConfig(auth_key=spec.auth_key, transports=TransportSet(spec.transports),
+                      chunk_bytes=spec.chunk_bytes, staging_bytes=max(64 << 20, 4 * spec.chunk_bytes),
+                      timeout_s=spec.timeout_s)
+    with Agent("owner", cfg) as agent:
+        if spec.device.startswith("cuda"):
+            t = torch.from_numpy(pool).to(spec.device)
+            torch.cuda.synchronize()
+            region = agent.register(t)
+        else:
+            region = agent.register(pool)
+        conn.send(("ready", agent.address))
+        while True:
+            if not conn.poll(600):
+                break
+            cmd = conn.recv()
+            if cmd[0] == "expose":
+                lease = agent.expose(Descs.from_blocks(region, cmd[1], spec.block_bytes), ttl_s=spec.ttl_s)
+                conn.send(lease.id)
+            elif cmd[0] == "freed":
+                conn.send(agent.freed_leases())
+            elif cmd[0] == "notifs":
+                conn.send(agent.notifications())
+            elif cmd[0] == "release":
+                conn.send(agent.release(cmd[1]))
+            elif cmd[0] == "stop":
+                break
+    conn.send(("stopped",))
+
+
+class OwnerProcess:
+    """Context manager around the owner child process."""
+
+    def __init__(self, spec: OwnerSpec, start_timeout_s: float = 120.0):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_owner_main, args=(spec, child), daemon=True)
+        self.proc.start()
+        if not self._conn.poll(start_timeout_s):
+            self.proc.kill()
+            raise TimeoutError("owner process did not start in time")
+        msg = self._conn.recv()
+        self.address: str = msg[1]
+
+    def call(self, *cmd, timeout_s: float = 60.0):
+        self._conn.send(cmd)
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"owner did not answer {cmd[0]!r}")
+        return self._conn.recv()
+
+    def expose(self, block_ids: np.ndarray) -> str:
+        return self.call("expose", np.asarray(block_ids, dtype=np.int64))
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+    def __enter__(self) -> "OwnerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

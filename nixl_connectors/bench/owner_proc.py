@@ -19,6 +19,8 @@ class OwnerSpec:
     num_blocks: int
     block_bytes: int
     seed: int = 1
+    num_layers: int = 1          # one pool (region) per layer; block b of a lease covers every layer
+    kv_shape: tuple[int, ...] | None = None  # per-block shape of a bf16 KV layer, e.g. (8, 16, 256)
     device: str = "cpu"
     auth_key: bytes | None = None
     transports: str = "auto"
@@ -27,30 +29,45 @@ class OwnerSpec:
     timeout_s: float = 60.0
 
 
+def layer_seed(seed: int, layer: int) -> int:
+    return seed + 7919 * layer
+
+
 def _owner_main(spec: OwnerSpec, conn) -> None:
     import torch
 
     from transport import Agent, AgentConfig, Descs, TransportSet
 
-    pool = np.empty((spec.num_blocks, spec.block_bytes), dtype=np.uint8)
-    fill_pool(pool, spec.seed)
+    pools, tensors = [], []
+    for layer in range(spec.num_layers):
+        if spec.kv_shape is not None:  # model-shaped bf16 layer [num_blocks, *kv_shape]
+            t = torch.empty((spec.num_blocks, *spec.kv_shape), dtype=torch.bfloat16)
+            pool = t.view(torch.uint8).numpy().reshape(spec.num_blocks, -1)
+            if pool.shape[1] != spec.block_bytes:
+                raise ValueError("kv_shape does not match block_bytes")
+            tensors.append(t)
+        else:
+            pool = np.empty((spec.num_blocks, spec.block_bytes), dtype=np.uint8)
+        fill_pool(pool, layer_seed(spec.seed, layer))
+        pools.append(pool)
     cfg = AgentConfig(auth_key=spec.auth_key, transports=TransportSet(spec.transports),
                       chunk_bytes=spec.chunk_bytes, staging_bytes=max(64 << 20, 4 * spec.chunk_bytes),
                       timeout_s=spec.timeout_s)
     with Agent("owner", cfg) as agent:
         if spec.device.startswith("cuda"):
-            t = torch.from_numpy(pool).to(spec.device)
+            gpu = [torch.from_numpy(p).to(spec.device) for p in pools]
             torch.cuda.synchronize()
-            region = agent.register(t)
+            regions = [agent.register(t) for t in gpu]
         else:
-            region = agent.register(pool)
+            regions = [agent.register(t) for t in tensors] if tensors else [agent.register(p) for p in pools]
         conn.send(("ready", agent.address))
         while True:
             if not conn.poll(600):
                 break
             cmd = conn.recv()
             if cmd[0] == "expose":
-                lease = agent.expose(Descs.from_blocks(region, cmd[1], spec.block_bytes), ttl_s=spec.ttl_s)
+                descs = Descs.concat([Descs.from_blocks(r, cmd[1], spec.block_bytes) for r in regions])
+                lease = agent.expose(descs, ttl_s=spec.ttl_s)
                 conn.send(lease.id)
             elif cmd[0] == "freed":
                 conn.send(agent.freed_leases())

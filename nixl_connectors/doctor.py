@@ -1,0 +1,162 @@
+"""``nixl-connectors doctor``: what this machine offers the transport, and why a slow path is chosen.
+
+``run_doctor()`` collects the facts (UCX in child processes, /sys/class/infiniband, torch/CUDA,
+NIXL) and returns a dict; ``main()`` prints it. Diagnosis and formatting are pure functions in
+``nixl_connectors.doctor_report``. Nothing here changes this process's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from nixl_connectors.bench.nixl_import import find_nixl
+from nixl_connectors.doctor_report import (
+    PREFER_SYSTEM_UCX,
+    CudaInfo,
+    DoctorReport,
+    NixlInfo,
+    RdmaDevice,
+    UcxProbe,
+    diagnose,
+    format_report,
+)
+
+logger = logging.getLogger(__name__)
+
+PROBE_MODULE = "nixl_connectors.doctor_probe"
+INFINIBAND_SYSFS = Path("/sys/class/infiniband")
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _probe_env(overrides: Mapping[str, str | None]) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    paths = [str(_PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def probe_ucx(overrides: Mapping[str, str | None], timeout_s: float = 60.0) -> UcxProbe:
+    """Start a UCX context in a child process whose environment is ours plus ``overrides``."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", PROBE_MODULE],
+            env=_probe_env(overrides),
+            capture_output=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return UcxProbe(ok=False, error=f"UCX probe did not finish within {timeout_s:.0f}s")
+    except OSError as exc:
+        return UcxProbe(ok=False, error=f"could not run the UCX probe: {exc}")
+    lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        data = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        tail = proc.stderr.decode("utf-8", "replace")[-2000:]
+        return UcxProbe(ok=False, error=f"UCX probe exited with {proc.returncode} and no report: {tail}")
+    return UcxProbe.from_json(data)
+
+
+def collect_rdma(root: Path = INFINIBAND_SYSFS) -> list[RdmaDevice]:
+    """RDMA devices and their port states from sysfs (empty when there are none)."""
+    devices: list[RdmaDevice] = []
+    try:
+        names = sorted(p.name for p in root.iterdir())
+    except OSError:
+        return devices
+    for name in names:
+        ports: dict[str, str] = {}
+        try:
+            port_dirs = sorted((root / name / "ports").iterdir())
+        except OSError:
+            port_dirs = []
+        for port in port_dirs:
+            state = _read_text(port / "state")  # e.g. "4: ACTIVE"
+            layer = _read_text(port / "link_layer")
+            state = state.split(":", 1)[-1].strip() if state else "?"
+            ports[port.name] = f"{state} ({layer})" if layer else state
+        devices.append(RdmaDevice(name=name, ports=ports))
+    return devices
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def collect_cuda() -> CudaInfo:
+    """torch version, CUDA devices and the peer-access matrix."""
+    try:
+        import torch
+    except ImportError as exc:
+        return CudaInfo(error=f"torch not importable: {exc}")
+    info = CudaInfo(torch_version=str(torch.__version__), torch_cuda_version=torch.version.cuda)
+    try:
+        if not torch.cuda.is_available():
+            return info
+        n = torch.cuda.device_count()
+        info.devices = [torch.cuda.get_device_name(i) for i in range(n)]
+        info.peer_access = [[i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(n)] for i in range(n)]
+    except RuntimeError as exc:
+        info.error = f"CUDA query failed: {exc}"
+    return info
+
+
+def collect_env() -> dict[str, str]:
+    """The user's settings that change which UCX is loaded and which transports it uses."""
+    return {k: v for k, v in os.environ.items() if k == PREFER_SYSTEM_UCX or k.startswith("UCX_")}
+
+
+def build_report(timeout_s: float = 60.0) -> DoctorReport:
+    env = collect_env()
+    ucx_default = probe_ucx({"UCX_TLS": None}, timeout_s)
+    ucx_user = probe_ucx({}, timeout_s) if "UCX_TLS" in env else None
+    nixl = find_nixl()
+    report = DoctorReport(
+        ucx=ucx_default,
+        ucx_user=ucx_user,
+        env=env,
+        cuda=collect_cuda(),
+        rdma_devices=collect_rdma(),
+        nixl=NixlInfo(available=nixl.available, module=nixl.module, version=nixl.version, reason=nixl.reason),
+    )
+    report.findings = diagnose(report)
+    return report
+
+
+def run_doctor(timeout_s: float = 60.0) -> dict[str, Any]:
+    """Everything the doctor found, as a JSON-serialisable dict (see ``DoctorReport``)."""
+    return build_report(timeout_s).to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nixl-connectors doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each UCX probe (s)")
+    args = parser.parse_args(argv)
+    report = build_report(args.timeout)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0 if report.ucx.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -129,8 +129,31 @@ class DoctorReport:
     nixl: NixlInfo
     findings: list[Finding] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DoctorReport":
+        """Inverse of ``to_dict`` (extra keys such as ``capabilities`` are ignored)."""
+        user = d.get("ucx_user")
+        cuda = dict(d.get("cuda") or {})
+        return cls(
+            ucx=UcxProbe.from_json(d.get("ucx") or {}),
+            ucx_user=None if user is None else UcxProbe.from_json(user),
+            env={str(k): str(v) for k, v in (d.get("env") or {}).items()},
+            cuda=CudaInfo(
+                torch_version=cuda.get("torch_version"),
+                torch_cuda_version=cuda.get("torch_cuda_version"),
+                devices=[str(x) for x in cuda.get("devices", [])],
+                peer_access=[[bool(x) for x in row] for row in cuda.get("peer_access", [])],
+                error=cuda.get("error"),
+            ),
+            rdma_devices=[RdmaDevice(name=str(r["name"]), ports=dict(r.get("ports", {}))) for r in d.get("rdma_devices", [])],
+            nixl=NixlInfo(**{k: (d.get("nixl") or {}).get(k) for k in ("available", "module", "version", "reason")}),
+            findings=[Finding(Severity(f["severity"]), str(f["topic"]), str(f["message"])) for f in d.get("findings", [])],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for f in d["findings"]:
+            f["severity"] = Severity(f["severity"]).value
         d["capabilities"] = {c.value: (c in self.ucx.classes()) for c in TransportClass if c is not TransportClass.OTHER}
         return d
 
@@ -252,8 +275,10 @@ def format_peer_matrix(peer_access: list[list[bool]]) -> list[str]:
     return lines
 
 
-def format_report(report: DoctorReport) -> str:
-    """The doctor's text output."""
+def format_report(report: DoctorReport | dict[str, Any]) -> str:
+    """The doctor's text output (from a ``DoctorReport`` or its ``to_dict()`` form)."""
+    if isinstance(report, dict):
+        report = DoctorReport.from_dict(report)
     u = report.ucx
     lines = ["nixl-connectors doctor", ""]
     lines.append(f"UCX            {u.ucx_version or '?'} (ucxx {u.ucxx_version or '?'})")

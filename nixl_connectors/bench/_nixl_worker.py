@@ -139,8 +139,11 @@ def run_reader(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: fl
     prep_s: list[float] = []
     bad = 0
     for rep in range(cfg.reps):
-        local_ids = rng.choice(cfg.pool_blocks, cfg.num_blocks, replace=False).astype(np.int32)
-        remote_ids = rng.choice(owner_blocks, cfg.num_blocks, replace=False).astype(np.int32)
+        if cfg.scattered:
+            local_ids = rng.choice(cfg.pool_blocks, cfg.num_blocks, replace=False).astype(np.int32)
+            remote_ids = rng.choice(owner_blocks, cfg.num_blocks, replace=False).astype(np.int32)
+        else:
+            local_ids = remote_ids = np.arange(cfg.num_blocks, dtype=np.int32)
         blocks[local_ids] = 0  # so that verification proves this rep's bytes
         t0 = time.perf_counter()
         handle = agent.make_prepped_xfer(

@@ -46,7 +46,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "NixlBenchError",
     "DEFAULT_PROFILES",
+    "COMPARE_PROFILES",
     "NixlProfile",
+    "compare_entry",
     "local_copy_limit",
     "measure_nixl_read",
     "profile_config",
@@ -265,6 +267,39 @@ def run_nixl_read(
         label=label,
     )
     return measure_nixl_read(cfg).to_dict()
+
+
+COMPARE_PROFILES: tuple[NixlProfile, ...] = (
+    NixlProfile.DEFAULT,
+    NixlProfile.SHM_NO_ERR_HANDLING,
+    NixlProfile.TUNED,
+)
+
+
+def compare_entry(workload: Any, profiles: tuple[NixlProfile, ...] = COMPARE_PROFILES) -> dict[str, Any]:
+    """NIXL results for a ``nixl_connectors.bench.workloads.Workload`` (used by ``nixl-connectors bench``).
+
+    Returns ``{"available", "reason", "configs": [{"name", "gbps", "verified", "reason", "result"}]}``;
+    ``gbps`` is None for a configuration that failed. Host memory only.
+    """
+    avail = find_nixl()
+    if not avail.available:
+        return {"available": False, "reason": avail.reason, "configs": []}
+    memory = getattr(getattr(workload, "memory", None), "value", "host")
+    if memory != "host":
+        return {"available": False, "reason": f"the NIXL baseline moves host memory only, not {memory}", "configs": []}
+    base = NixlReadConfig(
+        block_bytes=int(workload.block_bytes),
+        num_blocks=int(workload.num_blocks),
+        pool_blocks=int(workload.num_blocks) * int(getattr(workload, "pool_factor", 2)),
+        reps=int(getattr(workload, "reps", 5)),
+        scattered=bool(getattr(workload, "scattered", True)),
+    )
+    configs = []
+    for prof in profiles:
+        r = measure_nixl_read(profile_config(prof, base))
+        configs.append({"name": prof.value, "gbps": r.gbps, "verified": r.verified, "reason": r.reason, "result": r.to_dict()})
+    return {"available": True, "reason": None, "nixl_version": avail.version, "configs": configs}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -59,6 +59,7 @@ class NixlReadConfig:
     reps: int = 5
     env: dict[str, str | None] = field(default_factory=dict)
     ucx_error_handling: UcxErrorHandling | None = None
+    scattered: bool = True  # False: blocks 0..num_blocks-1 on both sides (NIXL merges them)
     progress_thread: bool = True  # nixl_agent_config(enable_prog_thread=...); NIXL's default is on
     seed: int = 1234
     timeout_s: float = 180.0
@@ -95,6 +96,7 @@ class NixlReadConfig:
             reps=int(d["reps"]),
             env={str(k): (None if v is None else str(v)) for k, v in dict(d.get("env", {})).items()},
             ucx_error_handling=None if eh is None else UcxErrorHandling(eh),
+            scattered=bool(d.get("scattered", True)),
             progress_thread=bool(d.get("progress_thread", True)),
             seed=int(d["seed"]),
             timeout_s=float(d["timeout_s"]),

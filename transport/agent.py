@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from . import cma
 from . import handshake as hs
 from .channel import Channel
 from .config import AgentConfig, parse_hostport
@@ -63,6 +65,8 @@ class Agent:
         self._data: dict[int, DataEndpoints] = {}   # id(channel) -> data endpoint pool
         self._tokens: dict[tuple[int, int], CancelToken] = {}  # (id(channel), xid) -> token
         self._write_waiters: dict[int, asyncio.Future] = {}
+        self._cma_waiters: dict[tuple[int, int], asyncio.Future] = {}
+        self._cma_failed: set[tuple[int, int]] = set()
         self._xids = itertools.count(1)
         self._pools: dict[str, StagingPool] = {}
         self._streams: dict[int, Any] = {}
@@ -186,7 +190,7 @@ class Agent:
         try:
             nonce_c = hs.new_nonce()
             await ch.send(Msg.HELLO, 1, name=self.name, nonce=nonce_c, compat=dict(self.config.compat),
-                          worker=self._worker_address)
+                          worker=self._worker_address, host=cma.host_key(), pid=os.getpid())
             ack = await ch.recv_frame(timeout)
             self._raise_if_error(ack, Msg.HELLO_ACK)
             server = ack.body["name"]
@@ -202,6 +206,7 @@ class Agent:
                 log.warning("%s: handshake with %s failed: %s", self.name, address, e)
             raise
         ch.peer_name, ch.peer_worker = server, ack.body["worker"]
+        ch.peer_host, ch.peer_pid = ack.body["host"], ack.body["pid"]
         self._adopt(ch, address)
         log.info("%s connected to %s at %s", self.name, server, address)
         return Peer(server, address)
@@ -227,7 +232,8 @@ class Agent:
             client, nonce_c, nonce_s = hello.body["name"], hello.body["nonce"], hs.new_nonce()
             ch.label = f"{self.name}<-{client}"
             await ch.send(Msg.HELLO_ACK, rid, name=self.name, nonce=nonce_s, worker=self._worker_address,
-                          mac=hs.mac(key, b"S", nonce_c, nonce_s, client, self.name))
+                          mac=hs.mac(key, b"S", nonce_c, nonce_s, client, self.name),
+                          host=cma.host_key(), pid=os.getpid())
             auth = await ch.recv_frame(timeout)
             rid = auth.rid
             if auth.type is not Msg.AUTH:
@@ -243,6 +249,7 @@ class Agent:
             await ch.close()
             return
         ch.peer_name, ch.peer_worker = client, hello.body["worker"]
+        ch.peer_host, ch.peer_pid = hello.body["host"], hello.body["pid"]
         self._adopt(ch, None)
         log.info("%s accepted %s", self.name, client)
 
@@ -358,35 +365,81 @@ class Agent:
             elif ch.lost is None:
                 await pool.give_back(ep)
 
+    def _can_cma(self, ch: Channel, local: Descs) -> bool:
+        return (self.config.same_host_copy and ch.cma_ok and bool(ch.peer_host)
+                and ch.peer_host == cma.host_key() and ch.peer_pid != os.getpid()
+                and all(r.device.type == "cpu" for r in local.regions))
+
     async def _xfer_read(self, peer, local: Descs, lease_id: str, notify, timeout: float,
                          tok: CancelToken) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ch = self._channel(peer)
-        xid = next(self._xids)
-        tag = self._rt.new_tag_base()
         t0 = loop.time()
         try:
-            ack = await ch.request(Msg.READ_REQ, timeout, xid=xid, lease=lease_id, nbytes=local.nbytes,
-                                   chunk=self.config.chunk_bytes, tag=tag)
-            chunk = ack.body["chunk"]
+            try:
+                await self._read_once(ch, local, lease_id, notify, deadline, tok, self._can_cma(ch, local))
+            except cma.CmaUnavailable as e:
+                log.warning("%s: same-host copy from %s unavailable (%s); using UCX", self.name, ch.peer_name, e)
+                ch.cma_ok = False
+                await self._read_once(ch, local, lease_id, notify, deadline, tok, False)
+        except TransferError:
+            self.stats.transfers_failed += 1
+            raise
+        self.stats.record_in(local.nbytes, loop.time() - t0)
+
+    async def _read_once(self, ch: Channel, local: Descs, lease_id: str, notify, deadline: float,
+                         tok: CancelToken, want_cma: bool) -> None:
+        loop = asyncio.get_running_loop()
+        xid = next(self._xids)
+        tag = self._rt.new_tag_base()
+        try:
+            ack = await ch.request(Msg.READ_REQ, max(0.0, deadline - loop.time()), xid=xid, lease=lease_id,
+                                   nbytes=local.nbytes, chunk=self.config.chunk_bytes, tag=tag, cma=want_cma)
+            chunk, iov = ack.body["chunk"], ack.body["iov"]
             if not _valid_chunk(chunk) or chunk > self.config.chunk_bytes:
                 raise BadMessage(f"owner chose an invalid chunk size {chunk}")
             self._tokens[(id(ch), xid)] = tok
             if ch.lost is not None:
                 tok.set(PeerLost(f"lost {ch.peer_name}"))
             try:
-                await self._run_stream(Receiver, ch, local, chunk, tag, deadline, tok)
-            except TransferError as e:
+                if iov is not None:
+                    await self._cma_read(ch, local, iov, deadline, tok)
+                else:
+                    await self._run_stream(Receiver, ch, local, chunk, tag, deadline, tok)
+            except (TransferError, cma.CmaUnavailable) as e:
                 await self._send_quiet(ch, Msg.XFER_ABORT, xid=xid, reason=str(e)[:200])
                 raise
-            await ch.send(Msg.READ_DONE, xid=xid, lease=lease_id, notify=bytes(notify) if notify else None)
-        except TransferError:
-            self.stats.transfers_failed += 1
-            raise
+            # The owner confirms it still held the lease for the whole read.
+            await ch.request(Msg.READ_DONE, max(0.1, deadline - loop.time()), xid=xid, lease=lease_id,
+                             notify=bytes(notify) if notify else None)
         finally:
             self._tokens.pop((id(ch), xid), None)
-        self.stats.record_in(local.nbytes, loop.time() - t0)
+
+    async def _cma_read(self, ch: Channel, local: Descs, iov: bytes, deadline: float, tok: CancelToken) -> None:
+        import numpy as np
+
+        if len(iov) % 16:
+            raise BadMessage("iovec list is not a whole number of (address, length) pairs")
+        remote = np.frombuffer(iov, dtype=np.uint64).reshape(-1, 2)
+        if int(remote[:, 1].sum()) != local.nbytes:
+            raise BadMessage("owner's iovecs do not add up to the lease size")
+        loop = asyncio.get_running_loop()
+        copy = loop.create_task(cma.read_from(ch.peer_pid, local, remote, self._executor, loop, tok))
+        waiter = loop.create_task(tok.wait())
+        try:
+            done, _ = await asyncio.wait({copy, waiter}, timeout=max(0.0, deadline - loop.time()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if copy not in done:
+            tok.set(tok.error or TransferTimeout("same-host copy did not finish before the deadline"))
+            await asyncio.wait({copy})  # batches stop at their next boundary; memory is ours again after
+            raise tok.error  # type: ignore[misc]
+        try:
+            copy.result()
+        except OSError as e:
+            raise PeerLost(f"same-host copy failed: {e}") from None
 
     async def _xfer_write(self, peer, local: Descs, lease_id: str, notify, timeout: float,
                           tok: CancelToken) -> None:

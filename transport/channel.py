@@ -30,6 +30,9 @@ class Channel:
         self.label = label
         self.peer_name = ""
         self.peer_worker = b""
+        self.peer_host = ""
+        self.peer_pid = 0
+        self.cma_ok = True
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None

@@ -59,6 +59,8 @@ class AgentConfig:
     max_ttl_s: longest lease lifetime a peer may ask for in renew().
     sweep_interval_s: how often expired leases are reclaimed.
     max_message_bytes: size limit of one control message, checked before decoding.
+    same_host_copy: read host memory of a peer on the same host with one kernel copy
+        (process_vm_readv with scatter/gather lists, see cma.py) instead of pack/UCX/unpack.
     ucx_options: extra UCX settings (names without the UCX_ prefix) for the process's UCX
         context; like `transports`, the first agent of a process decides them.
     """
@@ -73,7 +75,8 @@ class AgentConfig:
     zero_copy_min_bytes: int = 1 << 20
     max_ttl_s: float = 600.0
     sweep_interval_s: float = 0.5
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = 8 << 20
+    same_host_copy: bool = True
     ucx_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

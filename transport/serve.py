@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from .channel import Channel
 from .datapath import CancelToken, Receiver, Sender
-from .errors import BadMessage, LeaseRejected, TransferError
+from . import cma
+from .errors import BadMessage, LeaseRejected, TransferError, TransferTimeout
 from .runtime import TAG_CHUNK_BITS
 from .wire import Frame, Msg
 
@@ -35,12 +36,20 @@ async def serve_frame(agent: "Agent", ch: Channel, f: Frame) -> None:
     elif f.type is Msg.WRITE_REQ:
         await _serve_transfer(agent, ch, f, write=True)
     elif f.type is Msg.READ_DONE:
+        key = (id(ch), b["xid"])
+        waiting = agent._cma_waiters.get(key)
+        if key in agent._cma_failed:
+            agent._cma_failed.discard(key)
+            raise TransferTimeout("the owner gave up on this read before it completed; data may be stale")
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
         with agent._lock:
             e = agent._leases.get(b["lease"])
             if e is not None:
                 e.reads += 1
             if b["notify"] is not None:
                 agent._notifs.append((ch.peer_name, b["notify"]))
+        await ch.send(Msg.OK, f.rid, expires_in=None)
     elif f.type is Msg.WRITE_DONE:
         fut = agent._write_waiters.get(b["xid"])
         if fut is not None and not fut.done():
@@ -64,6 +73,35 @@ async def serve_frame(agent: "Agent", ch: Channel, f: Frame) -> None:
         await ch.send(Msg.PONG, f.rid)
     else:
         raise BadMessage(f"unexpected {f.type.value} after the handshake")
+
+
+def _host_only(descs) -> bool:
+    return all(r.device.type == "cpu" for r in descs.regions)
+
+
+async def _serve_cma_read(agent: "Agent", ch: Channel, f: Frame, entry, deadline: float,
+                          tok: CancelToken) -> None:
+    """Hand the reader the leased blocks' addresses and hold the lease until it reports done.
+
+    If the reader neither finishes nor aborts before the deadline, the owner stops holding the
+    blocks and answers a late READ_DONE with an error, so the reader never reports success for
+    a copy that may have raced with the blocks' reuse."""
+    loop = asyncio.get_running_loop()
+    key = (id(ch), f.body["xid"])
+    done = loop.create_future()
+    agent._cma_waiters[key] = done
+    waiter = loop.create_task(tok.wait())
+    try:
+        iov = cma.iovecs(entry.descs).tobytes()
+        await ch.send(Msg.READ_ACK, f.rid, xid=f.body["xid"], chunk=f.body["chunk"], iov=iov)
+        fin, _ = await asyncio.wait({done, waiter}, timeout=max(0.0, deadline - loop.time()),
+                                    return_when=asyncio.FIRST_COMPLETED)
+        if done not in fin:
+            agent._cma_failed.add(key)
+            raise tok.error or TransferTimeout("reader did not finish its same-host copy in time")
+    finally:
+        waiter.cancel()
+        agent._cma_waiters.pop(key, None)
 
 
 async def _serve_transfer(agent: "Agent", ch: Channel, f: Frame, write: bool) -> None:
@@ -97,8 +135,11 @@ async def _serve_transfer(agent: "Agent", ch: Channel, f: Frame, write: bool) ->
                     agent._notifs.append((ch.peer_name, b["notify"]))
             await ch.send(Msg.WRITE_DONE, xid=xid)
             agent.stats.record_in(entry.descs.nbytes, loop.time() - t0)
+        elif b["cma"] and _host_only(entry.descs) and len(entry.descs) <= agent.config.max_message_bytes // 32:
+            await _serve_cma_read(agent, ch, f, entry, deadline, tok)
+            agent.stats.record_out(entry.descs.nbytes, loop.time() - t0)
         else:
-            await ch.send(Msg.READ_ACK, f.rid, xid=xid, chunk=chunk)
+            await ch.send(Msg.READ_ACK, f.rid, xid=xid, chunk=chunk, iov=None)
             await agent._run_stream(Sender, ch, entry.descs, chunk, b["tag"], deadline, tok)
             agent.stats.record_out(entry.descs.nbytes, loop.time() - t0)
     except TransferError as e:

@@ -15,7 +15,7 @@ import msgpack
 from .errors import BadMessage, ProtocolMismatch
 
 PROTOCOL_VERSION = 1
-MAX_FIELD_BYTES = 64 << 10
+MAX_STR_BYTES = 64 << 10
 
 
 class Msg(str, Enum):
@@ -25,8 +25,8 @@ class Msg(str, Enum):
     WELCOME = "welcome"          # server -> client: handshake done
     ERROR = "error"              # either way: typed failure (rid names the request it answers)
     READ_REQ = "read_req"        # reader -> owner: pull a lease into the reader's tags
-    READ_ACK = "read_ack"        # owner -> reader: accepted, effective chunk size
-    READ_DONE = "read_done"      # reader -> owner: all bytes landed (+ notification)
+    READ_ACK = "read_ack"        # owner -> reader: accepted, chunk size, or same-host iovecs
+    READ_DONE = "read_done"      # reader -> owner: all bytes landed (+ notification); answered OK
     WRITE_REQ = "write_req"      # writer -> owner: push into a writable lease
     WRITE_ACK = "write_ack"      # owner -> writer: accepted, chunk size, tag base
     WRITE_DONE = "write_done"    # owner -> writer: all bytes landed
@@ -43,13 +43,13 @@ class Msg(str, Enum):
 _B, _S, _I, _F = (bytes,), (str,), (int,), (int, float)
 _OPT_B = (bytes, type(None))
 SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
-    Msg.HELLO: {"name": _S, "nonce": _B, "compat": (dict,), "worker": _B},
-    Msg.HELLO_ACK: {"name": _S, "nonce": _B, "worker": _B, "mac": _B},
+    Msg.HELLO: {"name": _S, "nonce": _B, "compat": (dict,), "worker": _B, "host": _S, "pid": _I},
+    Msg.HELLO_ACK: {"name": _S, "nonce": _B, "worker": _B, "mac": _B, "host": _S, "pid": _I},
     Msg.AUTH: {"mac": _B},
     Msg.WELCOME: {},
     Msg.ERROR: {"code": _S, "message": _S, "field": (str, type(None))},
-    Msg.READ_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "chunk": _I, "tag": _I},
-    Msg.READ_ACK: {"xid": _I, "chunk": _I},
+    Msg.READ_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "chunk": _I, "tag": _I, "cma": (bool,)},
+    Msg.READ_ACK: {"xid": _I, "chunk": _I, "iov": _OPT_B},
     Msg.READ_DONE: {"xid": _I, "lease": _S, "notify": _OPT_B},
     Msg.WRITE_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "chunk": _I, "notify": _OPT_B},
     Msg.WRITE_ACK: {"xid": _I, "chunk": _I, "tag": _I},
@@ -86,7 +86,7 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int) -> Frame:
         raise BadMessage("empty control message")
     try:
         obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True,
-                              max_bin_len=MAX_FIELD_BYTES, max_str_len=MAX_FIELD_BYTES,
+                              max_bin_len=max_bytes, max_str_len=MAX_STR_BYTES,
                               max_array_len=64, max_map_len=256, max_ext_len=0)
     except Exception as e:  # msgpack raises several unrelated types for garbage
         raise BadMessage(f"undecodable control message: {type(e).__name__}: {e}") from None
@@ -116,4 +116,8 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int) -> Frame:
             raise BadMessage(f"{msg.value}.{k}: {type(v).__name__} where {[t.__name__ for t in types]} expected")
         if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < 1 << 64:
             raise BadMessage(f"{msg.value}.{k}: integer out of range")
+    if msg is Msg.HELLO:
+        for ck, cv in body["compat"].items():  # same shape as AgentConfig.compat
+            if not isinstance(ck, str) or not isinstance(cv, (str, int, float, bool)):
+                raise BadMessage(f"hello.compat: entries must be str -> str/int/float/bool, got {ck!r:.80}")
     return Frame(msg, rid, body)

@@ -55,12 +55,12 @@ def _effective_params(agent: Any) -> dict[str, str]:
     return params
 
 
-def _register_pool(agent: Any, cfg: NixlReadConfig) -> tuple[np.ndarray, int]:
+def _register_pool(agent: Any, cfg: NixlReadConfig) -> tuple[np.ndarray, int, Any]:
     pool = np.empty(cfg.pool_blocks * cfg.block_bytes, dtype=np.uint8)
     pool.fill(0)  # touch every page now, as an engine's allocated KV pool would be
     base = int(pool.ctypes.data)
-    agent.register_memory([(base, pool.nbytes, 0, "")], MEM_TYPE)
-    return pool, base
+    reg = agent.register_memory([(base, pool.nbytes, 0, "")], MEM_TYPE)
+    return pool, base, reg
 
 
 def _deadline_left(deadline: float, what: str) -> float:
@@ -73,7 +73,7 @@ def _deadline_left(deadline: float, what: str) -> float:
 def run_owner(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: float) -> None:
     nixl = import_nixl()
     agent = _make_agent(nixl, "owner", cfg)
-    pool, base = _register_pool(agent, cfg)
+    pool, base, reg = _register_pool(agent, cfg)
     fill_pool(pool, cfg.block_bytes, cfg.seed)
     write_message(
         out_fd,
@@ -104,8 +104,7 @@ def run_owner(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: flo
                 break
             time.sleep(OWNER_POLL_S)
     write_message(out_fd, {"type": MsgType.DONE.value, "notifications": notifs})
-    # Keep the pool alive until the owner has answered.
-    del pool
+    agent.deregister_memory(reg)
 
 
 def _wait_xfer(agent: Any, handle: Any, state: str, deadline: float) -> str:
@@ -119,7 +118,7 @@ def _wait_xfer(agent: Any, handle: Any, state: str, deadline: float) -> str:
 def run_reader(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: float) -> None:
     nixl = import_nixl()
     agent = _make_agent(nixl, "reader", cfg)
-    pool, base = _register_pool(agent, cfg)
+    pool, base, _reg = _register_pool(agent, cfg)
     local_prep = agent.prep_xfer_dlist(LOCAL_AGENT, _block_descs(base, cfg.pool_blocks, cfg.block_bytes), MEM_TYPE)
 
     peer = inbox.read(_deadline_left(deadline, "reader waits for PEER"))

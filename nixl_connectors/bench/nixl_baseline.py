@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles = [NixlProfile(p.strip()) for p in args.profiles.split(",") if p.strip()]
     limit = local_copy_limit(args.block_bytes, args.num_blocks, pool, reps=args.reps)
     mib = args.num_blocks * args.block_bytes / 2**20
+    load_before = os.getloadavg()
     print(f"workload: {args.num_blocks} x {args.block_bytes} B random blocks ({mib:.0f} MiB), pools {pool} blocks, best of {args.reps}")
     print(f"{'numpy scattered copy (limit)':32s} {limit:8.2f} GB/s")
     results = []
@@ -340,7 +341,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.notifications_received}/{args.reps} notifs, params {r.backend_params})")
         else:
             print(f"{'nixl ' + prof.value:32s}   failed: {r.reason}")
+    load_after = os.getloadavg()
+    cpus = len(os.sched_getaffinity(0))
+    print(f"machine: {cpus} CPUs, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after "
+          "(numbers from a busy machine understate every path)")
     if args.json is not None:
-        args.json.write_text(json.dumps({"copy_limit_gbps": limit, "nixl": [r.to_dict() for r in results]}, indent=2))
+        doc = {
+            "copy_limit_gbps": limit,
+            "nixl": [r.to_dict() for r in results],
+            "machine": {"cpus": cpus, "loadavg_before": load_before, "loadavg_after": load_after},
+        }
+        args.json.write_text(json.dumps(doc, indent=2))
     return 0 if all(r.ok for r in results) else 1
 

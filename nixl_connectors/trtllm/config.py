@@ -56,6 +56,7 @@ class TrtllmConnectorConfig:
     lookup_timeout_s: how long a generation worker waits for the context side to announce a
         request's lease (covers a proxy that forwards before the context request finished).
     unknown_grace_s: how long a routing id the context side has never heard of is retried.
+    connect_timeout_s: deadline of connecting to a context worker (a dead one is found this fast).
     transfer_timeout_s: deadline of a pull.
     routing_prefix / routing_source: which requests take part (see `RoutingSource`).
     tokens_per_block: overrides ``llm_args.kv_cache_config.tokens_per_block``.
@@ -71,6 +72,7 @@ class TrtllmConnectorConfig:
     lease_ttl_s: float = 60.0
     lookup_timeout_s: float = 30.0
     unknown_grace_s: float = 5.0
+    connect_timeout_s: float = 5.0
     transfer_timeout_s: float = 60.0
     routing_prefix: str = "nixl-rt:"
     routing_source: RoutingSource = RoutingSource.CACHE_SALT
@@ -84,7 +86,8 @@ class TrtllmConnectorConfig:
         if not isinstance(self.routing_source, RoutingSource):
             object.__setattr__(self, "routing_source", RoutingSource(self.routing_source))
         object.__setattr__(self, "context_agents", tuple(self.context_agents))
-        for name in ("lease_ttl_s", "lookup_timeout_s", "transfer_timeout_s", "unknown_grace_s"):
+        for name in ("lease_ttl_s", "lookup_timeout_s", "transfer_timeout_s", "unknown_grace_s",
+                     "connect_timeout_s"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be > 0")
         if not 0 <= int(self.listen_port_base) <= 65535:

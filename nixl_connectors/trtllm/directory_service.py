@@ -167,14 +167,9 @@ class NotificationRouter:
             self._reply(peer_name, msg)
 
     def _reply(self, peer_name: str, lookup: d.Lookup) -> None:
-        payload = d.encode(self._table.answer(lookup))
+        # Answer over the asker's own connection. Connecting back to `reply_to` would give the
+        # asker a second connection under our name, which its agent treats as a reconnect.
         try:
-            self._agent.notify(peer_name, payload)
-            return
-        except Exception as e:  # noqa: BLE001 - fall back to connecting to the asker
-            logger.debug("reply to %s over its own connection failed (%s); connecting to %s",
-                         peer_name, e, lookup.reply_to)
-        try:
-            self._agent.notify(self._agent.connect(lookup.reply_to), payload)
+            self._agent.notify(peer_name, d.encode(self._table.answer(lookup)))
         except Exception as e:  # noqa: BLE001 - the asker retries or times out
             logger.warning("cannot answer lookup of %s from %s: %s", lookup.key, peer_name, e)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,7 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
         self._producer: ProducerBook | None = None
         self._consumer: ConsumerBook | None = None
         self._lookups: ThreadPoolExecutor | None = None
+        self._connect_lock = threading.Lock()   # one connection per context agent
         # context leg
         self._save_specs: dict[int, HandoffSpec] = {}
         self._awaiting_spec: set[int] = set()
@@ -133,7 +135,8 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
         cfg = AgentConfig(listen=self._cfg.listen_address(self._rank), auth_key=self._cfg.auth_key(),
                           timeout_s=self._cfg.transfer_timeout_s, compat=compat,
                           transports=TransportSet(self._cfg.transports))
-        name = f"trtllm-{self._cfg.role.value}-r{self._rank}"
+        # Unique per process: a generation worker may talk to several context instances.
+        name = f"trtllm-{self._cfg.role.value}-r{self._rank}-{uuid.uuid4().hex[:8]}"
         agent = Agent(name, cfg)
         try:
             self._region = agent.register(t, whole_storage=layout.whole_storage)
@@ -275,7 +278,10 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
         reply_to = agent.address
 
         def _lookup() -> d.Answer:
-            peer = consumer.peer(address)
+            with self._connect_lock:
+                # The agent keeps one connection per address; the book then finds it at once.
+                agent.connect(address, timeout=self._cfg.connect_timeout_s)
+                peer = consumer.peer(address)
             return lookup_lease(agent, peer, spec.routing_key, reply_to, self._mailbox,
                                 timeout_s=self._cfg.lookup_timeout_s,
                                 unknown_grace_s=self._cfg.unknown_grace_s, cancelled=load.cancelled)
@@ -356,7 +362,9 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
         if agent is None or consumer is None:
             return
         try:
-            agent.notify(consumer.peer(self._cfg.context_agent(self._rank)), d.encode(d.Release(key)))
+            with self._connect_lock:
+                peer = consumer.peer(self._cfg.context_agent(self._rank))
+            agent.notify(peer, d.encode(d.Release(key)))
         except Exception as e:  # noqa: BLE001 - the lease expires anyway
             logger.debug("release of %s not delivered: %s", key, e)
 

@@ -1,0 +1,274 @@
+"""TensorRT-LLM connector, context and generation instances in two OS processes.
+
+Each instance is the TensorRT-LLM 1.2 stand-in executor (tests/trtllm_standin) driving our
+UcxKvConnectorScheduler/Worker; KV moves through the real transport (UCX over loopback).
+With TensorRT-LLM installed, the connector subclasses its real base classes instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parents[1]
+REPO = TESTS.parent
+sys.path[:0] = [str(TESTS), str(REPO)]
+
+from trtllm_standin import fake_model  # noqa: E402
+
+import torch  # noqa: E402
+
+TPB = 4
+SHAPE = dict(num_layers=2, kv_factor=2, num_kv_heads=2, head_dim=8, tokens_per_block=TPB,
+             dtype=torch.float16)
+DEADLINE_S = 30.0
+
+
+class Instance:
+    """A child process running trtllm_instance.py; events arrive on a queue."""
+
+    def __init__(self, config: dict, tp: int = 1, context_chunk: int | None = None):
+        cmd = [sys.executable, str(HERE / "trtllm_instance.py"), "--config", json.dumps(config),
+               "--tp", str(tp), "--tokens-per-block", str(TPB)]
+        if context_chunk:
+            cmd += ["--context-chunk", str(context_chunk)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+        self.events: "queue.Queue[dict]" = queue.Queue()
+        self.stderr: list[str] = []
+        self.backlog: list[dict] = []
+        self._ready: dict | None = None
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+
+    @property
+    def ready(self) -> dict:
+        if self._ready is None:
+            self._ready = self.wait("ready", timeout=60.0)
+        return self._ready
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                self.events.put(json.loads(line))
+        self.events.put({"ev": "exited"})
+
+    def _pump_err(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def send(self, **cmd) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, ev: str, timeout: float = DEADLINE_S, **match) -> dict:
+        """Next event named ``ev`` (with ``match``ing fields); other events stay queued."""
+        def hit(e: dict) -> bool:
+            return e["ev"] == ev and all(e.get(k) == v for k, v in match.items())
+
+        for i, e in enumerate(self.backlog):
+            if hit(e):
+                return self.backlog.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {ev} {match} within {timeout}s; stderr:\n{''.join(self.stderr[-40:])}")
+            try:
+                e = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if hit(e):
+                return e
+            if e["ev"] == "exited":
+                self.events.put(e)
+                raise AssertionError(f"instance exited waiting for {ev}; stderr:\n{''.join(self.stderr[-40:])}")
+            self.backlog.append(e)
+
+    def collect(self, ev: str, n: int, timeout: float = DEADLINE_S) -> dict:
+        out = {}
+        for _ in range(n):
+            e = self.wait(ev, timeout)
+            out[e["rid"]] = e
+        return out
+
+    def stats(self) -> dict:
+        self.send(op="stats")
+        return self.wait("stats")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(op="quit")
+                self.proc.wait(10)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def free_port_base(n: int) -> int:
+    """A base port with ``n`` consecutive ports free right now."""
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def pair(make, tp: int = 1, ctx_kw: dict | None = None, gen_kw: dict | None = None,
+         context_chunk: int | None = None) -> tuple[Instance, Instance]:
+    """Start a context and a generation instance at once (fixed context ports)."""
+    base = free_port_base(tp)
+    ctx = make(dict({"role": "context", "lease_ttl_s": 20.0, "listen_port_base": base},
+                    **(ctx_kw or {})), tp=tp, context_chunk=context_chunk)
+    gen = make(dict({"role": "generation",
+                     "context_agents": [f"127.0.0.1:{base + r}" for r in range(tp)],
+                     "lookup_timeout_s": 10.0, "unknown_grace_s": 1.0, "transfer_timeout_s": 10.0,
+                     "connect_timeout_s": 2.0}, **(gen_kw or {})), tp=tp)
+    assert ctx.ready["addresses"] == [f"127.0.0.1:{base + r}" for r in range(tp)]
+    gen.ready
+    return ctx, gen
+
+
+def salt(leg: str, key: str) -> str:
+    return f"nixl-rt:{leg}:{key}"
+
+
+@pytest.fixture
+def instances():
+    made: list[Instance] = []
+
+    def make(*a, **kw) -> Instance:
+        inst = Instance(*a, **kw)
+        made.append(inst)
+        return inst
+
+    yield make
+    for inst in made:
+        inst.close()
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 30000 + 1 for i in range(n)]
+
+
+def run_handoff(ctx: Instance, gen: Instance, prompts: dict[int, list[int]], max_new: int,
+                tp: int) -> None:
+    keys = {rid: uuid.uuid4().hex for rid in prompts}
+    for rid, p in prompts.items():
+        ctx.send(op="add", rid=rid, prompt=p, max_new=1, salt=salt("ctx", keys[rid]))
+    ctx_done = ctx.collect("finished", len(prompts))
+    for rid, p in prompts.items():
+        gen.send(op="add", rid=1000 + rid, prompt=p, max_new=max_new, salt=salt("gen", keys[rid]))
+    moving = [rid for rid, p in prompts.items() if (len(p) - 1) // TPB > 0]
+    loaded = gen.collect("loaded", len(moving))
+    gen_done = gen.collect("finished", len(prompts))
+    freed = ctx.collect("freed", len(moving))
+    for rid, p in prompts.items():
+        ref = fake_model.reference_generate(p, max_new, tp_size=tp, **SHAPE)
+        assert ctx_done[rid]["tokens"] == ref[:1]
+        assert gen_done[1000 + rid]["tokens"] == ref, f"request {rid}: generation differs from reference"
+        n = (len(p) - 1) // TPB * TPB
+        assert gen_done[1000 + rid]["loaded"] == n
+        if n:
+            assert ctx_done[rid]["held"] is True
+            assert loaded[1000 + rid]["bytes_equal"] is True
+            assert loaded[1000 + rid]["tokens"] == n
+            assert rid in freed
+    assert ctx.stats()["free_blocks"] == ctx.ready["free_blocks"]
+    assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]
+
+
+def test_handoff_moves_prompt_kv_bytes_exactly(instances):
+    ctx, gen = pair(instances)
+    # 1 token (nothing moves), exactly one block + 1, several blocks, a multiple of the block size
+    prompts = {1: prompt_of(1, 1), 2: prompt_of(TPB + 1, 2), 3: prompt_of(23, 3), 4: prompt_of(4 * TPB, 4)}
+    run_handoff(ctx, gen, prompts, max_new=5, tp=1)
+
+
+def test_handoff_tensor_parallel_two_ranks(instances):
+    ctx, gen = pair(instances, tp=2)
+    assert len(ctx.ready["addresses"]) == 2
+    run_handoff(ctx, gen, {1: prompt_of(17, 5), 2: prompt_of(30, 6)}, max_new=3, tp=2)
+
+
+def test_request_without_routing_id_is_computed_locally(instances):
+    ctx, gen = pair(instances)
+    p = prompt_of(20, 9)
+    gen.send(op="add", rid=1, prompt=p, max_new=3, salt=None)
+    done = gen.wait("finished", rid=1)
+    assert done["loaded"] == 0
+    assert done["tokens"] == fake_model.reference_generate(p, 3, tp_size=1, **SHAPE)
+    ctx.send(op="add", rid=2, prompt=p, max_new=1, salt="user-salt")
+    assert ctx.wait("finished", rid=2)["held"] is False
+
+
+def test_unread_lease_expires_and_blocks_return(instances):
+    ctx = instances({"role": "context", "lease_ttl_s": 1.0})
+    ctx.send(op="add", rid=1, prompt=prompt_of(20, 1), max_new=1, salt=salt("ctx", "orphan"))
+    assert ctx.wait("finished", rid=1)["held"] is True
+    t0 = time.monotonic()
+    ctx.wait("freed", rid=1, timeout=15.0)
+    assert time.monotonic() - t0 < 10.0
+    assert ctx.stats()["free_blocks"] == ctx.ready["free_blocks"]
+
+
+def test_unknown_routing_id_fails_the_load_without_hanging(instances):
+    ctx, gen = pair(instances)
+    gen.send(op="add", rid=1, prompt=prompt_of(20, 1), max_new=2, salt=salt("gen", "never-sent"))
+    t0 = time.monotonic()
+    err = gen.wait("load_error", rid=1, timeout=15.0)
+    assert "does not know" in err["reason"]
+    assert time.monotonic() - t0 < 10.0
+    assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]
+
+
+def test_context_aborted_mid_prompt_holds_nothing(instances):
+    ctx, gen = pair(instances, context_chunk=TPB)
+    ctx.send(op="add", rid=1, prompt=prompt_of(60, 1), max_new=1, salt=salt("ctx", "aborted"))
+    ctx.send(op="abort_after", rid=1, steps=3)
+    done = ctx.wait("finished", rid=1)
+    assert done["held"] is False and done["tokens"] == []
+    assert ctx.stats()["free_blocks"] == ctx.ready["free_blocks"]
+    gen.send(op="add", rid=2, prompt=prompt_of(60, 1), max_new=1, salt=salt("gen", "aborted"))
+    gen.wait("load_error", rid=2, timeout=15.0)
+
+
+def test_context_killed_before_pull_fails_the_load_without_hanging(instances):
+    ctx, gen = pair(instances)
+    p = prompt_of(20, 1)
+    ctx.send(op="add", rid=1, prompt=p, max_new=1, salt=salt("ctx", "killed"))
+    assert ctx.wait("finished", rid=1)["held"] is True
+    ctx.kill()
+    t0 = time.monotonic()
+    gen.send(op="add", rid=2, prompt=p, max_new=2, salt=salt("gen", "killed"))
+    gen.wait("load_error", rid=2, timeout=25.0)
+    assert time.monotonic() - t0 < 20.0
+    assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]

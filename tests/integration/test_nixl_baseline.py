@@ -63,3 +63,15 @@ def test_deadline_is_enforced():
 
 def test_local_copy_limit():
     assert local_copy_limit(16 * 1024, 256, reps=2) > 0
+
+
+def test_compare_entry_for_the_sweep():
+    from nixl_connectors.bench.nixl_baseline import compare_entry
+    from nixl_connectors.bench.workloads import Memory, Workload
+
+    w = Workload("tiny", 8192, 128, reps=1)
+    e = compare_entry(w, profiles=(NixlProfile.TUNED,))
+    assert e["available"] and [c["name"] for c in e["configs"]] == ["tuned"]
+    assert e["configs"][0]["gbps"] and e["configs"][0]["verified"]
+    cuda = compare_entry(Workload("g", 8192, 128, memory=Memory.CUDA, reps=1))
+    assert not cuda["available"] and "host memory only" in cuda["reason"]

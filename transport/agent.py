@@ -266,7 +266,7 @@ class Agent:
         ch.start(self._handle)
 
     def _on_channel_lost(self, ch: Channel, err: BaseException) -> None:
-        log.warning("%s: lost %s: %s", self.name, ch.peer_name, err)
+        log.log(logging.INFO if ch.graceful else logging.WARNING, "%s: lost %s: %s", self.name, ch.peer_name, err)
         perr = err if isinstance(err, TransferError) else PeerLost(str(err))
         for (cid, _), tok in list(self._tokens.items()):
             if cid == id(ch):

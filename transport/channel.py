@@ -38,6 +38,7 @@ class Channel:
         self._reader: asyncio.Task | None = None
         self._handler: Handler | None = None
         self.lost: BaseException | None = None
+        self.graceful = False
         self._lost_callbacks: list[Callable[["Channel", BaseException], None]] = []
         self._send_lock = asyncio.Lock()
 
@@ -111,6 +112,10 @@ class Channel:
                 log.warning("%s: rejected control message: %s", self.label, e)
                 await self.reply_error(0, e)
                 continue
+            if frame.type is Msg.BYE:
+                self.graceful = True
+                self._mark_lost(PeerLost(f"{self.label}: peer closed the connection"))
+                return
             if frame.type in REPLY_TYPES and frame.rid in self._pending:
                 fut = self._pending.pop(frame.rid)
                 if not fut.done():
@@ -149,6 +154,12 @@ class Channel:
                 log.exception("%s: lost-callback failed", self.label)
 
     async def close(self) -> None:
+        self.graceful = True
+        if self.lost is None:
+            try:
+                await asyncio.wait_for(self.send(Msg.BYE), 1.0)
+            except (TransferError, asyncio.TimeoutError):
+                pass
         self._mark_lost(PeerLost(f"{self.label}: closed locally"))
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()

@@ -36,6 +36,7 @@ class Msg(str, Enum):
     NOTIFY = "notify"            # plain notification
     PING = "ping"                # keepalive probe
     PONG = "pong"
+    BYE = "bye"                  # either way: closing this connection on purpose
 
 
 # field name -> accepted python types (msgpack decoding yields int, float, str, bytes, bool,
@@ -60,6 +61,7 @@ SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
     Msg.NOTIFY: {"payload": _B},
     Msg.PING: {},
     Msg.PONG: {},
+    Msg.BYE: {},
 }
 
 

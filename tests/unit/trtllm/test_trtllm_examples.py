@@ -1,0 +1,39 @@
+"""The TensorRT-LLM example files name classes and settings that exist."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[2]
+REPO = TESTS.parent
+sys.path[:0] = [str(TESTS), str(REPO)]
+EX = REPO / "examples" / "trtllm"
+
+from trtllm_standin import install  # noqa: E402
+
+install.ensure()
+
+from nixl_connectors.trtllm.config import ConnectorRole, TrtllmConnectorConfig  # noqa: E402
+
+yaml = pytest.importorskip("yaml")
+
+
+@pytest.mark.parametrize("leg", ["ctx", "gen"])
+def test_extra_options_yaml(leg):
+    doc = yaml.safe_load((EX / f"{leg}_extra_llm_api_options.yaml").read_text())
+    assert doc["scheduler_config"]["capacity_scheduler_policy"] == "GUARANTEED_NO_EVICT"
+    kc = doc["kv_connector_config"]
+    mod = importlib.import_module(kc["connector_module"])
+    assert hasattr(mod, kc["connector_scheduler_class"]) and hasattr(mod, kc["connector_worker_class"])
+
+
+def test_connector_json():
+    ctx = TrtllmConnectorConfig.from_mapping(json.loads((EX / "ctx_connector.json").read_text()))
+    gen = TrtllmConnectorConfig.from_mapping(json.loads((EX / "gen_connector.json").read_text()))
+    assert ctx.role is ConnectorRole.CONTEXT and gen.role is ConnectorRole.GENERATION
+    assert gen.context_agents[0].endswith(f":{ctx.listen_port_base}")
+    assert ctx.model_key == gen.model_key

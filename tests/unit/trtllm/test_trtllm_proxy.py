@@ -1,0 +1,100 @@
+"""The example proxy: leg requests, and the order it talks to two fake instances."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "examples" / "trtllm"))
+
+import proxy  # noqa: E402
+from nixl_connectors.trtllm.config import ConnectorRole, RoutingSource  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+from nixl_connectors.trtllm.routing import Leg, routing_of  # noqa: E402
+
+
+class _Req:
+    def __init__(self, salt):
+        self.cache_salt = salt
+
+
+def test_per_leg_salts_route_to_one_id():
+    body = {"model": "m", "prompt": "hi", "max_tokens": 50, "stream": True,
+            "stream_options": {"include_usage": True}}
+    ctx, gen = proxy.leg_requests(body, "abc", proxy.SaltMode.PER_LEG)
+    assert ctx["max_tokens"] == 1 and ctx["stream"] is False and "stream_options" not in ctx
+    assert gen["max_tokens"] == 50 and gen["stream"] is True
+    rc = routing_of(_Req(ctx["cache_salt"]), ConnectorRole.BOTH, RoutingSource.CACHE_SALT, proxy.ROUTING_PREFIX)
+    rg = routing_of(_Req(gen["cache_salt"]), ConnectorRole.BOTH, RoutingSource.CACHE_SALT, proxy.ROUTING_PREFIX)
+    assert (rc.leg, rg.leg) == (Leg.CONTEXT, Leg.GENERATION) and rc.key == rg.key == "abc"
+    assert body["max_tokens"] == 50   # the client's body is not modified
+
+
+def test_shared_salt_mode():
+    ctx, gen = proxy.leg_requests({"messages": [], "max_completion_tokens": 9}, "x", proxy.SaltMode.SHARED)
+    assert ctx["cache_salt"] == gen["cache_salt"] == "nixl-rt:x"
+    assert ctx["max_completion_tokens"] == 1 and gen["max_completion_tokens"] == 9
+
+
+def _fake_instance(name: str, log: list):
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            log.append((name, self.path, body))
+            out = json.dumps({"from": name, "choices": [{"text": "ok"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+@pytest.fixture
+def servers():
+    log: list = []
+    ctx, gen = _fake_instance("ctx", log), _fake_instance("gen", log)
+    cfg = proxy.ProxyConfig(f"http://127.0.0.1:{ctx.server_port}", f"http://127.0.0.1:{gen.server_port}")
+    px = ThreadingHTTPServer(("127.0.0.1", 0), proxy.make_handler(cfg))
+    threading.Thread(target=px.serve_forever, daemon=True).start()
+    yield px, log
+    for s in (px, ctx, gen):
+        s.shutdown()
+        s.server_close()
+
+
+def test_proxy_sends_context_leg_first_then_forwards(servers):
+    px, log = servers
+    req = urllib.request.Request(f"http://127.0.0.1:{px.server_port}/v1/completions",
+                                 data=json.dumps({"prompt": "p", "max_tokens": 8}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read())["from"] == "gen"
+    assert [e[0] for e in log] == ["ctx", "gen"]
+    (_, _, cb), (_, _, gb) = log
+    assert cb["max_tokens"] == 1 and gb["max_tokens"] == 8
+    assert cb["cache_salt"].split(":")[-1] == gb["cache_salt"].split(":")[-1]
+
+
+def test_proxy_rejects_unknown_paths_and_bad_bodies(servers):
+    px, _ = servers
+    for path, data in (("/v1/other", b"{}"), ("/v1/completions", b"not json")):
+        req = urllib.request.Request(f"http://127.0.0.1:{px.server_port}{path}", data=data, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code in (400, 404)

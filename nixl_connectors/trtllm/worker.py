@@ -231,7 +231,14 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
         producer = self._producer
         if producer is None:
             raise RuntimeError("register_kv_caches() has not been called")
+        if key in self._holding:
+            # A routing id must name one request; a second one with the same id holds nothing.
+            logger.error("request %d reuses routing id %s of request %d; not exposing it",
+                         rid, key, self._holding[key])
+            self._saved.append(rid)
+            return
         if self._pool is not None and self._pool.is_cuda:
+            # The forward pass wrote these blocks on the engine's stream.
             torch.cuda.current_stream(self._pool.device).synchronize()
         try:
             held = producer.hold(key, self._descs(spec.block_ids))
@@ -268,6 +275,10 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
         if consumer is None or lookups is None:
             raise RuntimeError("register_kv_caches() has not been called")
         rid = spec.request_id
+        if spec.routing_key in self._by_key:
+            self._loads[rid] = _Load(spec, None, error=f"routing id {spec.routing_key} is already "
+                                                       f"being loaded by request {self._by_key[spec.routing_key]}")
+            return
         try:
             descs = self._descs(spec.block_ids)
             address = self._cfg.context_agent(self._rank)
@@ -331,7 +342,8 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
 
     def _settle(self, rid: int, load: _Load, error: str | None) -> None:
         self._loads.pop(rid, None)
-        self._by_key.pop(load.spec.routing_key, None)
+        if self._by_key.get(load.spec.routing_key) == rid:
+            del self._by_key[load.spec.routing_key]
         if rid in self._quarantined:
             load.done = True
             self._quarantined.discard(rid)

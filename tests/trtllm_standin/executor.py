@@ -7,15 +7,15 @@ One `step()` is one executor iteration, in TensorRT-LLM 1.2's order:
    a request will ever need are allocated up front): ``get_num_new_matched_tokens`` (rank-0
    scheduler, broadcast), block allocation, ``update_state_after_alloc``; requests the
    connector loads asynchronously wait outside the batch until every rank reports them loaded;
-3. build the scheduler output and the connector metadata (``build_connector_meta`` on rank 0),
-   bind it on every rank;
-4. ``start_load_kv`` on every rank;
-5. the forward pass: for each layer, ``wait_for_layer_load`` (pre-hook), compute that layer's
-   KV for the scheduled tokens, ``save_kv_layer`` (post-hook), on every rank;
-6. ``wait_for_save`` on every rank;
+3. build the scheduler output; if the batch is not empty: the connector metadata
+   (``build_connector_meta`` on rank 0), bound on every rank;
+4. (batch not empty) ``start_load_kv`` on every rank;
+5. (batch not empty) the forward pass: for each layer, ``wait_for_layer_load`` (pre-hook),
+   compute that layer's KV for the scheduled tokens, ``save_kv_layer`` (post-hook), on every rank;
+6. (batch not empty) ``wait_for_save`` on every rank;
 7. sampling; requests that reached ``max_new_tokens`` finish: ``request_finished``; if it
    returns True their blocks stay allocated;
-8. ``get_finished`` on every rank; requests every rank reported saved free their blocks;
+8. ``get_finished`` on every rank, every iteration; requests every rank reported saved free their blocks;
    requests every rank reported loaded become schedulable context requests.
 """
 from __future__ import annotations
@@ -133,27 +133,32 @@ class StandinExecutor:
     def step(self) -> None:
         self.iterations += 1
         self._apply_aborts()
-        self._schedule()
+        newly_loading = self._schedule()
         ctx = [r for r in self.active.values() if r.state is LlmRequestState.CONTEXT_INIT]
         gen = [r for r in self.active.values() if r.state is LlmRequestState.GENERATION_IN_PROGRESS]
         self.manager.build_scheduler_output(ctx, gen, self.block_table, self.shape.context_chunk)
-        self.manager.handle_metadata()
-        for w in self.workers:
-            w.start_load_kv(None)
-        spans = {r.request_id: self._span(r) for r in ctx + gen}
-        for layer in range(self.shape.num_layers):
-            self.manager.layer_pre_hook(layer)
+        # As in PyExecutor, metadata, start_load_kv, the forward pass and wait_for_save happen
+        # only when the scheduled batch is not empty (requests that start loading asynchronously
+        # this iteration count: TensorRT-LLM takes them out of the batch after this check).
+        if ctx or gen or newly_loading:
+            self.manager.handle_metadata()
+            for w in self.workers:
+                w.start_load_kv(None)
+            spans = {r.request_id: self._span(r) for r in ctx + gen}
+            for layer in range(self.shape.num_layers):
+                self.manager.layer_pre_hook(layer)
+                for req in ctx + gen:
+                    start, end = spans[req.request_id]
+                    for rank, pool in enumerate(self.pools):
+                        fake_model.write_kv(pool, self.block_table[req.request_id], req.get_tokens(0),
+                                            start, end, layer, self.heads, rank * self.heads,
+                                            self.shape.head_dim, self.tpb)
+                self.manager.layer_post_hook(layer)
+            for w in self.workers:
+                w.wait_for_save(None)
             for req in ctx + gen:
-                start, end = spans[req.request_id]
-                for rank, pool in enumerate(self.pools):
-                    fake_model.write_kv(pool, self.block_table[req.request_id], req.get_tokens(0),
-                                        start, end, layer, self.heads, rank * self.heads,
-                                        self.shape.head_dim, self.tpb)
-            self.manager.layer_post_hook(layer)
-        for w in self.workers:
-            w.wait_for_save(None)
-        for req in ctx + gen:
-            self._advance(req, spans[req.request_id][1])
+                self._advance(req, spans[req.request_id][1])
+        # get_finished runs every iteration.
         saved, loaded = self.manager.get_finished()
         for req in saved:
             self.saving.pop(req.request_id, None)
@@ -219,12 +224,14 @@ class StandinExecutor:
                 self._finish(req)
             # A request that is loading asynchronously is cancelled once its load settles.
 
-    def _schedule(self) -> None:
+    def _schedule(self) -> List[LlmRequest]:
+        """Admit waiting requests; returns those that start loading asynchronously."""
+        loading: List[LlmRequest] = []
         while self.waiting:
             req = self.waiting[0]
             need = -(-(len(req.prompt) + req.max_new_tokens) // self.tpb)
             if need > len(self.free_blocks):
-                return   # no-evict: wait until enough blocks are free
+                break    # no-evict: wait until enough blocks are free
             self.waiting.popleft()
             num, is_async = self.manager.get_num_new_matched_tokens(req, 0)
             blocks = [self.free_blocks.popleft() for _ in range(need)]
@@ -235,9 +242,11 @@ class StandinExecutor:
             if is_async:
                 req.state = LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS
                 self.loading[req.request_id] = req
+                loading.append(req)
             else:
                 req.state = LlmRequestState.CONTEXT_INIT
                 self.active[req.request_id] = req
+        return loading
 
     def close(self) -> None:
         for w in self.workers:

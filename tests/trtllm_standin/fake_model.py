@@ -74,3 +74,39 @@ def sample(pools: Sequence[torch.Tensor], block_ids: Sequence[int], tokens: Sequ
     if not np.isfinite(acc):
         return (h + 1) % VOCAB
     return (h + int(round(acc * 1000))) % VOCAB
+
+
+def reference_generate(prompt: Sequence[int], max_new_tokens: int, *, num_layers: int,
+                       kv_factor: int, num_kv_heads: int, head_dim: int, tokens_per_block: int,
+                       tp_size: int, dtype: torch.dtype) -> list:
+    """Tokens a single, non-disaggregated instance generates for ``prompt``."""
+    heads = num_kv_heads // tp_size
+    nblocks = -(-(len(prompt) + max_new_tokens) // tokens_per_block)
+    pools = [torch.full((nblocks, num_layers, kv_factor, heads * head_dim * tokens_per_block),
+                        float("nan"), dtype=dtype) for _ in range(tp_size)]
+    blocks = list(range(nblocks))
+    tokens = list(prompt)
+    start = 0
+    out = []
+    for _ in range(max_new_tokens):
+        for layer in range(num_layers):
+            for rank, pool in enumerate(pools):
+                write_kv(pool, blocks, tokens, start, len(tokens), layer, heads, rank * heads,
+                         head_dim, tokens_per_block)
+        start = len(tokens)
+        tok = sample(pools, blocks, tokens, heads, head_dim, tokens_per_block)
+        out.append(tok)
+        tokens.append(tok)
+    return out
+
+
+def expected_blocks(tokens: Sequence[int], block_ids: Sequence[int], num_tokens: int,
+                    pool_like: torch.Tensor, *, heads: int, head_offset: int, head_dim: int,
+                    tokens_per_block: int) -> torch.Tensor:
+    """The KV an instance must hold in ``block_ids`` for the first ``num_tokens`` tokens."""
+    scratch = torch.zeros_like(pool_like)
+    for layer in range(pool_like.shape[1]):
+        write_kv(scratch, block_ids, tokens, 0, num_tokens, layer, heads, head_offset, head_dim,
+                 tokens_per_block)
+    idx = torch.as_tensor(list(block_ids[:num_tokens // tokens_per_block]), dtype=torch.long)
+    return scratch.index_select(0, idx)

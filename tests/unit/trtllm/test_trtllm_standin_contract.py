@@ -188,3 +188,13 @@ def test_pipeline_parallel_and_evicting_policy_are_rejected():
     args.scheduler_config.capacity_scheduler_policy = "MAX_UTILIZATION"
     with pytest.raises(ValueError):
         StandinExecutor(args, ModelShape(), API)
+
+
+def test_empty_batch_still_calls_get_finished_only():
+    ex = make(tp=1)
+    SETTINGS.update(save={1}, lag={0: 5})
+    ex.add_request(LlmRequest(1, list(range(10)), 1))
+    ex.step()
+    LOG.clear()
+    ex.step()   # nothing scheduled: request 1 only waits for its save
+    assert names(LOG) == ["get_finished"]

@@ -1,0 +1,349 @@
+"""Helpers of the transport integration tests: `Node`, a spawned child process that hosts any
+number of real `transport.Agent`s (one UCX context per process, so one transport set per
+node), driven over a multiprocessing pipe. Nothing of the transport is mocked.
+
+Block contents follow a deterministic pattern (word w of block b of a pool with seed s is
+b*K1 + w*K2 + s), so a reader checks what landed without a copy of the source.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+K1 = np.uint64(0x9E3779B97F4A7C15)
+K2 = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def pattern(block_ids, block_bytes: int, seed: int) -> np.ndarray:
+    b = np.asarray(block_ids, dtype=np.uint64).reshape(-1, 1)
+    w = np.arange(block_bytes // 8, dtype=np.uint64).reshape(1, -1)
+    with np.errstate(over="ignore"):
+        words = b * K1 + w * K2 + np.uint64(seed)
+    return words.view(np.uint8).reshape(len(b), block_bytes)
+
+
+class RemoteError(Exception):
+    """An exception raised inside a node; `type` is its class name (e.g. "LeaseRejected")."""
+
+    def __init__(self, type_name: str, message: str, field=None, code=None, tb: str = ""):
+        super().__init__(f"{type_name}: {message}")
+        self.type = type_name
+        self.message = message
+        self.field = field
+        self.code = code
+        self.tb = tb
+
+
+# ============================================================================ child side
+@dataclass
+class _AgentState:
+    agent: object
+    pool: np.ndarray
+    region: object
+    block_bytes: int
+
+
+class _Child:
+    def __init__(self, transports: str):
+        self.transports = transports
+        self.agents: dict[str, _AgentState] = {}
+        self.peers: dict[tuple[str, str], object] = {}
+        self.transfers: dict[int, object] = {}
+        self.next_tid = 1
+
+    # -- agents and memory
+    def agent(self, name, pool_blocks, block_bytes, seed=None, **cfg):
+        from transport import Agent, AgentConfig, TransportSet
+
+        fields = AgentConfig.__dataclass_fields__
+        if "same_host_copy" in cfg and "same_host_copy" not in fields:
+            cfg.pop("same_host_copy")   # transport without the same-host path: UCX only anyway
+        a = Agent(name, AgentConfig(transports=TransportSet(self.transports), **cfg))
+        pool = np.zeros((pool_blocks, block_bytes), dtype=np.uint8)
+        if seed is not None:
+            pool[:] = pattern(np.arange(pool_blocks), block_bytes, seed)
+        self.agents[name] = _AgentState(a, pool, a.register(pool), block_bytes)
+        return a.address
+
+    def has_field(self, field):
+        from transport import AgentConfig
+
+        return field in AgentConfig.__dataclass_fields__
+
+    def close(self, name):
+        st = self.agents.pop(name)
+        st.agent.close()
+
+    def fill(self, name, seed=None):
+        st = self.agents[name]
+        if seed is None:
+            st.pool[:] = 0
+        else:
+            st.pool[:] = pattern(np.arange(len(st.pool)), st.block_bytes, seed)
+
+    def bad_blocks(self, name, ids, src_ids, src_seed, src_block_bytes=None):
+        """How many of blocks `ids` differ from the stream of source blocks `src_ids` (pattern
+        `src_seed`, blocks of `src_block_bytes`, default: the same as here)."""
+        st = self.agents[name]
+        exp = pattern(src_ids, src_block_bytes or st.block_bytes, src_seed).reshape(-1, st.block_bytes)
+        return int(np.count_nonzero(np.any(st.pool[np.asarray(ids)] != exp, axis=1)))
+
+    def zero_blocks(self, name, ids):
+        st = self.agents[name]
+        return int(np.count_nonzero(~np.any(st.pool[np.asarray(ids)] != 0, axis=1)))
+
+    def _descs(self, name, ids):
+        from transport import Descs
+
+        st = self.agents[name]
+        return Descs.from_blocks(st.region, np.asarray(ids, dtype=np.int64), st.block_bytes)
+
+    # -- owner
+    def expose(self, name, ids, ttl_s=30.0, writable=False, peer=None):
+        lease = self.agents[name].agent.expose(self._descs(name, ids), peer=peer, ttl_s=ttl_s, writable=writable)
+        return lease.id, lease.nbytes, lease.expires_at
+
+    def release(self, name, lid):
+        return self.agents[name].agent.release(lid)
+
+    def freed(self, name):
+        return self.agents[name].agent.freed_leases()
+
+    def notifs(self, name):
+        return self.agents[name].agent.notifications()
+
+    def stats(self, name):
+        return self.agents[name].agent.stats.snapshot()
+
+    def peer_names(self, name):
+        return self.agents[name].agent.peers()
+
+    # -- reader / writer
+    def connect(self, name, address, timeout=None):
+        p = self.agents[name].agent.connect(address, timeout=timeout)
+        self.peers[(name, address)] = p
+        return p.name, p.address
+
+    def _peer(self, name, address):
+        return self.peers.get((name, address)) or address
+
+    def _xfer(self, op, name, address, ids, lid, notify, timeout, wait, wait_timeout):
+        a = self.agents[name].agent
+        fn = a.read if op == "read" else a.write
+        t0 = time.monotonic()
+        t = fn(self._peer(name, address), self._descs(name, ids), lid, notify=notify, timeout=timeout)
+        if not wait:
+            tid, self.next_tid = self.next_tid, self.next_tid + 1
+            self.transfers[tid] = t
+            return tid
+        t.wait(wait_timeout)
+        return time.monotonic() - t0
+
+    def read(self, name, address, ids, lid, notify=None, timeout=None, wait=True, wait_timeout=60.0):
+        return self._xfer("read", name, address, ids, lid, notify, timeout, wait, wait_timeout)
+
+    def write(self, name, address, ids, lid, notify=None, timeout=None, wait=True, wait_timeout=60.0):
+        return self._xfer("write", name, address, ids, lid, notify, timeout, wait, wait_timeout)
+
+    def wait(self, tid, timeout):
+        t0 = time.monotonic()
+        t = self.transfers[tid]
+        try:
+            t.wait(timeout)
+        finally:
+            if t.done():
+                self.transfers.pop(tid, None)
+        return time.monotonic() - t0
+
+    def done(self, tid):
+        return self.transfers[tid].done()
+
+    def cancel(self, tid):
+        self.transfers[tid].cancel()
+
+    def renew(self, name, address, lid, ttl_s, timeout=None):
+        return self.agents[name].agent.renew(self._peer(name, address), lid, ttl_s=ttl_s, timeout=timeout)
+
+    def notify(self, name, address, payload):
+        self.agents[name].agent.notify(self._peer(name, address), payload)
+
+    # -- async API from a user's own asyncio loop
+    def async_read(self, name, address, ids, lid, notify=None, renew_ttl=None):
+        import asyncio
+
+        a = self.agents[name].agent
+
+        async def main():
+            peer = await a.aconnect(address)
+            t = a.read(peer, self._descs(name, ids), lid, notify=notify)
+            await asyncio.wait_for(t, 60)
+            await a.aread(peer, self._descs(name, ids), lid)   # the awaitable twin
+            left = await a.arenew(peer, lid, ttl_s=renew_ttl) if renew_ttl else None
+            return peer.name, t.done(), t.error, left
+
+        name_, done, err, left = asyncio.run(main())
+        return name_, done, repr(err), left
+
+    # -- misc
+    def set_protocol_version(self, v):
+        import transport.wire as wire
+
+        wire.PROTOCOL_VERSION = v
+
+    def raw(self, address, steps, timeout=10.0):
+        """A hand-rolled ucxx client. Each step is ("send", bytes) or ("recv",); returns what
+        each recv got: ("frame", type, rid, body) / ("undecodable", repr) / ("timeout",) /
+        ("closed", repr)."""
+        import asyncio
+
+        import ucxx
+
+        from transport import wire
+        from transport.config import TransportSet, parse_hostport
+        from transport.runtime import Runtime
+
+        rt = Runtime.get(TransportSet(self.transports))
+        host, port = parse_hostport(address)
+
+        async def go():
+            ep = await ucxx.create_endpoint(host, port, endpoint_error_handling=True)
+            out = []
+            try:
+                for step in steps:
+                    if step[0] == "send":
+                        await ep.am_send(np.frombuffer(step[1], dtype=np.uint8))
+                    elif step[0] == "recv":
+                        try:
+                            buf = await asyncio.wait_for(ep.am_recv(), timeout)
+                        except asyncio.TimeoutError:
+                            out.append(("timeout",))
+                            continue
+                        except Exception as e:
+                            out.append(("closed", repr(e)))
+                            continue
+                        try:
+                            f = wire.decode(memoryview(buf).cast("B"), 1 << 30)
+                            out.append(("frame", f.type.value, f.rid, f.body))
+                        except Exception as e:
+                            out.append(("undecodable", repr(e)))
+            finally:
+                ep.abort()
+            return out
+
+        return rt.call(go(), timeout * (len(steps) + 2))
+
+    def pid(self):
+        return os.getpid()
+
+
+def _node_main(conn, transports: str, protocol_version: int | None) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(processName)s %(name)s: %(message)s")
+    child = _Child(transports)
+    if protocol_version is not None:
+        child.set_protocol_version(protocol_version)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            if not conn.poll(900):
+                break
+            cmd, args, kw = conn.recv()
+        except (EOFError, OSError):
+            break
+        if cmd == "stop":
+            break
+        try:
+            conn.send(("ok", getattr(child, cmd)(*args, **kw)))
+        except BaseException as e:  # report everything to the test
+            conn.send(("err", type(e).__name__, str(e), getattr(e, "field", None),
+                       getattr(getattr(e, "code", None), "value", None), traceback.format_exc()))
+    for st in list(child.agents.values()):
+        try:
+            st.agent.close()
+        except Exception:
+            pass
+    os._exit(0)  # do not wait for UCX threads
+
+
+# ============================================================================ parent side
+class Node:
+    """A child process hosting agents. Start several, then `wait_ready()` each (they import
+    torch and start UCX in parallel)."""
+
+    def __init__(self, transports: str = "shm", protocol_version: int | None = None, label: str = "node"):
+        ctx = mp.get_context("spawn")
+        self.label = label
+        self.transports = transports
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_node_main, args=(child, transports, protocol_version),
+                                name=f"xport-{label}", daemon=True)
+        self.proc.start()
+        child.close()
+        self.pid = self.proc.pid
+        self._ready = False
+
+    def wait_ready(self, timeout: float = 180.0) -> "Node":
+        if not self._ready:
+            if not self._conn.poll(timeout):
+                self.kill()
+                raise TimeoutError(f"node {self.label} did not start within {timeout}s")
+            self._conn.recv()
+            self._ready = True
+        return self
+
+    def call(self, cmd: str, *args, timeout: float = 90.0, **kw):
+        self.wait_ready()
+        self._conn.send((cmd, args, kw))
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"node {self.label} did not answer {cmd!r} within {timeout}s")
+        r = self._conn.recv()
+        if r[0] == "ok":
+            return r[1]
+        raise RemoteError(*r[1:])
+
+    def __getattr__(self, cmd: str):
+        if cmd.startswith("_"):
+            raise AttributeError(cmd)
+        return lambda *a, **kw: self.call(cmd, *a, **kw)
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def stop_signal(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def cont_signal(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self._conn.send(("stop", (), {}))
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(15)
+        self.kill()
+
+
+def wait_until(fn, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `fn` until it returns a truthy value; return it, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {v!r})")
+        time.sleep(interval)

@@ -150,7 +150,7 @@ class Agent:
         """Drain the ids of leases that ended (released or expired) and that no transfer touches
         any more: their blocks may be reused by the engine now."""
         with self._lock:
-            self._leases.sweep()
+            self.stats.leases_expired += self._leases.sweep()  # counted here too, not only by the sweeper
             return self._leases.drain_freed()
 
     def notifications(self) -> list[tuple[str, bytes]]:

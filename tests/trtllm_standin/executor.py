@@ -2,7 +2,8 @@
 
 One `step()` is one executor iteration, in TensorRT-LLM 1.2's order:
 
-1. abort requests asked to be cancelled (they finish: ``request_finished``);
+1. abort requests asked to be cancelled, including ones loading asynchronously (they finish:
+   ``request_finished``);
 2. schedule waiting requests, first come first served, under GUARANTEED_NO_EVICT (all blocks
    a request will ever need are allocated up front): ``get_num_new_matched_tokens`` (rank-0
    scheduler, broadcast), block allocation, ``update_state_after_alloc``; requests the
@@ -164,8 +165,8 @@ class StandinExecutor:
             self.saving.pop(req.request_id, None)
             self._free(req.request_id)
         for req in loaded:
-            self.loading.pop(req.request_id, None)
-            self.active[req.request_id] = req
+            if self.loading.pop(req.request_id, None) is not None:   # not cancelled meanwhile
+                self.active[req.request_id] = req
 
     def run(self, max_iterations: int = 10000, until=None) -> None:
         """Step while busy (or until ``until()`` is true)."""
@@ -217,12 +218,14 @@ class StandinExecutor:
                     self.waiting.remove(req)
                     self.finished[rid] = []
                     self._aborts.discard(rid)
-            req = self.active.get(rid)
+            req = self.active.get(rid) or self.loading.pop(rid, None)
             if req is not None:
+                # Like PyExecutor without a cache transceiver, a request is cancelled whatever
+                # its state, including while the connector loads it asynchronously: it finishes
+                # and ``request_finished`` decides whether its blocks must stay allocated.
                 req.cancelled = True
                 self._aborts.discard(rid)
                 self._finish(req)
-            # A request that is loading asynchronously is cancelled once its load settles.
 
     def _schedule(self) -> List[LlmRequest]:
         """Admit waiting requests; returns those that start loading asynchronously."""

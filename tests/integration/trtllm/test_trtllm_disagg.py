@@ -283,6 +283,18 @@ def test_context_aborted_mid_prompt_holds_nothing(shared):
     assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]
 
 
+def test_generation_aborted_while_loading_keeps_blocks_until_the_pull_settles(shared):
+    ctx, gen = shared
+    # The context side never heard of this id, so the lookup keeps retrying (unknown_grace_s=1)
+    # while the request is cancelled.
+    gen.send(op="add", rid=401, prompt=prompt_of(30, 4), max_new=2, salt=salt("gen", "cancel-me"))
+    gen.send(op="abort_after", rid=401, steps=2)
+    done = gen.wait("finished", rid=401)
+    assert done["held"] is True and done["tokens"] == []
+    gen.wait("freed", rid=401)
+    assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]
+
+
 def test_context_killed_before_pull_fails_the_load_without_hanging(instances):
     ctx, gen = pair(instances)
     p = prompt_of(20, 1)

@@ -105,6 +105,8 @@ def main() -> None:
                 ex._free(rid)
                 ex.finished[rid] = []
             continue
+        if not ex.active:
+            time.sleep(0.001)   # only waiting on transfers: do not starve the other process
         for rid, req in loading_before.items():
             if rid in ex.active:
                 n = ex.loaded_tokens[rid]

@@ -33,7 +33,51 @@ def default_chunk_bytes(w: Workload) -> int:
     return 8 << 20
 
 
-def run_ours(w: Workload, seed: int = 0, timeout_s: float = 120.0, chunk_bytes: int | None = None) -> dict:
+def bench_ucx_options() -> dict[str, str]:
+    """Extra UCX settings for both bench processes, from NIXL_CONNECTORS_BENCH_UCX
+    ("RNDV_SCHEME=auto,MAX_RNDV_RAILS=2"), for sweeps of UCX settings."""
+    import os
+
+    env = os.environ.get("NIXL_CONNECTORS_BENCH_UCX", "")
+    return dict(kv.split("=", 1) for kv in env.split(",") if "=" in kv)
+
+
+def _isolated_child(w: Workload, seed: int, timeout_s: float, chunk_bytes: int | None, conn) -> None:
+    try:
+        conn.send(("ok", run_ours(w, seed, timeout_s, chunk_bytes, isolated=False)))
+    except BaseException as e:  # report, never hang the parent
+        conn.send(("err", f"{type(e).__name__}: {e}"))
+
+
+def run_ours(w: Workload, seed: int = 0, timeout_s: float = 120.0, chunk_bytes: int | None = None,
+             isolated: bool | None = None) -> dict:
+    """Best-of-reps GB/s of reads of `w` from an owner child process.
+
+    isolated (default: for CUDA workloads) runs the reader in a fresh spawned process too, so
+    every workload starts from a fresh UCX context and CUDA state, as separate serving
+    processes would (and one workload's failure cannot poison the next).
+    """
+    if isolated is None:
+        isolated = w.memory is Memory.CUDA
+    if isolated:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_isolated_child, args=(w, seed, timeout_s, chunk_bytes, child))
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(timeout_s * (w.reps + 3)):
+                raise TimeoutError(f"bench reader for {w.name} did not finish")
+            tag, val = parent.recv()
+        finally:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+        if tag != "ok":
+            raise RuntimeError(val)
+        return val
     import torch
 
     from transport import Agent, AgentConfig, Descs
@@ -50,11 +94,12 @@ def run_ours(w: Workload, seed: int = 0, timeout_s: float = 120.0, chunk_bytes: 
     spec = OwnerSpec(pool_blocks, w.block_bytes, seed=seed + 1, num_layers=layers,
                      kv_shape=tuple(kv_shape) if kv_shape else None,
                      device="cuda:0" if w.memory is Memory.CUDA else "cpu", timeout_s=timeout_s,
-                     chunk_bytes=chunk)
+                     chunk_bytes=chunk, ucx_options=bench_ucx_options())
     dst = [torch.zeros((pool_blocks, w.block_bytes), dtype=torch.uint8, device=dev) for _ in range(layers)]
     times = []
     bad = 0
-    cfg = AgentConfig(timeout_s=timeout_s, chunk_bytes=chunk, staging_bytes=staging)
+    cfg = AgentConfig(timeout_s=timeout_s, chunk_bytes=chunk, staging_bytes=staging,
+                      ucx_options=bench_ucx_options())
     with OwnerProcess(spec) as owner, Agent("reader", cfg) as agent:
         regions = [agent.register(d) for d in dst]
         peer = agent.connect(owner.address)
@@ -71,4 +116,5 @@ def run_ours(w: Workload, seed: int = 0, timeout_s: float = 120.0, chunk_bytes: 
             bad += count_bad_blocks(host[d_ids], s_ids, layer_seed(spec.seed, layer))
     best = min(times[1:])
     return {"impl": "nixl_connectors", "gbps": w.nbytes / best / 1e9, "best_s": best,
-            "median_s": float(np.median(times[1:])), "bad_blocks": bad, "chunk_bytes": chunk}
+            "median_s": float(np.median(times[1:])), "bad_blocks": bad, "chunk_bytes": chunk,
+            "ucx_options": bench_ucx_options(), "all_s": times[1:]}

@@ -27,6 +27,7 @@ class OwnerSpec:
     chunk_bytes: int = 8 << 20
     ttl_s: float = 60.0
     timeout_s: float = 60.0
+    ucx_options: dict | None = None  # extra UCX settings (bench sweeps)
 
 
 def layer_seed(seed: int, layer: int) -> int:
@@ -52,7 +53,7 @@ def _owner_main(spec: OwnerSpec, conn) -> None:
         pools.append(pool)
     cfg = AgentConfig(auth_key=spec.auth_key, transports=TransportSet(spec.transports),
                       chunk_bytes=spec.chunk_bytes, staging_bytes=max(64 << 20, 4 * spec.chunk_bytes),
-                      timeout_s=spec.timeout_s)
+                      timeout_s=spec.timeout_s, ucx_options=dict(spec.ucx_options or {}))
     with Agent("owner", cfg) as agent:
         if spec.device.startswith("cuda"):
             gpu = [torch.from_numpy(p).to(spec.device) for p in pools]

@@ -38,7 +38,7 @@ _names = itertools.count(1)
 @pytest.fixture(scope="module")
 def owner():
     """Owner agent on cuda:0 (module-wide: starting a CUDA+UCX process takes seconds)."""
-    from ._peer import PeerProc
+    from gpu_peer import PeerProc
 
     p = PeerProc("cuda:0", f"owner-{next(_names)}", timeout_s=30.0)
     yield p
@@ -47,7 +47,7 @@ def owner():
 
 @pytest.fixture(scope="module")
 def reader():
-    from ._peer import PeerProc
+    from gpu_peer import PeerProc
 
     p = PeerProc("cuda:1", f"reader-{next(_names)}", timeout_s=30.0)
     yield p

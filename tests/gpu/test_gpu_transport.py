@@ -1,6 +1,6 @@
 """CUDA regions between two processes on two GPUs: bytes verified exactly, both directions.
 
-Owner (cuda:0) and reader (cuda:1) are child processes (see _peer.py); the test process only
+Owner (cuda:0) and reader (cuda:1) are child processes (see gpu_peer.py); the test process only
 orchestrates. Every transfer is checked block by block against a regenerated source pattern,
 and blocks outside the transfer are checked to be untouched.
 """
@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ._peer import PeerProc
+from gpu_peer import PeerProc
 
 pytestmark = pytest.mark.gpu
 

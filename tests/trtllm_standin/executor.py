@@ -77,6 +77,7 @@ class ModelShape:
     num_blocks: int = 64
     dtype: torch.dtype = torch.float16
     context_chunk: int = 1 << 30   # tokens of a prompt computed per iteration
+    device: str = "cpu"            # pool device; "{rank}" is replaced by the TP rank ("cuda:{rank}")
 
 
 class StandinExecutor:
@@ -105,7 +106,8 @@ class StandinExecutor:
         self.scheduler = scheduler
         per_block = self.heads * shape.head_dim * self.tpb
         self.pools = [torch.full((shape.num_blocks, shape.num_layers, shape.kv_factor, per_block),
-                                 float("nan"), dtype=shape.dtype) for _ in range(tp)]
+                                 float("nan"), dtype=shape.dtype,
+                                 device=shape.device.replace("{rank}", str(r))) for r in range(tp)]
         for w, pool in zip(self.workers, self.pools):
             w.register_kv_caches(pool)
         self.manager = StandinConnectorManager(api, self.workers, scheduler)

@@ -46,12 +46,13 @@ def write_kv(pool: torch.Tensor, block_ids: Sequence[int], tokens: Sequence[int]
         return
     hashes = prefix_hashes(tokens[:end])[start:end]
     pos = np.arange(start, end)
-    blocks = torch.as_tensor(np.asarray(block_ids, dtype=np.int64)[pos // tokens_per_block])
-    slots = torch.as_tensor(pos % tokens_per_block)
+    dev = pool.device
+    blocks = torch.as_tensor(np.asarray(block_ids, dtype=np.int64)[pos // tokens_per_block], device=dev)
+    slots = torch.as_tensor(pos % tokens_per_block, device=dev)
     kv_factor = pool.shape[2]
     view = pool.view(pool.shape[0], pool.shape[1], kv_factor, heads, tokens_per_block, head_dim)
     for kv in range(kv_factor):
-        vals = kv_values(hashes, layer, kv, head_offset, heads, head_dim, pool.dtype)  # [n, H, D]
+        vals = kv_values(hashes, layer, kv, head_offset, heads, head_dim, pool.dtype).to(dev)  # [n, H, D]
         view[blocks, layer, kv, :, slots, :] = vals
 
 
@@ -63,9 +64,9 @@ def sample(pools: Sequence[torch.Tensor], block_ids: Sequence[int], tokens: Sequ
     """
     n = len(tokens)
     nblocks = (n + tokens_per_block - 1) // tokens_per_block
-    idx = torch.as_tensor(list(block_ids[:nblocks]), dtype=torch.long)
     acc = 0.0
     for pool in pools:
+        idx = torch.as_tensor(list(block_ids[:nblocks]), dtype=torch.long, device=pool.device)
         blk = pool.index_select(0, idx).double()
         v = blk.view(nblocks, pool.shape[1], pool.shape[2], heads, tokens_per_block, head_dim)
         v = v.permute(0, 4, 1, 2, 3, 5).reshape(nblocks * tokens_per_block, -1)[:n]
@@ -108,5 +109,6 @@ def expected_blocks(tokens: Sequence[int], block_ids: Sequence[int], num_tokens:
     for layer in range(pool_like.shape[1]):
         write_kv(scratch, block_ids, tokens, 0, num_tokens, layer, heads, head_offset, head_dim,
                  tokens_per_block)
-    idx = torch.as_tensor(list(block_ids[:num_tokens // tokens_per_block]), dtype=torch.long)
+    idx = torch.as_tensor(list(block_ids[:num_tokens // tokens_per_block]), dtype=torch.long,
+                          device=pool_like.device)
     return scratch.index_select(0, idx)

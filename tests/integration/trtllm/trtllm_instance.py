@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--tokens-per-block", type=int, default=4)
     ap.add_argument("--num-blocks", type=int, default=64)
     ap.add_argument("--context-chunk", type=int, default=1 << 30)
+    ap.add_argument("--device", default="cpu", help='KV pool device, e.g. "cuda" or "cuda:{rank}"')
     args = ap.parse_args()
     logging.basicConfig(level=os.environ.get("TRTLLM_INSTANCE_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -48,7 +49,7 @@ def main() -> None:
                                 "UcxKvConnectorWorker")
     llm_args = LlmArgs("tiny", cc, tensor_parallel_size=args.tp,
                        kv_cache_config=KvCacheConfig(tokens_per_block=args.tokens_per_block))
-    shape = ModelShape(num_blocks=args.num_blocks, context_chunk=args.context_chunk)
+    shape = ModelShape(num_blocks=args.num_blocks, context_chunk=args.context_chunk, device=args.device)
     ex = StandinExecutor(llm_args, shape, api)
     tpb = args.tokens_per_block
 
@@ -116,7 +117,7 @@ def main() -> None:
                     exp = fake_model.expected_blocks(req.get_tokens(0), blocks, n, pool,
                                                      heads=ex.heads, head_offset=rank * ex.heads,
                                                      head_dim=shape.head_dim, tokens_per_block=tpb)
-                    got = pool.index_select(0, torch.as_tensor(blocks[:n // tpb]))
+                    got = pool.index_select(0, torch.as_tensor(blocks[:n // tpb], device=pool.device))
                     ok = ok and bool(exp.view(-1).view(torch.uint8).equal(
                         got.reshape(-1).view(torch.uint8)))
                 emit(ev="loaded", rid=rid, tokens=n, bytes_equal=ok)

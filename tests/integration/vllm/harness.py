@@ -20,11 +20,12 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from nixl_connectors.vllm.connector import UcxConnector
 from nixl_connectors.vllm.metadata import UcxHandshakeMetadata
+from nixl_connectors.vllm.plugin import register
 
 BLOCK_SIZE = 32
 NUM_BLOCKS = 64
@@ -40,11 +41,12 @@ except ImportError:  # pragma: no cover - older layouts
 
 
 def make_vllm_config(model_dir: str, *, policy: str = "recompute", extra: dict | None = None,
-                     engine_id: str | None = None) -> VllmConfig:
+                     engine_id: str | None = None, max_num_seqs: int = 8) -> VllmConfig:
+    register()  # what the vllm.general_plugins entry point does in a served engine
     model = ModelConfig(model=model_dir, tokenizer=model_dir, dtype="bfloat16",
                         max_model_len=1024, seed=0, skip_tokenizer_init=True)
     cache = CacheConfig(block_size=BLOCK_SIZE, cache_dtype="auto", enable_prefix_caching=True)
-    sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=1024,
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=1024, max_model_len=1024,
                             is_encoder_decoder=False)
     ktc = KVTransferConfig(kv_connector="UcxConnector", kv_role="kv_both",
                            engine_id=engine_id or f"eng-{next(_ids)}",
@@ -183,3 +185,144 @@ def run_until(engine: Engine, pred, max_steps: int = 200, sleep_s: float = 0.01)
         engine.step()
         time.sleep(sleep_s)
     raise TimeoutError(f"{engine.name}: condition not reached in {max_steps} steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# One engine per OS process (as in production: one transport Agent per process).
+# ---------------------------------------------------------------------------------------------
+def _summary(o: Any) -> dict[str, Any]:
+    ps = o.prefill_stats
+    return {"request_id": o.request_id, "tokens": list(o.new_token_ids),
+            "finish": o.finish_reason.name if o.finish_reason is not None else None,
+            "params": dict(o.kv_transfer_params) if o.kv_transfer_params else None,
+            "external": ps.num_external_cached_tokens if ps else None,
+            "local": ps.num_local_cached_tokens if ps else None}
+
+
+def _serve(conn: Any, name: str, model_dir: str, kw: dict) -> None:
+    import logging
+    import os
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        e = make_engine(name, model_dir, **kw)
+        conn.send((True, None))
+    except Exception as ex:  # noqa: BLE001
+        conn.send((False, repr(ex)))
+        return
+    while True:
+        op, args = conn.recv()
+        try:
+            if op == "add":
+                prompt, max_tokens, params, rid = args
+                val = e.add(prompt, max_tokens=max_tokens, params=params, rid=rid).request_id
+            elif op == "step":
+                outs = e.step()
+                stats = e.last_stats.data if e.last_stats is not None else None
+                val = ([_summary(o) for o in outs.values()], stats)
+            elif op == "finish":
+                e.scheduler.finish_requests(args[0], RequestStatus.FINISHED_ABORTED)
+                val = None
+            elif op == "free_blocks":
+                val = e.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+            elif op == "requests":
+                val = {rid: r.status.name for rid, r in e.scheduler.requests.items()}
+            elif op == "read_tokens":
+                rid, n, layer = args
+                val = e.read_tokens(e.block_ids(rid), n, layer).float().numpy()
+            elif op == "held":
+                val = sorted(e.worker._worker.producer.held_ids)
+            elif op == "schedule_only":  # a step whose outputs are never applied (engine crash)
+                so = e.scheduler.schedule()
+                e.worker.bind_connector_metadata(so.kv_connector_metadata)
+                e.worker.start_load_kv(None)
+                e._forward(so)
+                e.worker.wait_for_save()
+                e.worker.clear_connector_metadata()
+                val = None
+            elif op == "kill":
+                os._exit(0)
+            elif op == "close":
+                e.close()
+                conn.send((True, None))
+                return
+            else:
+                raise ValueError(op)
+            conn.send((True, val))
+        except Exception as ex:  # noqa: BLE001
+            import traceback
+            conn.send((False, traceback.format_exc()))
+
+
+class EngineProc:
+    """Parent-side handle of an engine living in its own process."""
+
+    def __init__(self, name: str, model_dir: str, **kw: Any):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, name, model_dir, kw), daemon=True)
+        self.proc.start()
+        ok, err = self._recv(120)
+        if not ok:
+            raise RuntimeError(f"engine {name} failed to start: {err}")
+        self.outputs: list[dict] = []
+        self.stats: list[dict] = []
+        self._n = itertools.count()
+
+    def _recv(self, timeout: float) -> Any:
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"engine {self.name} did not answer in {timeout}s")
+        return self._conn.recv()
+
+    def _call(self, op: str, *args: Any, timeout: float = 60.0) -> Any:
+        self._conn.send((op, args))
+        ok, val = self._recv(timeout)
+        if not ok:
+            raise RuntimeError(f"engine {self.name} {op} failed:\n{val}")
+        return val
+
+    def add(self, prompt: list[int], *, max_tokens: int, params: dict | None = None) -> str:
+        return self._call("add", list(prompt), max_tokens, params, f"{self.name}-{next(self._n)}")
+
+    def step(self) -> dict[str, dict]:
+        outs, stats = self._call("step")
+        self.outputs.extend(outs)
+        if stats is not None:
+            self.stats.append(stats)
+        return {o["request_id"]: o for o in outs}
+
+    def finish(self, rid: str) -> None:
+        self._call("finish", rid)
+
+    def free_blocks(self) -> int:
+        return self._call("free_blocks")
+
+    def requests(self) -> dict[str, str]:
+        return self._call("requests")
+
+    def read_tokens(self, rid: str, n: int, layer: int):
+        return self._call("read_tokens", rid, n, layer)
+
+    def held(self) -> list[str]:
+        return self._call("held")
+
+    def schedule_only(self) -> None:
+        self._call("schedule_only")
+
+    def outputs_of(self, rid: str) -> list[dict]:
+        return [o for o in self.outputs if o["request_id"] == rid]
+
+    def kill(self) -> None:
+        self._conn.send(("kill", ()))
+        self.proc.join(30)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self._call("close", timeout=30)
+            except Exception:  # noqa: BLE001
+                pass
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()

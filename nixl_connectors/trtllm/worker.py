@@ -325,9 +325,14 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
                 self._settle(rid, load, f"remote lease holds {ans.nbytes} bytes, local blocks "
                                         f"{load.descs.nbytes}: the two instances' layouts differ")
                 continue
-            consumer.start(PendingPull(load.spec.routing_key, self._cfg.context_agent(self._rank),
-                                       ans.lease_id, load.descs, load.spec.block_ids),
-                           notify=load.spec.routing_key.encode("utf-8"))
+            try:
+                consumer.start(PendingPull(load.spec.routing_key, self._cfg.context_agent(self._rank),
+                                           ans.lease_id, load.descs, load.spec.block_ids),
+                               notify=load.spec.routing_key.encode("utf-8"))
+            except Exception as e:  # noqa: BLE001 - reported as this request's load failure
+                self._release_remote(load.spec.routing_key)
+                self._settle(rid, load, f"pull not started: {type(e).__name__}: {e}")
+                continue
             load.started = True
         res = consumer.poll()
         for pull in res.done:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import TrtllmConnectorConfig
+from .config import RoutingSource, TrtllmConnectorConfig
 from .engine_api import KvCacheConnectorScheduler
 from .engine_args import engine_shape
 from .layout import transferable_tokens
@@ -45,6 +45,7 @@ class UcxKvConnectorScheduler(KvCacheConnectorScheduler):
         self._ready_loads: list[HandoffSpec] = []
         self._saves: list[HandoffSpec] = []
         self._dropped: list[int] = []
+        self._warned_salt = False
         logger.info("UCX KV connector scheduler: role=%s tokens_per_block=%d tp=%d",
                     self._cfg.role.value, self._shape.tokens_per_block, self._shape.tp_size)
 
@@ -54,7 +55,16 @@ class UcxKvConnectorScheduler(KvCacheConnectorScheduler):
         return self._shape.tokens_per_block
 
     def _routing(self, request: Any) -> Routing | None:
-        return routing_of(request, self._cfg.role, self._cfg.routing_source, self._cfg.routing_prefix)
+        routing = routing_of(request, self._cfg.role, self._cfg.routing_source, self._cfg.routing_prefix)
+        if (routing is None and not self._warned_salt and self._cfg.routing_source is RoutingSource.CACHE_SALT
+                and not hasattr(request, "cache_salt") and getattr(request, "cache_salt_id", None)):
+            # This TensorRT-LLM hands the scheduler requests without the salt string: no request
+            # can take part this way. Say so once instead of silently computing everything.
+            self._warned_salt = True
+            logger.warning("requests carry cache_salt_id but no cache_salt string: set routing_source "
+                           "to cache_salt_id (role context/generation) and run the proxy with "
+                           "--salt-mode shared")
+        return routing
 
     def _spec(self, rid: int, t: _Tracked) -> HandoffSpec:
         nblocks = t.num_tokens // self._tpb

@@ -98,3 +98,12 @@ def test_not_taking_part():
     hit = LlmRequest(3, list(range(40)), 1, cache_salt="nixl-rt:gen:k3")
     assert s.get_num_new_matched_tokens(hit, 8) == (0, False)           # prefix already on device
     assert isinstance(s.build_connector_meta(out()), ConnectorMetadata)
+
+
+def test_warns_once_when_requests_lack_the_salt_string(caplog):
+    s = sched(ConnectorRole.GENERATION)
+    r = SimpleNamespace(request_id=1, cache_salt_id=77, py_prompt_len=40, get_tokens=lambda b: list(range(40)))
+    with caplog.at_level("WARNING"):
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+    assert sum("cache_salt_id" in m for m in caplog.messages) == 1

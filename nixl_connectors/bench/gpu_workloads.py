@@ -38,5 +38,6 @@ VLLM_8B_4K = LayeredWorkload("cuda-vllm-8b-4k-prompt", 2 * 8 * 16 * 128 * 2, 409
 
 CUDA_SWEEP = [SCATTERED_32K, CONTIGUOUS_1G, SMALL_64, VLLM_8B_4K]
 
-# chunk size of the pipelined data path used for CUDA runs (set in ours.run_ours)
-CUDA_CHUNK_BYTES = 32 << 20
+# chunk size of the pipelined data path for CUDA runs (ours.run_ours): measured on 2 x H200,
+# 16,384 x 32 KiB: 8 MiB 16.6 GB/s, 32 MiB 43 GB/s, 128 MiB 65 GB/s (docs/gpu-notes.md)
+CUDA_CHUNK_BYTES = 128 << 20

@@ -1,0 +1,76 @@
+"""Context and generation stand-in engines in one process (real transport, real UCX).
+
+Targets paths that are awkward to time across processes: a load failure raised from
+``get_finished`` must not swallow another request's completed load in the same call.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(TESTS), str(TESTS.parent)]
+
+from trtllm_standin import fake_model, install  # noqa: E402
+
+API = install.ensure()
+
+from nixl_connectors.trtllm.config import CONFIG_ENV  # noqa: E402
+from nixl_connectors.trtllm.worker import KvLoadError  # noqa: E402
+from trtllm_standin.executor import (KvCacheConfig, KvCacheConnectorConfig, LlmArgs,  # noqa: E402
+                                     ModelShape, StandinExecutor)
+from trtllm_standin.llm_request import LlmRequest  # noqa: E402
+
+TPB = 4
+CC = KvCacheConnectorConfig("nixl_connectors.trtllm.connector", "UcxKvConnectorScheduler",
+                            "UcxKvConnectorWorker")
+
+
+def engine(monkeypatch, cfg: dict) -> StandinExecutor:
+    monkeypatch.setenv(CONFIG_ENV, json.dumps(cfg))
+    return StandinExecutor(LlmArgs("m", CC, kv_cache_config=KvCacheConfig(tokens_per_block=TPB)),
+                           ModelShape(), API)
+
+
+@pytest.fixture
+def pair(monkeypatch):
+    ctx = engine(monkeypatch, {"role": "context", "lease_ttl_s": 20})
+    gen = engine(monkeypatch, {"role": "generation", "context_agents": [ctx.workers[0].address],
+                               "unknown_grace_s": 0.5, "lookup_timeout_s": 5, "connect_timeout_s": 2})
+    yield ctx, gen
+    gen.close()
+    ctx.close()
+
+
+def test_failed_load_does_not_swallow_a_completed_one(pair):
+    ctx, gen = pair
+    good = [(i * 31) % 1000 + 3 for i in range(21)]
+    ctx.add_request(LlmRequest(1, good, 1, cache_salt="nixl-rt:ctx:good"))
+    ctx.run(until=lambda: 1 in ctx.finished)
+    gen.add_request(LlmRequest(10, good, 3, cache_salt="nixl-rt:gen:good"))
+    gen.add_request(LlmRequest(11, list(range(30)), 3, cache_salt="nixl-rt:gen:missing"))
+    errors: list[KvLoadError] = []
+    deadline = time.monotonic() + 30
+    while (gen.busy() or ctx.busy()) and time.monotonic() < deadline:
+        ctx.step()
+        try:
+            gen.step()
+        except KvLoadError as e:
+            errors.append(e)
+            for rid in e.request_ids:        # the engine gives up on the failed request
+                gen.loading.pop(rid, None)
+                gen._free(rid)
+        time.sleep(0.001)
+    assert not gen.busy() and not ctx.busy(), "hand-off did not settle"
+    assert [e.request_ids for e in errors] == [[11]]
+    assert "does not know" in errors[0].reasons[11]
+    assert gen.finished[10] == fake_model.reference_generate(
+        good, 3, num_layers=2, kv_factor=2, num_kv_heads=2, head_dim=8, tokens_per_block=TPB,
+        tp_size=1, dtype=ModelShape().dtype)
+    assert gen.loaded_tokens[10] == 20
+    assert len(gen.free_blocks) == ModelShape().num_blocks
+    assert len(ctx.free_blocks) == ModelShape().num_blocks

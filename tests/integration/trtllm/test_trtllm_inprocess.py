@@ -74,3 +74,51 @@ def test_failed_load_does_not_swallow_a_completed_one(pair):
     assert gen.loaded_tokens[10] == 20
     assert len(gen.free_blocks) == ModelShape().num_blocks
     assert len(ctx.free_blocks) == ModelShape().num_blocks
+
+
+def _run(ctx: StandinExecutor, gen: StandinExecutor, errors: list, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while (gen.busy() or ctx.busy()) and time.monotonic() < deadline:
+        ctx.step()
+        try:
+            gen.step()
+        except KvLoadError as e:
+            errors.append(e)
+            for rid in e.request_ids:
+                gen.loading.pop(rid, None)
+                gen._free(rid)
+        time.sleep(0.001)
+    assert not gen.busy(), "generation side did not settle"
+
+
+@pytest.mark.parametrize("gen_key,ok", [("s3cret", True), ("wrong", False)])
+def test_authenticated_agents(monkeypatch, gen_key, ok):
+    monkeypatch.setenv("CTX_KEY", "s3cret")
+    monkeypatch.setenv("GEN_KEY", gen_key)
+    ctx = engine(monkeypatch, {"role": "context", "auth_key_env": "CTX_KEY", "lease_ttl_s": 2})
+    gen = engine(monkeypatch, {"role": "generation", "auth_key_env": "GEN_KEY",
+                               "context_agents": [ctx.workers[0].address], "lookup_timeout_s": 5,
+                               "connect_timeout_s": 2})
+    try:
+        p = [(i * 17) % 500 + 1 for i in range(13)]
+        ctx.add_request(LlmRequest(1, p, 1, cache_salt="nixl-rt:ctx:auth"))
+        ctx.run(until=lambda: 1 in ctx.finished)
+        gen.add_request(LlmRequest(2, p, 2, cache_salt="nixl-rt:gen:auth"))
+        errors: list = []
+        _run(ctx, gen, errors)
+        if ok:
+            assert not errors and gen.loaded_tokens[2] == 12 and gen.finished[2]
+        else:
+            assert [e.request_ids for e in errors] == [[2]]
+            assert "Unauthorized" in errors[0].reasons[2], errors[0].reasons[2]
+            # nobody read the lease: it expires and the context side gets its blocks back
+            deadline = time.monotonic() + 15
+            while ctx.saving and time.monotonic() < deadline:
+                ctx.step()
+                time.sleep(0.005)
+            assert not ctx.saving
+        assert len(ctx.free_blocks) == ModelShape().num_blocks
+        assert len(gen.free_blocks) == ModelShape().num_blocks
+    finally:
+        gen.close()
+        ctx.close()

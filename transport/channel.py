@@ -55,14 +55,24 @@ class Channel:
             raise err from None
 
     async def recv_frame(self, timeout: float) -> Frame:
-        """Receive one frame directly (handshake only, before the reader task runs)."""
-        try:
-            buf = await asyncio.wait_for(self.ep.am_recv(), timeout)
-        except asyncio.TimeoutError:
-            raise TransferTimeout(f"{self.label}: no answer within {timeout:.1f}s") from None
-        except Exception as e:
-            raise PeerLost(f"{self.label}: receive failed: {type(e).__name__}: {e}") from None
-        return wire.decode(memoryview(buf).cast("B"), self.max_bytes)
+        """Receive one frame directly (handshake only, before the reader task runs).
+
+        A BYE here is skipped: a peer that closes right after sending BYE can make its endpoint
+        fail on our side before the BYE is read, and ucxx then hands that BYE to the next
+        endpoint that reuses the handle, as the first message of an unrelated new connection."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                buf = await asyncio.wait_for(self.ep.am_recv(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise TransferTimeout(f"{self.label}: no answer within {timeout:.1f}s") from None
+            except Exception as e:
+                raise PeerLost(f"{self.label}: receive failed: {type(e).__name__}: {e}") from None
+            frame = wire.decode(memoryview(buf).cast("B"), self.max_bytes)
+            if frame.type is not Msg.BYE:
+                return frame
+            log.info("%s: stale bye skipped during the handshake", self.label)
 
     # -- request / reply --------------------------------------------------------------------
     async def request(self, msg: Msg, timeout: float, **body: Any) -> Frame:

@@ -54,7 +54,7 @@ class Agents:
         for node, name in reversed(self.made):  # noqa: unreachable (restore once fixed)
             if node.alive():
                 try:
-                    node.call("close", name, timeout=30)
+                    node.call("close", name, call_timeout=30)
                 except Exception:
                     pass
 

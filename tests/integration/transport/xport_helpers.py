@@ -298,11 +298,12 @@ class Node:
             self._ready = True
         return self
 
-    def call(self, cmd: str, *args, timeout: float = 90.0, **kw):
+    def call(self, cmd: str, *args, call_timeout: float = 90.0, **kw):
+        """Run `cmd` in the node; keyword arguments (`timeout` included) go to the command."""
         self.wait_ready()
         self._conn.send((cmd, args, kw))
-        if not self._conn.poll(timeout):
-            raise TimeoutError(f"node {self.label} did not answer {cmd!r} within {timeout}s")
+        if not self._conn.poll(call_timeout):
+            raise TimeoutError(f"node {self.label} did not answer {cmd!r} within {call_timeout}s")
         r = self._conn.recv()
         if r[0] == "ok":
             return r[1]

@@ -57,7 +57,7 @@ class Instance:
     @property
     def ready(self) -> dict:
         if self._ready is None:
-            self._ready = self.wait("ready", timeout=60.0)
+            self._ready = self.wait("ready", timeout=120.0)   # imports + UCX start, on a busy machine
         return self._ready
 
     def _pump(self) -> None:

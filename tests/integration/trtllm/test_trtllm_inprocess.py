@@ -97,8 +97,8 @@ def test_authenticated_agents(monkeypatch, gen_key, ok):
     monkeypatch.setenv("GEN_KEY", gen_key)
     ctx = engine(monkeypatch, {"role": "context", "auth_key_env": "CTX_KEY", "lease_ttl_s": 2})
     gen = engine(monkeypatch, {"role": "generation", "auth_key_env": "GEN_KEY",
-                               "context_agents": [ctx.workers[0].address], "lookup_timeout_s": 5,
-                               "connect_timeout_s": 2})
+                               "context_agents": [ctx.workers[0].address], "lookup_timeout_s": 20,
+                               "connect_timeout_s": 15})   # generous: a loaded CI machine is slow
     try:
         p = [(i * 17) % 500 + 1 for i in range(13)]
         ctx.add_request(LlmRequest(1, p, 1, cache_salt="nixl-rt:ctx:auth"))

@@ -41,8 +41,9 @@ timeout 900 $PY -m pytest -m gpu tests/gpu -q -rs --timeout 300 -p no:cacheprovi
 
 if [ "${BENCH:-1}" = 1 ]; then
   echo "== bench --suite cuda"
-  timeout 900 $PY -m nixl_connectors.cli bench --suite cuda --no-nixl --json "$OUT/gpu.json" \
-    2>&1 | tee "$OUT/bench.log"
+  bench_nixl="--no-nixl"; [ "${NIXL:-1}" = 1 ] && bench_nixl=""
+  timeout 900 $PY -m nixl_connectors.cli bench --suite cuda $bench_nixl --json "$OUT/gpu.json" \
+    --plot "$OUT/gpu.png" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

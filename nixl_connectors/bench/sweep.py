@@ -3,6 +3,7 @@ one-process copy limit in one run; print ratios; write JSON (and a PNG plot with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -35,6 +36,14 @@ def _suite(name: str) -> list[Workload]:
 
 
 def _nixl(w: Workload) -> dict | None:
+    if w.memory is Memory.CUDA:  # NIXL with VRAM registered on both GPUs (gpu_baselines.py)
+        from .gpu_baselines import nixl_vram
+
+        r = nixl_vram(w)
+        if not r.get("available", True) or "error" in r:
+            return {**r, "configs": []}
+        return {"available": True, "version": r.get("version"),
+                "configs": [{"name": "vram-ucx", **r}]}
     try:
         from . import nixl_baseline
     except ImportError as e:
@@ -43,6 +52,18 @@ def _nixl(w: Workload) -> dict | None:
 
 
 def _limit(w: Workload) -> float | None:
+    if w.memory is Memory.CUDA:  # torch in one process: gather + peer copy + scatter, serial
+        try:
+            import torch
+
+            from .gpu_baselines import torch_peer
+
+            gbps = torch_peer(w)["gather_copy_scatter_gbps"]
+            torch.cuda.empty_cache()
+            return gbps
+        except Exception as e:  # a baseline must not stop the sweep
+            log.warning("no CUDA copy limit for %s: %s", w.name, e)
+            return None
     if w.memory is not Memory.HOST:
         return None
     from .limits import host_copy_limit
@@ -102,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
 
     workloads = _suite(args.suite)
     if args.reps:
-        workloads = [Workload(**{**w.__dict__, "reps": args.reps}) for w in workloads]
+        workloads = [dataclasses.replace(w, reps=args.reps) for w in workloads]  # keeps subclasses
     t0 = time.time()
     rows = run_suite(workloads, not args.no_nixl)
     doc = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},

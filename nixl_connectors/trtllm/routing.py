@@ -4,7 +4,8 @@ TensorRT-LLM's connector manager rejects ``generation_only`` disaggregated reque
 instances receive ordinary requests and the identity that ties the context instance's request
 to the generation instance's must come from our side. The example proxy puts a fresh routing id
 into the OpenAI request's ``cache_salt`` on both instances (``"nixl-rt:ctx:<id>"`` and
-``"nixl-rt:gen:<id>"``); a unique salt also keeps the request's blocks out of prefix reuse, which is what a hand-off wants.
+``"nixl-rt:gen:<id>"``); a unique salt also keeps the request's blocks out of prefix reuse,
+which is what a hand-off wants.
 """
 from __future__ import annotations
 

@@ -125,3 +125,27 @@ def test_authenticated_agents(monkeypatch, gen_key, ok):
     finally:
         gen.close()
         ctx.close()
+
+
+def test_incompatible_layout_fails_the_load(monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"role": "context", "lease_ttl_s": 1}))
+    ctx = StandinExecutor(LlmArgs("m", CC, kv_cache_config=KvCacheConfig(tokens_per_block=4)),
+                          ModelShape(), API)
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"role": "generation",
+                                               "context_agents": [ctx.workers[0].address],
+                                               "lookup_timeout_s": 20, "connect_timeout_s": 8}))
+    gen = StandinExecutor(LlmArgs("m", CC, kv_cache_config=KvCacheConfig(tokens_per_block=8)),
+                          ModelShape(), API)
+    try:
+        p = list(range(1, 40))
+        ctx.add_request(LlmRequest(1, p, 1, cache_salt="nixl-rt:ctx:layout"))
+        ctx.run(until=lambda: 1 in ctx.finished)
+        gen.add_request(LlmRequest(2, p, 2, cache_salt="nixl-rt:gen:layout"))
+        errors: list = []
+        _run(ctx, gen, errors)
+        assert [e.request_ids for e in errors] == [[2]]
+        assert "CompatMismatch" in errors[0].reasons[2], errors[0].reasons[2]
+        assert len(gen.free_blocks) == ModelShape().num_blocks
+    finally:
+        gen.close()
+        ctx.close()

@@ -266,7 +266,10 @@ class Agent:
         ch.start(self._handle)
 
     def _on_channel_lost(self, ch: Channel, err: BaseException) -> None:
-        log.log(logging.INFO if ch.graceful else logging.WARNING, "%s: lost %s: %s", self.name, ch.peer_name, err)
+        busy = any(cid == id(ch) for cid, _ in self._tokens)
+        level = logging.WARNING if busy and not ch.graceful else logging.INFO
+        log.log(level, "%s: connection to %s ended%s: %s", self.name, ch.peer_name,
+                " with transfers in flight" if busy else "", err)
         perr = err if isinstance(err, TransferError) else PeerLost(str(err))
         for (cid, _), tok in list(self._tokens.items()):
             if cid == id(ch):

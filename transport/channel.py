@@ -1,4 +1,4 @@
-"""Control channel to one peer: framed msgpack messages over a UCX endpoint (active messages).
+"""Control channel to one peer: framed msgpack messages over a UCX endpoint (see framing.py).
 
 The control endpoint has UCX peer error handling on, so a dead peer is reported promptly; it
 carries only small messages, so its slower transports cost nothing measurable. Bulk data goes
@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from . import wire
+from . import framing, wire
 from .errors import BadMessage, PeerLost, ProtocolMismatch, TransferError, TransferTimeout, error_from_wire
 from .wire import Frame, Msg
 
@@ -46,33 +46,26 @@ class Channel:
     async def send(self, msg: Msg, rid: int = 0, **body: Any) -> None:
         if self.lost is not None:
             raise PeerLost(f"{self.label}: connection lost ({self.lost})")
-        data = np.frombuffer(wire.encode(msg, rid, **body), dtype=np.uint8)
+        data = wire.encode(msg, rid, **body)
         try:
-            await self.ep.am_send(data)
+            async with self._send_lock:
+                await framing.send_bytes(self.ep, data)
         except Exception as e:  # ucxx raises its own exception types
             err = PeerLost(f"{self.label}: send failed: {type(e).__name__}: {e}")
             self._mark_lost(err)
             raise err from None
 
     async def recv_frame(self, timeout: float) -> Frame:
-        """Receive one frame directly (handshake only, before the reader task runs).
-
-        A BYE here is skipped: a peer that closes right after sending BYE can make its endpoint
-        fail on our side before the BYE is read, and ucxx then hands that BYE to the next
-        endpoint that reuses the handle, as the first message of an unrelated new connection."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                buf = await asyncio.wait_for(self.ep.am_recv(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise TransferTimeout(f"{self.label}: no answer within {timeout:.1f}s") from None
-            except Exception as e:
-                raise PeerLost(f"{self.label}: receive failed: {type(e).__name__}: {e}") from None
-            frame = wire.decode(memoryview(buf).cast("B"), self.max_bytes)
-            if frame.type is not Msg.BYE:
-                return frame
-            log.info("%s: stale bye skipped during the handshake", self.label)
+        """Receive one frame directly (handshake only, before the reader task runs)."""
+        try:
+            buf = await asyncio.wait_for(framing.recv_bytes(self.ep, self.max_bytes), timeout)
+        except framing.FrameTooLarge:
+            raise
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"{self.label}: no answer within {timeout:.1f}s") from None
+        except Exception as e:
+            raise PeerLost(f"{self.label}: receive failed: {type(e).__name__}: {e}") from None
+        return wire.decode(buf, self.max_bytes)
 
     # -- request / reply --------------------------------------------------------------------
     async def request(self, msg: Msg, timeout: float, **body: Any) -> Frame:
@@ -109,7 +102,11 @@ class Channel:
     async def _read_loop(self) -> None:
         while self.lost is None:
             try:
-                buf = await self.ep.am_recv()
+                buf = await framing.recv_bytes(self.ep, self.max_bytes)
+            except framing.FrameTooLarge as e:
+                log.warning("%s: rejected control message: %s", self.label, e)
+                await self.reply_error(0, e)
+                continue
             except asyncio.CancelledError:
                 self._mark_lost(PeerLost(f"{self.label}: channel closed"))
                 raise
@@ -117,15 +114,11 @@ class Channel:
                 self._mark_lost(PeerLost(f"{self.label}: connection lost: {type(e).__name__}: {e}"))
                 return
             try:
-                frame = wire.decode(memoryview(buf).cast("B"), self.max_bytes)
+                frame = wire.decode(buf, self.max_bytes)
             except (BadMessage, ProtocolMismatch) as e:
                 log.warning("%s: rejected control message: %s", self.label, e)
                 await self.reply_error(0, e)
                 continue
-            if frame.type is Msg.BYE:
-                self.graceful = True
-                self._mark_lost(PeerLost(f"{self.label}: peer closed the connection"))
-                return
             if frame.type in REPLY_TYPES and frame.rid in self._pending:
                 fut = self._pending.pop(frame.rid)
                 if not fut.done():
@@ -164,16 +157,16 @@ class Channel:
                 log.exception("%s: lost-callback failed", self.label)
 
     async def close(self) -> None:
+        # No goodbye message: ucxx can hand a message that arrives while an endpoint closes to
+        # the next endpoint reusing its handle, so a closing connection sends nothing more.
         self.graceful = True
-        if self.lost is None:
-            try:
-                await asyncio.wait_for(self.send(Msg.BYE), 1.0)
-            except (TransferError, asyncio.TimeoutError):
-                pass
         self._mark_lost(PeerLost(f"{self.label}: closed locally"))
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
+        self._abort_ep()
+
+    def _abort_ep(self) -> None:
         try:
-            self.ep.abort()
+            self.ep.abort(period=200_000_000)
         except Exception:
             pass

@@ -36,7 +36,6 @@ class Msg(str, Enum):
     NOTIFY = "notify"            # plain notification
     PING = "ping"                # keepalive probe
     PONG = "pong"
-    BYE = "bye"                  # either way: closing this connection on purpose
 
 
 # field name -> accepted python types (msgpack decoding yields int, float, str, bytes, bool,
@@ -61,7 +60,6 @@ SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
     Msg.NOTIFY: {"payload": _B},
     Msg.PING: {},
     Msg.PONG: {},
-    Msg.BYE: {},
 }
 
 

@@ -28,6 +28,7 @@ def spares(cluster):
         "victim-reader-shm": Node("shm", label="victim-reader-shm"),
         "victim-owner-tcp": Node("tcp", label="victim-owner-tcp"),
         "victim-reader-tcp": Node("tcp", label="victim-reader-tcp"),
+        "victim-reader-2": Node("shm", label="victim-reader-2"),
         "re-owner": Node("shm", label="reconnect-owner"),
         "re-reader": Node("shm", label="reconnect-reader"),
     }
@@ -243,7 +244,7 @@ def test_forged_client_mac_is_rejected_by_the_server(cluster, agents):
 
 
 # ----------------------------------------------------------------------------- peers killed
-def _slow_owner(node, role="owner"):
+def _slow_owner(node):
     """4096 x 4 KiB blocks sent in 4 KiB chunks: a read of all of them takes a while."""
     return dict(pool_blocks=4096, block_bytes=4096, seed=9, chunk_bytes=4096, staging_bytes=8192,
                 timeout_s=DEADLINE_S)
@@ -314,16 +315,37 @@ def test_reader_killed_mid_read(cluster, spares, agents, pair):
     assert reader_node.bad_blocks(reader, np.arange(32), src, 9) == 0
 
 
+@pytest.mark.xfail(strict=True, reason="after the control channel reports the dead reader (~0.3 s), the owner's "
+                   "Sender.abort() waits QUARANTINE_GRACE_S for chunk tasks that are only queued for a staging slot "
+                   "(they are never cancelled), then serve.py drops the lease reference anyway: the lease comes "
+                   "back after ~11 s, and although the log says 'memory stays quarantined' it is handed back")
+def test_dead_reader_lets_go_of_the_lease_promptly(cluster, spares, agents):
+    victim = spares["victim-reader-2"]
+    owner_node, _ = cluster["shm"]
+    owner, oaddr = agents(owner_node, "owner", **_slow_owner(owner_node))
+    vreader, _ = agents(victim, "victim-reader", 4096, 4096, same_host_copy=False, timeout_s=DEADLINE_S)
+    victim.connect(vreader, oaddr)
+    lid, _, _ = owner_node.expose(owner, np.arange(4096))
+    victim.read(vreader, oaddr, np.arange(4096), lid, wait=False)
+    wait_until(lambda: victim.zero_blocks(vreader, [0]) == 0, 30, 0.01, "first block landed")
+    victim.stop_signal()
+    assert owner_node.release(owner, lid)
+    victim.kill()
+    wait_until(lambda: vreader not in owner_node.peer_names(owner), 10, what="dead peer noticed")
+    t0 = time.monotonic()
+    freed = wait_until(lambda: owner_node.freed(owner), DEADLINE_S + 15, what="lease freed")
+    assert freed == [lid]
+    assert time.monotonic() - t0 < 5.0, f"lease came back {time.monotonic() - t0:.1f}s after the peer was gone"
+
+
 # ----------------------------------------------------------------------------- reconnect
-@pytest.mark.xfail(strict=True, reason="after an orderly close (BYE) of one connection, the next handshake in the "
-                   "same two processes can receive the stale BYE and time out (reported to the lead)")
 def test_reconnect_after_close(spares):
     o, r = spares["re-owner"], spares["re-reader"]
-    for i in range(3):
+    for i in range(2):
         oaddr = o.call("agent", f"re-own{i}", 16, 4096, 1)
-        r.call("agent", f"re-rd{i}", 16, 4096, None, timeout_s=5.0)
-        r.connect(f"re-rd{i}", oaddr, timeout=5.0)
+        r.call("agent", f"re-rd{i}", 16, 4096, None, timeout_s=4.0)
+        r.connect(f"re-rd{i}", oaddr, timeout=4.0)
         lid, _, _ = o.expose(f"re-own{i}", np.arange(4))
-        r.read(f"re-rd{i}", oaddr, np.arange(4), lid, timeout=5.0)
+        r.read(f"re-rd{i}", oaddr, np.arange(4), lid, timeout=4.0)
         r.call("close", f"re-rd{i}")
         o.call("close", f"re-own{i}")

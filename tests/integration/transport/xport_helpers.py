@@ -204,7 +204,7 @@ class _Child:
 
         import ucxx
 
-        from transport import wire
+        from transport import framing, wire
         from transport.config import TransportSet, parse_hostport
         from transport.runtime import Runtime
 
@@ -217,10 +217,12 @@ class _Child:
             try:
                 for step in steps:
                     if step[0] == "send":
-                        await ep.am_send(np.frombuffer(step[1], dtype=np.uint8))
+                        await framing.send_bytes(ep, step[1])
+                    elif step[0] == "send_header":  # announce a length, send nothing after it
+                        await ep.send(np.array([step[1]], dtype=framing.HEADER))
                     elif step[0] == "recv":
                         try:
-                            buf = await asyncio.wait_for(ep.am_recv(), timeout)
+                            buf = await asyncio.wait_for(framing.recv_bytes(ep, 1 << 30), timeout)
                         except asyncio.TimeoutError:
                             out.append(("timeout",))
                             continue
@@ -228,7 +230,7 @@ class _Child:
                             out.append(("closed", repr(e)))
                             continue
                         try:
-                            f = wire.decode(memoryview(buf).cast("B"), 1 << 30)
+                            f = wire.decode(buf, 1 << 30)
                             out.append(("frame", f.type.value, f.rid, f.body))
                         except Exception as e:
                             out.append(("undecodable", repr(e)))

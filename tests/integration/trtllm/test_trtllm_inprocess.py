@@ -38,7 +38,7 @@ def engine(monkeypatch, cfg: dict) -> StandinExecutor:
 
 @pytest.fixture
 def pair(monkeypatch):
-    ctx = engine(monkeypatch, {"role": "context", "lease_ttl_s": 20})
+    ctx = engine(monkeypatch, {"role": "context", "lease_ttl_s": 120})
     gen = engine(monkeypatch, {"role": "generation", "context_agents": [ctx.workers[0].address],
                                "unknown_grace_s": 0.5, "lookup_timeout_s": 5, "connect_timeout_s": 2})
     yield ctx, gen
@@ -95,7 +95,8 @@ def _run(ctx: StandinExecutor, gen: StandinExecutor, errors: list, seconds: floa
 def test_authenticated_agents(monkeypatch, gen_key, ok):
     monkeypatch.setenv("CTX_KEY", "s3cret")
     monkeypatch.setenv("GEN_KEY", gen_key)
-    ctx = engine(monkeypatch, {"role": "context", "auth_key_env": "CTX_KEY", "lease_ttl_s": 2})
+    # An unread lease (wrong key) should expire quickly; a readable one must outlive a busy machine.
+    ctx = engine(monkeypatch, {"role": "context", "auth_key_env": "CTX_KEY", "lease_ttl_s": 120 if ok else 2})
     gen = engine(monkeypatch, {"role": "generation", "auth_key_env": "GEN_KEY",
                                "context_agents": [ctx.workers[0].address], "lookup_timeout_s": 20,
                                "connect_timeout_s": 8})   # generous: a loaded CI machine is slow

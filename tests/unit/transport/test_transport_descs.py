@@ -141,7 +141,7 @@ def test_coalesce_does_not_merge_strided_gaps():
     assert len(d) == 3
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.data())
 def test_coalesce_preserves_stream_property(data):
     regions = [region(4096) for _ in range(data.draw(st.integers(1, 3)))]

@@ -323,5 +323,5 @@ class LeaseMachine(RuleBasedStateMachine):
                 assert not any(h.id == lid for h in self.held)
 
 
-LeaseMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+LeaseMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 TestLeaseMachine = LeaseMachine.TestCase

@@ -210,7 +210,7 @@ def side(draw, total_units: int, unit: int, per_block: int, unique: bool):
     return d, arrays
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.data_too_large])
 @given(st.data())
 def test_pack_all_then_unpack_all_reproduces_stream(data):

@@ -159,7 +159,7 @@ def _only_typed_errors(data: bytes, limit: int = LIMIT) -> None:
     assert isinstance(f.rid, int) and 0 <= f.rid < 1 << 63
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.binary(max_size=512))
 @example(b"\x94\x01\xa4ping\x00\x80")
 @example(b"\xdd\xff\xff\xff\xff")          # array32 claiming 4G elements
@@ -170,7 +170,7 @@ def test_fuzz_random_bytes(data):
     _only_typed_errors(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.sampled_from(list(Msg)), st.data())
 def test_fuzz_truncated_and_mutated_valid_frames(msg, data):
     good = encode(msg, data.draw(st.integers(0, (1 << 63) - 1)), **SAMPLES[msg])
@@ -191,7 +191,7 @@ msgpack_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(
     msgpack_values,
     st.tuples(st.sampled_from([PROTOCOL_VERSION, 0, 2]),

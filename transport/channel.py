@@ -39,6 +39,7 @@ class Channel:
         self._handler: Handler | None = None
         self.lost: BaseException | None = None
         self.graceful = False
+        self.lost_event = asyncio.Event()
         self._lost_callbacks: list[Callable[["Channel", BaseException], None]] = []
         self._send_lock = asyncio.Lock()
 
@@ -146,6 +147,7 @@ class Channel:
         if self.lost is not None:
             return
         self.lost = err
+        self.lost_event.set()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(err)

@@ -28,6 +28,7 @@ from .plan import StreamPlan
 log = logging.getLogger(__name__)
 
 QUARANTINE_GRACE_S = 10.0
+PEER_GONE_GRACE_S = 1.0
 
 
 class CancelToken:
@@ -36,6 +37,7 @@ class CancelToken:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.error: TransferError | None = None
+        self.lingering: list[asyncio.Task] = []  # data-path operations that outlived an abort
 
     def set(self, error: TransferError) -> None:
         if not self._event.is_set():
@@ -95,7 +97,14 @@ def _unpack_sync(descs: Descs, unit: int, cp, slot: torch.Tensor, stream) -> Non
 
 
 class StreamIO:
-    """Shared machinery of one side of one transfer."""
+    """Shared machinery of one side of one transfer.
+
+    Each chunk task is either waiting (for its turn or a staging slot), or busy in an operation
+    that touches memory (pack/unpack in a worker thread, or a UCX send/receive). On abort, the
+    endpoint is aborted first (UCX then cancels the busy transfers' requests), waiting tasks
+    are cancelled, and busy ones are awaited up to QUARANTINE_GRACE_S; any still busy after that
+    are left in `token.lingering`, and whoever owns the memory must keep it until they end.
+    """
 
     def __init__(self, ep: Any, plan: StreamPlan, pool: StagingPool, executor: Executor,
                  tag_base: int, stream=None):
@@ -109,9 +118,36 @@ class StreamIO:
         self.stream = stream
         self.tasks: list[asyncio.Task] = []
         self.aborted = False
+        self._busy: set[asyncio.Task] = set()
+        self._order = asyncio.Lock()  # take slots in chunk order so the pipeline fills front to back
+        self._token: CancelToken | None = None
+
+    async def _slot(self) -> torch.Tensor:
+        async with self._order:
+            slot = await self.pool.get()
+        if self.aborted:
+            self.pool.put(slot)
+            raise TransferCancelled("transfer aborted")
+        return slot
+
+    async def _busy_op(self, aw):
+        if self.aborted:
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise TransferCancelled("transfer aborted")
+        task = asyncio.current_task()
+        self._busy.add(task)
+        try:
+            return await aw
+        finally:
+            self._busy.discard(task)
+
+    def _in_thread(self, fn, *args):
+        return self._busy_op(asyncio.get_running_loop().run_in_executor(self.executor, fn, *args))
 
     async def _run_all(self, make_task, deadline: float, cancel: "CancelToken") -> None:
         loop = asyncio.get_running_loop()
+        self._token = cancel
         self.tasks = [loop.create_task(make_task(k)) for k in range(self.plan.num_chunks)]
         if not self.tasks:
             return
@@ -128,27 +164,32 @@ class StreamIO:
                 raise cancel.error or TransferCancelled("transfer cancelled")
             raise TransferTimeout("transfer did not finish before its deadline")
         except BaseException as e:
-            await self.abort()
-            if isinstance(e, TransferError):
-                raise
-            if isinstance(e, asyncio.CancelledError):
+            # A dead peer cannot touch our memory any more: its lingering requests need no long wait.
+            await self.abort(PEER_GONE_GRACE_S if isinstance(cancel.error, PeerLost) else QUARANTINE_GRACE_S)
+            if isinstance(e, (TransferError, asyncio.CancelledError)):
                 raise
             raise PeerLost(f"data path failed: {type(e).__name__}: {e}") from None
         finally:
             canceller.cancel()
+            if gather.done() and not gather.cancelled():
+                gather.exception()
 
-    async def abort(self) -> None:
-        """Cancel the UCX requests of this transfer and wait (bounded) until the data path has
-        let go of every buffer; buffers it still holds after that stay quarantined."""
+    async def abort(self, grace_s: float = 10.0) -> None:
+        """Cancel this transfer's UCX requests and wait (bounded) until the data path has let go
+        of every buffer; operations still running after that are left in `token.lingering`."""
         self.aborted = True
         await abort_endpoint(self.ep)
+        for t in self.tasks:
+            if not t.done() and t not in self._busy:
+                t.cancel()
         pending = [t for t in self.tasks if not t.done()]
         if pending:
-            done, still = await asyncio.wait(pending, timeout=QUARANTINE_GRACE_S)
+            _, still = await asyncio.wait(pending, timeout=grace_s)
             if still:
-                log.error("%d chunk operation(s) did not stop after abort; their memory stays quarantined",
-                          len(still))
-                raise PeerLost("data path did not confirm cancellation")
+                log.error("%d chunk operation(s) did not stop after abort; their memory stays quarantined "
+                          "until they do", len(still))
+                if self._token is not None:
+                    self._token.lingering = list(still)
         for t in self.tasks:
             if t.done() and not t.cancelled():
                 t.exception()  # mark retrieved
@@ -156,23 +197,21 @@ class StreamIO:
 
 class Sender(StreamIO):
     async def run(self, descs: Descs, deadline: float, cancel: "CancelToken") -> None:
-        loop = asyncio.get_running_loop()
         plan = self.plan
-        order = asyncio.Lock()  # pack in chunk order so the pipeline fills front to back
 
         async def one(k: int) -> None:
             cp = plan.chunk(k)
+            tag = self.tag_base + k
             if cp.contiguous is not None:
                 buf = packing.contiguous_view(descs, cp)
                 if buf.device.type == "cuda":
-                    await loop.run_in_executor(self.executor, _sync_device, buf)
-                await self.ep.send(as_ucx_buffer(buf), tag=self.tag_base + k, force_tag=True)
+                    await self._in_thread(_sync_device, buf)
+                await self._busy_op(self.ep.send(as_ucx_buffer(buf), tag=tag, force_tag=True))
                 return
-            async with order:
-                slot = await self.pool.get()
+            slot = await self._slot()
             try:
-                out = await loop.run_in_executor(self.executor, _pack_sync, descs, plan.unit, cp, slot, self.stream)
-                await self.ep.send(as_ucx_buffer(out), tag=self.tag_base + k, force_tag=True)
+                out = await self._in_thread(_pack_sync, descs, plan.unit, cp, slot, self.stream)
+                await self._busy_op(self.ep.send(as_ucx_buffer(out), tag=tag, force_tag=True))
             finally:
                 self.pool.put(slot)
 
@@ -181,22 +220,20 @@ class Sender(StreamIO):
 
 class Receiver(StreamIO):
     async def run(self, descs: Descs, deadline: float, cancel: "CancelToken") -> None:
-        loop = asyncio.get_running_loop()
         plan = self.plan
-        order = asyncio.Lock()
 
         async def one(k: int) -> None:
             cp = plan.chunk(k)
+            tag = self.tag_base + k
             if cp.contiguous is not None:
                 buf = packing.contiguous_view(descs, cp)
-                await self.ep.recv(as_ucx_buffer(buf), tag=self.tag_base + k, force_tag=True)
+                await self._busy_op(self.ep.recv(as_ucx_buffer(buf), tag=tag, force_tag=True))
                 return
-            async with order:
-                slot = await self.pool.get()
+            slot = await self._slot()
             try:
                 view = slot.narrow(0, 0, cp.nbytes)
-                await self.ep.recv(as_ucx_buffer(view), tag=self.tag_base + k, force_tag=True)
-                await loop.run_in_executor(self.executor, _unpack_sync, descs, plan.unit, cp, slot, self.stream)
+                await self._busy_op(self.ep.recv(as_ucx_buffer(view), tag=tag, force_tag=True))
+                await self._in_thread(_unpack_sync, descs, plan.unit, cp, slot, self.stream)
             finally:
                 self.pool.put(slot)
 

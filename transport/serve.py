@@ -151,5 +151,23 @@ async def _serve_transfer(agent: "Agent", ch: Channel, f: Frame, write: bool) ->
     finally:
         if agent._tokens.get(key) is tok:
             del agent._tokens[key]
-        with agent._lock:
-            agent._leases.drop(entry)
+        if tok.lingering and ch.lost is None:
+            # the peer is alive and UCX still holds requests on the blocks: keep the lease until
+            # they end or the peer goes away (a dead peer can no longer pull the bytes)
+            loop.create_task(_drop_when_settled(agent, ch, entry, tok.lingering))
+        else:
+            with agent._lock:
+                agent._leases.drop(entry)
+
+
+async def _drop_when_settled(agent: "Agent", ch: Channel, entry, tasks) -> None:
+    loop = asyncio.get_running_loop()
+    settled = loop.create_task(asyncio.wait(tasks))
+    gone = loop.create_task(ch.lost_event.wait())
+    await asyncio.wait({settled, gone}, return_when=asyncio.FIRST_COMPLETED)
+    settled.cancel()
+    gone.cancel()
+    log.info("%s: lingering operations on lease %s ended (or its peer is gone); releasing it",
+             agent.name, entry.id[:12])
+    with agent._lock:
+        agent._leases.drop(entry)

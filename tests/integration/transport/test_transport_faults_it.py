@@ -315,10 +315,6 @@ def test_reader_killed_mid_read(cluster, spares, agents, pair):
     assert reader_node.bad_blocks(reader, np.arange(32), src, 9) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="after the control channel reports the dead reader (~0.3 s), the owner's "
-                   "Sender.abort() waits QUARANTINE_GRACE_S for chunk tasks that are only queued for a staging slot "
-                   "(they are never cancelled), then serve.py drops the lease reference anyway: the lease comes "
-                   "back after ~11 s, and although the log says 'memory stays quarantined' it is handed back")
 def test_dead_reader_lets_go_of_the_lease_promptly(cluster, spares, agents):
     victim = spares["victim-reader-2"]
     owner_node, _ = cluster["shm"]

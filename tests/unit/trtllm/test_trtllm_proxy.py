@@ -83,7 +83,7 @@ def test_proxy_sends_context_leg_first_then_forwards(servers):
     req = urllib.request.Request(f"http://127.0.0.1:{px.server_port}/v1/completions",
                                  data=json.dumps({"prompt": "p", "max_tokens": 8}).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=60) as r:
         assert json.loads(r.read())["from"] == "gen"
     assert [e[0] for e in log] == ["ctx", "gen"]
     (_, _, cb), (_, _, gb) = log
@@ -96,5 +96,5 @@ def test_proxy_rejects_unknown_paths_and_bad_bodies(servers):
     for path, data in (("/v1/other", b"{}"), ("/v1/completions", b"not json")):
         req = urllib.request.Request(f"http://127.0.0.1:{px.server_port}{path}", data=data, method="POST")
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(req, timeout=10)
+            urllib.request.urlopen(req, timeout=60)
         assert e.value.code in (400, 404)

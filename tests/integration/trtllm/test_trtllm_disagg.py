@@ -152,8 +152,8 @@ def pair(make, tp: int = 1, ctx_kw: dict | None = None, gen_kw: dict | None = No
                     **(ctx_kw or {})), tp=tp, context_chunk=context_chunk, device=device, env=ctx_env)
     gen = make(dict({"role": "generation",
                      "context_agents": [f"127.0.0.1:{base + r}" for r in range(tp)],
-                     "lookup_timeout_s": 10.0, "unknown_grace_s": 1.0, "transfer_timeout_s": 10.0,
-                     "connect_timeout_s": 2.0}, **(gen_kw or {})), tp=tp, device=device, env=gen_env)
+                     "lookup_timeout_s": 30.0, "unknown_grace_s": 1.0, "transfer_timeout_s": 30.0,
+                     "connect_timeout_s": 5.0}, **(gen_kw or {})), tp=tp, device=device, env=gen_env)
     assert ctx.ready["addresses"] == [f"127.0.0.1:{base + r}" for r in range(tp)]
     gen.ready
     return ctx, gen

@@ -40,7 +40,7 @@ def engine(monkeypatch, cfg: dict) -> StandinExecutor:
 def pair(monkeypatch):
     ctx = engine(monkeypatch, {"role": "context", "lease_ttl_s": 120})
     gen = engine(monkeypatch, {"role": "generation", "context_agents": [ctx.workers[0].address],
-                               "unknown_grace_s": 0.5, "lookup_timeout_s": 5, "connect_timeout_s": 2})
+                               "unknown_grace_s": 0.5, "lookup_timeout_s": 30, "connect_timeout_s": 15})
     yield ctx, gen
     gen.close()
     ctx.close()

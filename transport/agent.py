@@ -62,6 +62,7 @@ class Agent:
         self._notifs: list[tuple[str, bytes]] = []
         self._by_name: dict[str, Channel] = {}      # every live, authenticated channel by peer name
         self._by_addr: dict[str, Channel] = {}      # outbound channels by address
+        self._chans: set[Channel] = set()           # every live channel, both directions
         self._data: dict[int, DataEndpoints] = {}   # id(channel) -> data endpoint pool
         self._tokens: dict[tuple[int, int], CancelToken] = {}  # (id(channel), xid) -> token
         self._write_waiters: dict[int, asyncio.Future] = {}
@@ -112,7 +113,7 @@ class Agent:
     async def _aclose(self) -> None:
         if self._sweeper:
             self._sweeper.cancel()
-        for ch in list(self._by_name.values()) + list(self._by_addr.values()):
+        for ch in list(self._chans):
             await self._drop_channel(ch)
         if self._listener is not None:
             self._listener.close()
@@ -254,11 +255,14 @@ class Agent:
         log.info("%s accepted %s", self.name, client)
 
     def _adopt(self, ch: Channel, address: str | None) -> None:
+        ch.inbound = address is None
         old = self._by_name.get(ch.peer_name)
-        if old is not None and old is not ch and address is None:
+        if old is not None and old is not ch and ch.inbound and old.inbound:
+            # the same peer connected to us again (e.g. it restarted): its old connection is stale
             log.info("%s: %s reconnected; dropping its old connection", self.name, ch.peer_name)
             asyncio.get_running_loop().create_task(self._drop_channel(old))
         self._by_name[ch.peer_name] = ch
+        self._chans.add(ch)
         if address is not None:
             self._by_addr[address] = ch
         self._data[id(ch)] = DataEndpoints(ch.peer_worker)
@@ -274,8 +278,14 @@ class Agent:
         for (cid, _), tok in list(self._tokens.items()):
             if cid == id(ch):
                 tok.set(perr)
+        self._chans.discard(ch)
         if self._by_name.get(ch.peer_name) is ch:
-            del self._by_name[ch.peer_name]
+            # another live connection with the same peer (the other direction) takes over
+            alive = [c for c in self._chans if c.peer_name == ch.peer_name and c.lost is None]
+            if alive:
+                self._by_name[ch.peer_name] = alive[-1]
+            else:
+                del self._by_name[ch.peer_name]
         for a, c in list(self._by_addr.items()):
             if c is ch:
                 del self._by_addr[a]

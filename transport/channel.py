@@ -33,6 +33,7 @@ class Channel:
         self.peer_host = ""
         self.peer_pid = 0
         self.cma_ok = True
+        self.inbound = False
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None

@@ -40,7 +40,7 @@ def test_random_block_sets(cluster, agents, link):
         readers.append((name, rbb))
     counter = iter(range(1 << 30))
 
-    @settings(max_examples=6, deadline=None, database=None,
+    @settings(max_examples=4, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(st.data())
     def run(data):
@@ -78,20 +78,20 @@ def test_random_block_sets(cluster, agents, link):
 
 @pytest.mark.parametrize("link", list(LINKS))
 def test_large_contiguous_and_scattered(cluster, agents, link):
-    """16 MiB leases: one contiguous run (zero-copy chunks) and a fully scattered permutation."""
+    """8 MiB leases: one contiguous run (zero-copy chunks) and a fully scattered permutation."""
     pair, shc = LINKS[link]
     owner_node, reader_node = cluster[pair]
-    owner, oaddr = agents(owner_node, "owner", 1024, 16384, seed=5)
-    reader, _ = agents(reader_node, "reader", 1024, 16384, chunk_bytes=1 << 20, same_host_copy=shc)
+    owner, oaddr = agents(owner_node, "owner", 512, 16384, seed=5)
+    reader, _ = agents(reader_node, "reader", 512, 16384, chunk_bytes=1 << 20, same_host_copy=shc)
     reader_node.connect(reader, oaddr)
-    for src, dst in [(np.arange(1024), np.arange(1024)),
-                     (np.random.default_rng(1).permutation(1024), np.random.default_rng(2).permutation(1024))]:
+    for src, dst in [(np.arange(512), np.arange(512)),
+                     (np.random.default_rng(1).permutation(512), np.random.default_rng(2).permutation(512))]:
         reader_node.fill(reader)
         lid, nbytes, _ = owner_node.expose(owner, src)
-        assert nbytes == 16 << 20
+        assert nbytes == 8 << 20
         reader_node.read(reader, oaddr, dst, lid, timeout=60)
         assert reader_node.bad_blocks(reader, dst, src, 5) == 0
-    assert reader_node.stats(reader)["bytes_in"] == 32 << 20
+    assert reader_node.stats(reader)["bytes_in"] == 16 << 20
 
 
 # ----------------------------------------------------------------------------- notifications
@@ -223,7 +223,8 @@ def test_write_into_writable_lease(cluster, agents, pair):
     rest = np.setdiff1d(np.arange(512), dst)
     assert owner_node.zero_blocks(owner, rest) == len(rest)
     assert wait_until(lambda: owner_node.notifs(owner), 10) == [(writer, b"written")]
-    assert owner_node.stats(owner)["bytes_in"] == 300 * 8192
+    # (the owner books the write just after confirming it)
+    wait_until(lambda: owner_node.stats(owner)["bytes_in"] == 300 * 8192, 10, what="owner's stats")
 
 
 def test_write_into_read_only_lease_is_rejected(cluster, agents):

@@ -285,3 +285,28 @@ def test_async_api(cluster, agents):
     assert 50.0 < left <= 60.1
     assert reader_node.bad_blocks(reader, np.arange(100), src, 31) == 0
     assert wait_until(lambda: owner_node.notifs(owner), 10) == [(reader, b"async")]
+
+
+def test_stalled_owner_times_out(cluster, agents):
+    """An owner that stops answering (SIGSTOP) mid-transfer: the read fails with TransferTimeout
+    at its deadline, not later; once the owner runs again, the same lease reads correctly."""
+    owner_node, reader_node, owner, oaddr, reader = slow_pair(cluster, agents)
+    ids = np.random.default_rng(4).permutation(4096)
+    lid, _, _ = owner_node.expose(owner, ids)
+    tid = reader_node.read(reader, oaddr, np.arange(4096), lid, timeout=3.0, wait=False)
+    wait_until(lambda: reader_node.zero_blocks(reader, [0]) == 0, 30, 0.01, "first block landed")
+    owner_node.stop_signal()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError) as ei:
+            reader_node.wait(tid, 30)
+        took = time.monotonic() - t0
+        assert ei.value.type == "TransferTimeout", ei.value
+        assert took < 3.0 + 10.0, f"deadline of 3 s enforced only after {took:.1f}s"
+    finally:
+        owner_node.cont_signal()
+    wait_until(lambda: sum(owner_node.stats(owner)[k] for k in ("transfers_out", "transfers_failed")) >= 1,
+               30, what="owner's side of the timed-out transfer ended")
+    reader_node.fill(reader)
+    reader_node.read(reader, oaddr, np.arange(4096), lid, timeout=90, wait_timeout=90)
+    assert reader_node.bad_blocks(reader, np.arange(4096), ids, 9) == 0

@@ -251,6 +251,12 @@ def _node_main(conn, transports: str, protocol_version: int | None) -> None:
     child = _Child(transports)
     if protocol_version is not None:
         child.set_protocol_version(protocol_version)
+    # import torch and start this process's UCX context now, so that nodes started together
+    # pay for it in parallel rather than in their first test
+    from transport.config import TransportSet
+    from transport.runtime import Runtime
+
+    Runtime.get(TransportSet(transports))
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -266,12 +272,7 @@ def _node_main(conn, transports: str, protocol_version: int | None) -> None:
         except BaseException as e:  # report everything to the test
             conn.send(("err", type(e).__name__, str(e), getattr(e, "field", None),
                        getattr(getattr(e, "code", None), "value", None), traceback.format_exc()))
-    for st in list(child.agents.values()):
-        try:
-            st.agent.close()
-        except Exception:
-            pass
-    os._exit(0)  # do not wait for UCX threads
+    os._exit(0)  # agents are not closed one by one: the tests are over, and UCX threads need no wait
 
 
 # ============================================================================ parent side

@@ -236,6 +236,10 @@ class ConsumerBook:
 
         pull.future = self._pool.submit(_go)
 
+    def run_async(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the book's thread pool (e.g. a notification to a peer)."""
+        return self._pool.submit(fn)
+
     def renew(self, address: str, lease_id: str) -> Future:
         """Heartbeat for a lease we have not started reading yet (runs off-thread)."""
         def _go() -> None:

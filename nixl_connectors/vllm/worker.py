@@ -117,7 +117,7 @@ class UcxWorker:
 
         def _go() -> None:
             self.agent.notify(self.consumer.peer(addr), payload)
-        fut = self.consumer._pool.submit(_go)
+        fut = self.consumer.run_async(_go)
         fut.add_done_callback(lambda f: f.exception() and logger.info(
             "dismiss of %s at %s failed (its lease will expire): %s", remote.request_id, addr,
             f.exception()))

@@ -66,9 +66,11 @@ def _limit(w: Workload) -> float | None:
             return None
     if w.memory is not Memory.HOST:
         return None
-    from .limits import host_copy_limit
+    from .copy_limit import local_copy_limit
 
-    return host_copy_limit(w.block_bytes, w.num_blocks, w.scattered)
+    # contiguous workloads: the same copy over an identity block list (a plain memcpy)
+    return local_copy_limit(w.block_bytes, w.num_blocks,
+                            pool_blocks=w.num_blocks * (w.pool_factor if w.scattered else 1))
 
 
 def run_suite(workloads: list[Workload], with_nixl: bool, out=print) -> list[dict]:

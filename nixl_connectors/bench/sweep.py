@@ -68,7 +68,7 @@ def _limit(w: Workload) -> float | None:
         return None
     from .copy_limit import local_copy_limit
 
-    # contiguous workloads: the same copy over an identity block list (a plain memcpy)
+    # contiguous workloads are compared with the scattered copy over a pool of exactly their blocks
     return local_copy_limit(w.block_bytes, w.num_blocks,
                             pool_blocks=w.num_blocks * (w.pool_factor if w.scattered else 1))
 

@@ -208,7 +208,7 @@ def test_fuzz_structured_msgpack(obj):
 def schema_valid_body(draw, msg):
     gen = {bytes: st.binary(max_size=40), str: st.text(max_size=40), int: st.integers(0, (1 << 63) - 1),
            float: st.floats(allow_nan=False), dict: st.dictionaries(st.text(max_size=8),
-                                                                   st.integers() | st.text(max_size=8), max_size=4),
+                                                                   st.integers(-(1 << 63), (1 << 63) - 1) | st.text(max_size=8), max_size=4),
            bool: st.booleans(), type(None): st.none()}
     return {k: draw(st.one_of(*[gen[t] for t in types])) for k, types in SCHEMAS[msg].items()}
 

@@ -9,6 +9,7 @@ healthy.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +25,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxy import disagg_completion, post_json, prefill_request
+
+def _load_vllm_proxy():
+    """examples/vllm/proxy.py under a unique module name (examples/trtllm has a proxy.py too)."""
+    path = Path(__file__).resolve().parents[3] / "examples" / "vllm" / "proxy.py"
+    spec = importlib.util.spec_from_file_location("vllm_example_proxy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["vllm_example_proxy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_proxy = _load_vllm_proxy()
+disagg_completion, post_json, prefill_request = _proxy.disagg_completion, _proxy.post_json, _proxy.prefill_request
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e, pytest.mark.timeout(900)]
 

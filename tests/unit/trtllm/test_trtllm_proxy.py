@@ -1,6 +1,7 @@
 """The example proxy: leg requests, and the order it talks to two fake instances."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import threading
@@ -11,9 +12,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "examples" / "trtllm"))
 
-import proxy  # noqa: E402
+
+def _load_example(path: Path, name: str):
+    """Import an example script under a unique module name (examples/vllm has a proxy.py too)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+proxy = _load_example(REPO / "examples" / "trtllm" / "proxy.py", "trtllm_example_proxy")
 from nixl_connectors.trtllm.config import ConnectorRole, RoutingSource  # noqa: E402
 
 sys.path.insert(0, str(REPO))

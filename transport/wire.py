@@ -14,7 +14,7 @@ import msgpack
 
 from .errors import BadMessage, ProtocolMismatch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_STR_BYTES = 64 << 10
 
 

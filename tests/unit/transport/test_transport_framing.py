@@ -28,7 +28,10 @@ class FakeEp:
         self.q: deque[bytes] = deque()
         self.largest_recv = 0
 
+    sent = 0
+
     async def send(self, arr) -> None:
+        self.sent += 1
         self.q.append(np.ascontiguousarray(arr).view(np.uint8).tobytes())
 
     async def recv(self, arr) -> None:
@@ -76,7 +79,24 @@ def test_oversized_frame_is_refused_unallocated_and_stream_stays_in_step():
         return await framing.recv_bytes(ep, 4096)
 
     assert run(go()) == b"next"
-    assert ep.largest_recv < 4096                    # the 5000-byte body was never given a buffer
+    assert ep.largest_recv <= 4096 + 8               # the 5000-byte body was never given a buffer
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 3 * framing.INLINE_BYTES), min_size=1, max_size=5))
+def test_frames_around_the_inline_limit(sizes):
+    """Small frames travel as one message, large ones as header + body; both arrive intact."""
+    ep = FakeEp()
+    frames = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+
+    async def go():
+        for f in frames:
+            await framing.send_bytes(ep, f)
+        return [await framing.recv_bytes(ep, 1 << 20) for _ in frames]
+
+    assert run(go()) == frames
+    small = sum(1 for n in sizes if n + framing.HEADER_BYTES <= framing.INLINE_BYTES)
+    assert ep.sent == small + 2 * (len(sizes) - small)
 
 
 def test_absurd_announced_length():

@@ -65,7 +65,7 @@ def test_decode_empty():
         decode(b"", LIMIT)
 
 
-@pytest.mark.parametrize("version", [0, 2, PROTOCOL_VERSION + 1, 1 << 40, -1])
+@pytest.mark.parametrize("version", [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 1 << 40, -1])
 def test_decode_wrong_version_is_protocol_mismatch(version):
     with pytest.raises(ProtocolMismatch):
         decode(frame(version=version), LIMIT)
@@ -98,7 +98,7 @@ def test_patched_protocol_version_is_used(monkeypatch):
     (frame(rid=True), "request id"),
     (frame(rid=1 << 63), "request id"),
     (frame(rid="1"), "request id"),
-    (msgpack.packb([1, "ping", 0, [1, 2]]), "not a map"),
+    (msgpack.packb([PROTOCOL_VERSION, "ping", 0, [1, 2]]), "not a map"),
     (frame(mtype="notify", body={}), "fields"),
     (frame(mtype="notify", body={"payload": b"", "x": 1}), "fields"),
     (frame(mtype="notify", body={"payload": "text"}), "notify.payload"),

@@ -244,7 +244,7 @@ class _Child:
         return os.getpid()
 
 
-def _node_main(conn, transports: str, protocol_version: int | None) -> None:
+def _node_main(conn, transports: str, protocol_version: int | None, ucx_options: dict | None = None) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(name)s: %(message)s")
@@ -256,7 +256,7 @@ def _node_main(conn, transports: str, protocol_version: int | None) -> None:
     from transport.config import TransportSet
     from transport.runtime import Runtime
 
-    Runtime.get(TransportSet(transports))
+    Runtime.get(TransportSet(transports), ucx_options)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -276,18 +276,44 @@ def _node_main(conn, transports: str, protocol_version: int | None) -> None:
 
 
 # ============================================================================ parent side
+def _start_in_netns(proc, netns: str) -> str:
+    """Start a spawn-context process under `ip netns exec`, which also gives it the namespace's
+    own /sys (UCX finds network devices there; a bare setns() would leave the host's view).
+    Returns the wrapper script's path: remove it once the process is gone."""
+    import sys
+    import tempfile
+    from multiprocessing import spawn
+
+    fd, wrapper = tempfile.mkstemp(prefix=f"py-{netns}-", suffix=".sh")
+    with os.fdopen(fd, "w") as f:
+        f.write(f'#!/bin/sh\nexec ip netns exec {netns} "{sys.executable}" "$@"\n')
+    os.chmod(wrapper, 0o755)
+    old = spawn.get_executable()
+    spawn.set_executable(wrapper)
+    try:
+        proc.start()
+    finally:
+        spawn.set_executable(old)
+    return wrapper
+
+
 class Node:
     """A child process hosting agents. Start several, then `wait_ready()` each (they import
     torch and start UCX in parallel)."""
 
-    def __init__(self, transports: str = "shm", protocol_version: int | None = None, label: str = "node"):
+    def __init__(self, transports: str = "shm", protocol_version: int | None = None, label: str = "node",
+                 netns: str | None = None, ucx_options: dict | None = None):
         ctx = mp.get_context("spawn")
         self.label = label
         self.transports = transports
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_node_main, args=(child, transports, protocol_version),
+        self.proc = ctx.Process(target=_node_main, args=(child, transports, protocol_version, ucx_options),
                                 name=f"xport-{label}", daemon=True)
-        self.proc.start()
+        self._wrapper = None
+        if netns is None:
+            self.proc.start()
+        else:
+            self._wrapper = _start_in_netns(self.proc, netns)
         child.close()
         self.pid = self.proc.pid
         self._ready = False
@@ -339,6 +365,9 @@ class Node:
                 pass
             self.proc.join(15)
         self.kill()
+        if self._wrapper:
+            os.unlink(self._wrapper)
+            self._wrapper = None
 
 
 def wait_until(fn, timeout: float, interval: float = 0.05, what: str = "condition"):

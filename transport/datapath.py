@@ -13,6 +13,7 @@ per-transfer endpoint cancels exactly that transfer's outstanding UCX requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import Executor
 from typing import Any
@@ -57,6 +58,7 @@ class StagingPool:
     def __init__(self, device: torch.device, slot_bytes: int, slots: int):
         self.device = device
         self.slot_bytes = slot_bytes
+        self.slots = slots
         self._q: asyncio.Queue[torch.Tensor] = asyncio.Queue()
         for _ in range(slots):
             self._q.put_nowait(torch.empty(slot_bytes, dtype=torch.uint8, device=device))
@@ -119,16 +121,30 @@ class StreamIO:
         self.tasks: list[asyncio.Task] = []
         self.aborted = False
         self._busy: set[asyncio.Task] = set()
-        self._order = asyncio.Lock()  # take slots in chunk order so the pipeline fills front to back
+        self._order = asyncio.Lock()  # take turns in chunk order so the pipeline fills front to back
+        # At most this many chunks of the transfer have a UCX operation posted, zero-copy ones
+        # included: a peer that dies can leave only that many requests behind in UCX.
+        self._window = asyncio.Semaphore(max(2, pool.slots))
         self._token: CancelToken | None = None
 
-    async def _slot(self) -> torch.Tensor:
+    @contextlib.asynccontextmanager
+    async def _turn(self, staged: bool):
+        """A place in the window, in chunk order, plus a staging slot when the chunk is staged."""
         async with self._order:
-            slot = await self.pool.get()
-        if self.aborted:
-            self.pool.put(slot)
-            raise TransferCancelled("transfer aborted")
-        return slot
+            await self._window.acquire()
+            try:
+                slot = await self.pool.get() if staged else None
+            except BaseException:
+                self._window.release()
+                raise
+        try:
+            if self.aborted:
+                raise TransferCancelled("transfer aborted")
+            yield slot
+        finally:
+            if slot is not None:
+                self.pool.put(slot)
+            self._window.release()
 
     async def _busy_op(self, aw):
         if self.aborted:
@@ -202,18 +218,14 @@ class Sender(StreamIO):
         async def one(k: int) -> None:
             cp = plan.chunk(k)
             tag = self.tag_base + k
-            if cp.contiguous is not None:
-                buf = packing.contiguous_view(descs, cp)
-                if buf.device.type == "cuda":
-                    await self._in_thread(_sync_device, buf)
+            async with self._turn(staged=cp.contiguous is None) as slot:
+                if slot is None:
+                    buf = packing.contiguous_view(descs, cp)
+                    if buf.device.type == "cuda":
+                        await self._in_thread(_sync_device, buf)
+                else:
+                    buf = await self._in_thread(_pack_sync, descs, plan.unit, cp, slot, self.stream)
                 await self._busy_op(self.ep.send(as_ucx_buffer(buf), tag=tag, force_tag=True))
-                return
-            slot = await self._slot()
-            try:
-                out = await self._in_thread(_pack_sync, descs, plan.unit, cp, slot, self.stream)
-                await self._busy_op(self.ep.send(as_ucx_buffer(out), tag=tag, force_tag=True))
-            finally:
-                self.pool.put(slot)
 
         await self._run_all(one, deadline, cancel)
 
@@ -225,16 +237,13 @@ class Receiver(StreamIO):
         async def one(k: int) -> None:
             cp = plan.chunk(k)
             tag = self.tag_base + k
-            if cp.contiguous is not None:
-                buf = packing.contiguous_view(descs, cp)
-                await self._busy_op(self.ep.recv(as_ucx_buffer(buf), tag=tag, force_tag=True))
-                return
-            slot = await self._slot()
-            try:
+            async with self._turn(staged=cp.contiguous is None) as slot:
+                if slot is None:
+                    buf = packing.contiguous_view(descs, cp)
+                    await self._busy_op(self.ep.recv(as_ucx_buffer(buf), tag=tag, force_tag=True))
+                    return
                 view = slot.narrow(0, 0, cp.nbytes)
                 await self._busy_op(self.ep.recv(as_ucx_buffer(view), tag=tag, force_tag=True))
                 await self._in_thread(_unpack_sync, descs, plan.unit, cp, slot, self.stream)
-            finally:
-                self.pool.put(slot)
 
         await self._run_all(one, deadline, cancel)

@@ -3,6 +3,7 @@ lease requests, hostile control messages from a raw ucxx client, peers killed (S
 middle of a transfer, and reconnecting after an orderly close."""
 from __future__ import annotations
 
+import os
 import time
 
 import msgpack
@@ -27,6 +28,8 @@ def spares(cluster):
         "victim-reader-shm": Node("shm", label="victim-reader-shm"),
         "victim-owner-tcp": Node("tcp", label="victim-owner-tcp"),
         "victim-reader-tcp": Node("tcp", label="victim-reader-tcp"),
+        "quiet-owner-shm": Node("shm", label="quiet-owner-shm"),
+        "victim-reader2-shm": Node("shm", label="victim-reader2-shm"),
     }
     try:
         for n in nodes.values():
@@ -310,6 +313,42 @@ def test_reader_killed_mid_read(cluster, spares, agents, pair):
     lid2, _, _ = owner_node.expose(owner, src)
     reader_node.read(reader, oaddr, np.arange(32), lid2, timeout=30)
     assert reader_node.bad_blocks(reader, np.arange(32), src, 9) == 0
+
+
+def _busy_cores(pid: int, secs: float) -> float:
+    """CPU cores the process kept busy over the next `secs` seconds (all its threads)."""
+    def ticks() -> int:
+        total = 0
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total
+    before = ticks()
+    time.sleep(secs)
+    return (ticks() - before) / os.sysconf("SC_CLK_TCK") / secs
+
+
+def test_reader_killed_with_every_chunk_zero_copy(spares, agents):
+    """4096 one-block chunks, all zero-copy sends: the owner keeps only a window of them posted,
+    so a reader that dies mid-read leaves few UCX requests behind; the lease comes back and the
+    owner's process goes quiet (with every chunk posted at once, UCX spun a core forever)."""
+    owner_node, victim = spares["quiet-owner-shm"], spares["victim-reader2-shm"]
+    owner, oaddr = agents(owner_node, "owner", **_slow_owner(owner_node))
+    vreader, _ = agents(victim, "victim", 4096, 4096, same_host_copy=False, timeout_s=DEADLINE_S)
+    victim.connect(vreader, oaddr)
+    lid, _, _ = owner_node.expose(owner, np.random.default_rng(5).permutation(4096))
+    victim.read(vreader, oaddr, np.arange(4096), lid, wait=False)
+    wait_until(lambda: victim.zero_blocks(vreader, [0]) == 0, 30, 0.01, "first block landed")
+    victim.kill()
+    assert owner_node.release(owner, lid)
+    assert wait_until(lambda: owner_node.freed(owner), DEADLINE_S + 15, what="lease freed") == [lid]
+    time.sleep(1.0)
+    busy = _busy_cores(owner_node.pid, 3.0)
+    assert busy < 0.3, f"the owner's process kept {busy:.2f} cores busy after its reader died"
 
 
 # ----------------------------------------------------------------------------- reconnect

@@ -6,12 +6,12 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-_COUNTERS = ("bytes_read", "transfer_seconds", "reads", "read_failures", "leases_exposed",
+COUNTERS = ("bytes_read", "transfer_seconds", "reads", "read_failures", "leases_exposed",
              "leases_read", "leases_expired", "leases_aborted")
 
 
 def empty_data() -> dict[str, Any]:
-    return {k: 0 for k in _COUNTERS}
+    return {k: 0 for k in COUNTERS}
 
 
 @dataclass
@@ -22,21 +22,21 @@ class UcxConnectorStats(KVConnectorStats):
         self.data = empty_data()
 
     def add(self, key: str, value: float = 1) -> None:
-        if key not in _COUNTERS:
+        if key not in COUNTERS:
             raise KeyError(key)
         self.data[key] = self.data.get(key, 0) + value
 
     def aggregate(self, other: KVConnectorStats) -> "UcxConnectorStats":
-        for k in _COUNTERS:
+        for k in COUNTERS:
             self.data[k] = self.data.get(k, 0) + other.data.get(k, 0)
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        d = {k: self.data.get(k, 0) for k in _COUNTERS}
+        d = {k: self.data.get(k, 0) for k in COUNTERS}
         secs = d["transfer_seconds"]
         d["transfer_seconds"] = round(secs, 4)
         d["read_GBps"] = round(d["bytes_read"] / secs / 1e9, 3) if secs > 0 else 0.0
         return d
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(k, 0) for k in _COUNTERS)
+        return not any(self.data.get(k, 0) for k in COUNTERS)

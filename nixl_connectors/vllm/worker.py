@@ -56,6 +56,10 @@ class UcxWorker:
         first = next(iter(kv_caches.values()))
         first = first[0] if isinstance(first, (list, tuple)) else first
         self._is_cuda = first.device.type == "cuda"
+        if not self._is_cuda:
+            from .cpu_amx import request_amx
+
+            request_amx()  # vLLM's CPU AMX attention needs it before decode's first step (cpu_amx.py)
         num_blocks = self.num_blocks
         if num_blocks is None:
             raise ValueError("number of KV blocks unknown")

@@ -121,14 +121,19 @@ class Engine:
                     b, s = ids[pos // BLOCK_SIZE], pos % BLOCK_SIZE
                     t[:, b, s] = vals[i].reshape(2, KV_HEADS, HEAD_SIZE)
 
-    def step(self) -> dict[str, Any]:
-        """One engine step; returns {request_id: EngineCoreOutput} emitted by it."""
+    def step(self, abort_mid_step: tuple[str, ...] = ()) -> dict[str, Any]:
+        """One engine step; returns {request_id: EngineCoreOutput} emitted by it.
+
+        abort_mid_step: requests the engine aborts after the step's forward ran and before its
+        outputs are applied (an abort arriving while the step is in flight)."""
         so = self.scheduler.schedule()
         w = self.worker
         w.bind_connector_metadata(so.kv_connector_metadata)
         w.start_load_kv(None)
         self._forward(so)
         w.wait_for_save()
+        if abort_mid_step:
+            self.scheduler.finish_requests(list(abort_mid_step), RequestStatus.FINISHED_ABORTED)
         res = w.get_transfer_results(so.finished_req_ids)
         kv_out = KVConnectorOutput(
             finished_sending=res.finished_sending or None,
@@ -231,14 +236,10 @@ def _serve(conn: Any, name: str, model_dir: str, kw: dict) -> None:
                 val = e.read_tokens(e.block_ids(rid), n, layer).float().numpy()
             elif op == "held":
                 val = sorted(e.worker._worker.producer.held_ids)
-            elif op == "schedule_only":  # a step whose outputs are never applied (engine crash)
-                so = e.scheduler.schedule()
-                e.worker.bind_connector_metadata(so.kv_connector_metadata)
-                e.worker.start_load_kv(None)
-                e._forward(so)
-                e.worker.wait_for_save()
-                e.worker.clear_connector_metadata()
-                val = None
+            elif op == "step_abort":  # a step during which the engine aborts requests
+                outs = e.step(abort_mid_step=tuple(args[0]))
+                stats = e.last_stats.data if e.last_stats is not None else None
+                val = ([_summary(o) for o in outs.values()], stats)
             elif op == "kill":
                 os._exit(0)
             elif op == "close":
@@ -307,8 +308,12 @@ class EngineProc:
     def held(self) -> list[str]:
         return self._call("held")
 
-    def schedule_only(self) -> None:
-        self._call("schedule_only")
+    def step_abort(self, rids: list[str]) -> dict[str, dict]:
+        outs, stats = self._call("step_abort", list(rids))
+        self.outputs.extend(outs)
+        if stats is not None:
+            self.stats.append(stats)
+        return {o["request_id"]: o for o in outs}
 
     def outputs_of(self, rid: str) -> list[dict]:
         return [o for o in self.outputs if o["request_id"] == rid]

@@ -154,9 +154,8 @@ def test_prefill_abort_mid_step_releases_lease(engines):
     P = engines("P")
     p_free = P.free_blocks()
     rid = P.add(prompt_of(64, 5), max_tokens=1, params={"do_remote_decode": True})
-    P.schedule_only()  # forward ran and the blocks were exposed, outputs never applied
+    P.step_abort([rid])  # the forward ran and exposed the blocks; the abort lands before its outputs
     assert P.held() == [rid]
-    P.finish(rid)
     assert P.free_blocks() < p_free, "exposed blocks must not be freed before the lease ends"
     steps(P, None, lambda: P.free_blocks() == p_free and not P.requests())
     assert not P.held()

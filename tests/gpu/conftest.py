@@ -2,6 +2,8 @@
 
 Skipped cleanly (not failed) on machines with fewer than two GPUs or without ucxx; the
 project's default `addopts` deselects them anyway (`-m 'not gpu'`): run with `pytest -m gpu tests/gpu`.
+With NIXL_CONNECTORS_GPU_TESTS_ONE_GPU=1 both processes use cuda:0 (still two processes and
+cuda_ipc between them, but no NVLink): a check of the CUDA data path on a one-GPU machine.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import importlib.util
 import itertools
 
 import pytest
+from gpu_peer import ONE_GPU, OWNER_DEVICE, READER_DEVICE
 
 
 def _why_skip() -> str | None:
@@ -16,8 +19,9 @@ def _why_skip() -> str | None:
         import torch
     except ImportError:
         return "torch is not installed"
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        return f"needs 2 CUDA GPUs (found {torch.cuda.device_count() if torch.cuda.is_available() else 0})"
+    need = 1 if ONE_GPU else 2
+    if not torch.cuda.is_available() or torch.cuda.device_count() < need:
+        return f"needs {need} CUDA GPU(s) (found {torch.cuda.device_count() if torch.cuda.is_available() else 0})"
     if importlib.util.find_spec("ucxx") is None:
         return "ucxx is not installed"
     return None
@@ -40,7 +44,7 @@ def owner():
     """Owner agent on cuda:0 (module-wide: starting a CUDA+UCX process takes seconds)."""
     from gpu_peer import PeerProc
 
-    p = PeerProc("cuda:0", f"owner-{next(_names)}", timeout_s=30.0)
+    p = PeerProc(OWNER_DEVICE, f"owner-{next(_names)}", timeout_s=30.0)
     yield p
     p.close()
 
@@ -49,6 +53,6 @@ def owner():
 def reader():
     from gpu_peer import PeerProc
 
-    p = PeerProc("cuda:1", f"reader-{next(_names)}", timeout_s=30.0)
+    p = PeerProc(READER_DEVICE, f"reader-{next(_names)}", timeout_s=30.0)
     yield p
     p.close()

@@ -34,6 +34,13 @@ _K1 = 0x9E3779B97F4A7C15 - (1 << 64)  # as signed int64
 _K2 = 0xBF58476D1CE4E5B9 - (1 << 64)
 
 
+# Devices of the two processes (see conftest.py): cuda:0 and cuda:1, or cuda:0 twice when
+# NIXL_CONNECTORS_GPU_TESTS_ONE_GPU=1 (a one-GPU machine).
+ONE_GPU = os.environ.get("NIXL_CONNECTORS_GPU_TESTS_ONE_GPU") == "1"
+OWNER_DEVICE = "cuda:0"
+READER_DEVICE = "cuda:0" if ONE_GPU else "cuda:1"
+
+
 def pattern_bytes(seed: int, nbytes: int, device) -> "Any":
     """uint8 tensor of `nbytes` deterministic pseudo-random bytes (nbytes % 8 == 0)."""
     import torch

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gpu_peer import PeerProc
+from gpu_peer import OWNER_DEVICE, READER_DEVICE, PeerProc
 
 pytestmark = pytest.mark.gpu
 
@@ -120,7 +120,7 @@ def test_many_small_requests_and_notifications(owner, reader):
 
 
 def test_owner_killed_mid_read_is_a_typed_error_and_reader_goes_on(owner, reader):
-    doomed = PeerProc("cuda:0", "doomed-owner", timeout_s=30.0, chunk_bytes=1 << 20)
+    doomed = PeerProc(OWNER_DEVICE, "doomed-owner", timeout_s=30.0, chunk_bytes=1 << 20)
     try:
         pool, n = 4096, 2048  # 64 MiB in 1 MiB chunks
         spec = _bufs("ksrc", pool, (16384,), "bfloat16", seed=61, layers=1)
@@ -143,7 +143,7 @@ def test_owner_killed_mid_read_is_a_typed_error_and_reader_goes_on(owner, reader
 
 
 def test_reader_killed_mid_read_owner_serves_new_peer(owner, reader):
-    doomed = PeerProc("cuda:1", "doomed-reader", timeout_s=30.0, chunk_bytes=1 << 20)
+    doomed = PeerProc(READER_DEVICE, "doomed-reader", timeout_s=30.0, chunk_bytes=1 << 20)
     try:
         pool, n = 4096, 2048
         ko, kd = _key("ro"), _key("rd")
@@ -157,7 +157,7 @@ def test_reader_killed_mid_read_owner_serves_new_peer(owner, reader):
     finally:
         doomed.close()
     # The owner survives and serves the next peer (and the fresh reader verifies every byte).
-    fresh = PeerProc("cuda:1", "fresh-reader", timeout_s=30.0)
+    fresh = PeerProc(READER_DEVICE, "fresh-reader", timeout_s=30.0)
     try:
         src = _bufs("rsrc2", 1024, (8, 16, 256), "bfloat16", seed=73, layers=3)
         dst = _bufs("rdst2", 1024, (8, 16, 256), "bfloat16", seed=74, layers=3)

@@ -2,6 +2,7 @@
 proxy's request flow; prompts and request bodies."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -127,6 +128,18 @@ class Server:
             text = r.read().decode()
         return sum(float(m.group(1)) for m in
                    re.finditer(rf"^{re.escape(name)}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
+
+
+@contextlib.contextmanager
+def running(servers: dict[str, "Server"]):
+    """Wait until every server is ready; stop them all on the way out, whatever happened."""
+    try:
+        for s in servers.values():
+            s.wait_ready()
+        yield servers
+    finally:
+        for s in servers.values():
+            s.stop()
 
 
 def prompt_of(n: int, seed: int) -> list[int]:

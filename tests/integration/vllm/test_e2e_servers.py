@@ -12,7 +12,8 @@ from __future__ import annotations
 import urllib.error
 
 import pytest
-from servers import MAX_TOKENS, Server, body, disagg_completion, post_json, prefill_request, prompt_of, tokens
+from servers import (MAX_TOKENS, Server, body, disagg_completion, post_json, prefill_request, prompt_of, running,
+                     tokens)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -27,13 +28,8 @@ def servers(tiny_model, tmp_path_factory):
         "decode": Server("decode", tiny_model, 1, "recompute", logs, {"timeout_s": 5.0}),
         "decode_fail": Server("decode_fail", tiny_model, 1, "fail", logs, {"timeout_s": 5.0}),
     }
-    try:
-        for s in made.values():
-            s.wait_ready()
+    with running(made):
         yield made
-    finally:
-        for s in made.values():
-            s.stop()
 
 
 def test_decode_matches_single_engine_and_counts_external_hits(servers):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import Server, body, post_json, prefill_request, prompt_of, tokens
+from servers import Server, body, post_json, prefill_request, prompt_of, running, tokens
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -30,13 +30,8 @@ def tp2(tiny_model, tmp_path_factory):
     made = {"prefill": Server("prefill-tp2", tiny_model, "0|1", "recompute", logs, tp=2, new_session=False),
             "decode": Server("decode-tp2", tiny_model, "0|1", "fail", logs, {"timeout_s": 30.0}, tp=2,
                              new_session=False)}
-    try:
-        for s in made.values():
-            s.wait_ready()
+    with running(made):
         yield made
-    finally:
-        for s in made.values():
-            s.stop()
 
 
 def _bytes_per_block(model_dir: str) -> int:

@@ -46,7 +46,7 @@ async def send_bytes(ep: Any, data: bytes) -> None:
 
 async def recv_bytes(ep: Any, max_bytes: int) -> bytes:
     """Receive one frame; raise FrameTooLarge when the announced length exceeds max_bytes."""
-    first = np.empty(inline_limit(max_bytes), dtype=np.uint8)
+    first = np.zeros(inline_limit(max_bytes), dtype=np.uint8)  # a short message leaves zeros, not old memory
     try:
         await ep.recv(first)
     except Exception as e:

@@ -109,6 +109,32 @@ class _Child:
         lease = self.agents[name].agent.expose(self._descs(name, ids), peer=peer, ttl_s=ttl_s, writable=writable)
         return lease.id, lease.nbytes, lease.expires_at
 
+    def expose_runs(self, name, offsets, lengths, ttl_s=30.0):
+        """Lease arbitrary byte runs of the agent's pool (layout-transform tests)."""
+        from transport import Descs
+
+        st = self.agents[name]
+        lease = st.agent.expose(Descs.from_ranges(st.region, offsets, lengths), ttl_s=ttl_s)
+        return lease.id
+
+    def read_runs(self, name, address, offsets, lengths, scratch_mask, lid, timeout=30.0):
+        """Read a lease into byte runs of the pool, runs flagged in `scratch_mask` into a scratch area."""
+        from transport import Descs
+
+        st = self.agents[name]
+        scratch_mask = np.asarray(scratch_mask, dtype=bool)
+        need = int(np.asarray(lengths)[scratch_mask].sum())
+        regions = (st.region,)
+        if need:
+            st.scratch = np.zeros(need, dtype=np.uint8)
+            regions = (st.region, st.agent.register(st.scratch))
+        d = Descs(regions, scratch_mask.astype(np.int32), np.asarray(offsets, dtype=np.int64),
+                  np.asarray(lengths, dtype=np.int64))
+        st.agent.read(self._peer(name, address), d, lid, timeout=timeout).wait(timeout + 5)
+
+    def pool(self, name):
+        return self.agents[name].pool.tobytes()
+
     def release(self, name, lid):
         return self.agents[name].agent.release(lid)
 

@@ -1,0 +1,149 @@
+"""Pure mapping for KV hand-offs between differently shaped paged caches (no I/O).
+
+Both engines keep one layer's cache (K, V, or K and V packed) in the HND paged layout
+`[num_blocks, heads, block_size, head_bytes]`: block-major, then head, then token slot, and one
+token's vector of one head (`head_bytes`) contiguous. A hand-off may change
+
+* the block size, when one side's is a multiple of the other's (e.g. prefill 16, decode 32), and
+* the heads a rank holds, when prefill and decode run different tensor parallelism: a decode rank
+  takes a contiguous range of a prefill rank's heads (decode TP > prefill TP), or places all of a
+  prefill rank's heads at an offset among its own (decode TP < prefill TP, one read per prefill
+  rank).
+
+The owner exposes whole blocks of the heads the reader needs, in block order (`lease_runs`); the
+reader maps that byte stream onto its own blocks (`reader_runs`), so the transport's pack/unpack
+applies the transform with no extra pass. Bytes of prefill slots past the reader's last block
+(the tail of a partial last block, when the reader's blocks are smaller) go to a scratch area.
+Everything is vectorised over numpy arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """One layer's paged cache on one rank: `[num_blocks, heads, block_size, head_bytes]`."""
+
+    heads: int
+    block_size: int
+    head_bytes: int
+
+    def __post_init__(self) -> None:
+        if min(self.heads, self.block_size, self.head_bytes) <= 0:
+            raise ValueError(f"layout sizes must be positive: {self}")
+
+    @property
+    def block_bytes(self) -> int:
+        return self.heads * self.block_size * self.head_bytes
+
+
+@dataclass(frozen=True)
+class HeadRange:
+    """Heads [src_start, src_start+count) of the owner's blocks go to heads [dst_start, ...) of
+    the reader's."""
+
+    src_start: int
+    dst_start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ReaderRuns:
+    """The reader's side of a transformed hand-off, in the lease's stream order: run i is
+    `lengths[i]` bytes at `offsets[i]` of the reader's cache, or, where `scratch[i]`, of its
+    scratch area (bytes that have no place on the reader)."""
+
+    offsets: np.ndarray
+    lengths: np.ndarray
+    scratch: np.ndarray
+
+    @property
+    def scratch_bytes(self) -> int:
+        return int(self.lengths[self.scratch].sum())
+
+
+def tp_head_ranges(total_heads: int, prefill_tp: int, decode_tp: int, decode_rank: int
+                   ) -> list[tuple[int, HeadRange]]:
+    """Which prefill ranks a decode rank reads from, and which heads: [(prefill_rank, range)].
+
+    Heads are split evenly and in order over the ranks of each side (as vLLM and TensorRT-LLM
+    shard attention heads)."""
+    for tp in (prefill_tp, decode_tp):
+        if tp <= 0 or total_heads % tp:
+            raise ValueError(f"{total_heads} KV heads do not split over TP {tp}")
+    if not 0 <= decode_rank < decode_tp:
+        raise ValueError(f"decode rank {decode_rank} out of range for TP {decode_tp}")
+    hp, hd = total_heads // prefill_tp, total_heads // decode_tp
+    lo, hi = decode_rank * hd, (decode_rank + 1) * hd
+    out = []
+    for p in range(lo // hp, (hi - 1) // hp + 1):
+        a, b = max(lo, p * hp), min(hi, (p + 1) * hp)
+        out.append((p, HeadRange(src_start=a - p * hp, dst_start=a - lo, count=b - a)))
+    return out
+
+
+def _check(src: PagedLayout, dst: PagedLayout, heads: HeadRange) -> None:
+    if src.head_bytes != dst.head_bytes:
+        raise ValueError(f"per-head token bytes differ ({src.head_bytes} vs {dst.head_bytes}): "
+                         "dtype or head size mismatch")
+    big, small = max(src.block_size, dst.block_size), min(src.block_size, dst.block_size)
+    if big % small:
+        raise ValueError(f"block sizes {src.block_size} and {dst.block_size}: one must divide the other")
+    if heads.count <= 0 or heads.src_start < 0 or heads.dst_start < 0 \
+            or heads.src_start + heads.count > src.heads or heads.dst_start + heads.count > dst.heads:
+        raise ValueError(f"head range {heads} does not fit {src.heads} -> {dst.heads} heads")
+
+
+def lease_runs(src: PagedLayout, blocks: np.ndarray, heads: HeadRange) -> tuple[np.ndarray, np.ndarray]:
+    """The owner's runs (byte offsets into one layer's cache, lengths): per block, in block
+    order, the contiguous heads `heads.src_start .. +count`."""
+    blocks = np.asarray(blocks, dtype=np.int64)
+    if heads.count <= 0 or heads.src_start < 0 or heads.src_start + heads.count > src.heads:
+        raise ValueError(f"head range {heads} does not fit {src.heads} heads")
+    run = src.block_size * src.head_bytes
+    offsets = blocks * src.block_bytes + heads.src_start * run
+    return offsets, np.full(len(blocks), heads.count * run, dtype=np.int64)
+
+
+def reader_runs(src: PagedLayout, num_src_blocks: int, dst: PagedLayout, dst_blocks: np.ndarray,
+                heads: HeadRange) -> ReaderRuns:
+    """Map the stream of `lease_runs(src, <num_src_blocks blocks>, heads)` onto the reader's
+    blocks `dst_blocks`: token slot t of the prefill stream (t = block index * block size + slot)
+    lands in reader block t // dst.block_size, slot t % dst.block_size, same head shifted by
+    `heads.dst_start - heads.src_start`."""
+    _check(src, dst, heads)
+    dst_blocks = np.asarray(dst_blocks, dtype=np.int64)
+    piece = min(src.block_size, dst.block_size)          # tokens contiguous on both sides
+    per_block = src.block_size // piece
+    b, h, j = np.meshgrid(np.arange(num_src_blocks, dtype=np.int64), np.arange(heads.count, dtype=np.int64),
+                          np.arange(per_block, dtype=np.int64), indexing="ij")
+    t = b * src.block_size + j * piece                   # first token of each piece, stream order
+    t = t.ravel()
+    h = h.ravel()
+    dblock = t // dst.block_size
+    placed = dblock < len(dst_blocks)
+    lengths = np.full(len(t), piece * dst.head_bytes, dtype=np.int64)
+    offsets = np.empty(len(t), dtype=np.int64)
+    ids = dst_blocks[dblock[placed]]
+    offsets[placed] = (ids * dst.block_bytes + (heads.dst_start + h[placed]) * dst.block_size * dst.head_bytes
+                       + (t[placed] % dst.block_size) * dst.head_bytes)
+    n_scratch = int((~placed).sum())
+    offsets[~placed] = np.arange(n_scratch, dtype=np.int64) * piece * dst.head_bytes
+    return ReaderRuns(offsets, lengths, ~placed)
+
+
+def reader_descs(runs: ReaderRuns, cache, scratch=None):
+    """`transport.Descs` of the reader's runs: rows in `cache` (a Region of one layer's cache),
+    scratch rows in `scratch` (a Region of at least `runs.scratch_bytes`), in stream order."""
+    from transport import Descs
+
+    if runs.scratch.any():
+        if scratch is None or scratch.nbytes < runs.scratch_bytes:
+            raise ValueError(f"this hand-off needs a scratch region of {runs.scratch_bytes} bytes")
+        regions = (cache, scratch)
+    else:
+        regions = (cache,)
+    return Descs(regions, runs.scratch.astype(np.int32), runs.offsets, runs.lengths)

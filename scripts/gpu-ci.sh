@@ -32,7 +32,7 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
 fi
 
 echo "== doctor"
-timeout 60 $PY -m nixl_connectors.cli doctor 2>&1 | tee "$OUT/doctor.txt" || true
+timeout 60 $PY -m nixl_connectors.tools.cli doctor 2>&1 | tee "$OUT/doctor.txt" || true
 
 echo "== pytest -m gpu tests/gpu"
 timeout 900 $PY -m pytest -m gpu tests/gpu -q -rs --timeout 300 -p no:cacheprovider ${PYTEST_ARGS:-} \
@@ -42,7 +42,7 @@ timeout 900 $PY -m pytest -m gpu tests/gpu -q -rs --timeout 300 -p no:cacheprovi
 if [ "${BENCH:-1}" = 1 ]; then
   echo "== bench --suite cuda"
   bench_nixl="--no-nixl"; [ "${NIXL:-1}" = 1 ] && bench_nixl=""
-  timeout 900 $PY -m nixl_connectors.cli bench --suite cuda $bench_nixl --json "$OUT/gpu.json" \
+  timeout 900 $PY -m nixl_connectors.tools.cli bench --suite cuda $bench_nixl --json "$OUT/gpu.json" \
     --plot "$OUT/gpu.png" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
@@ -50,7 +50,7 @@ fi
 if [ "${BASELINES:-1}" = 1 ]; then
   echo "== baselines: torch peer copy, NIXL VRAM"
   nixl_flag=""; [ "${NIXL:-1}" = 1 ] || nixl_flag="--no-nixl"
-  timeout 900 $PY -m nixl_connectors.bench.gpu_baselines --json "$OUT/gpu-baselines.json" $nixl_flag ${BASELINE_ARGS:-} \
+  timeout 900 $PY -m nixl_connectors.tools.bench.gpu_baselines --json "$OUT/gpu-baselines.json" $nixl_flag ${BASELINE_ARGS:-} \
     2>&1 | tee "$OUT/baselines.log" || true
   # ucx_perftest put bandwidth, CUDA memory, 1 GiB, two processes (when the UCX in use has it)
   perf=$(command -v ucx_perftest || true)

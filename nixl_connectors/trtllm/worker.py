@@ -27,7 +27,7 @@ import torch
 
 from transport import Agent, AgentConfig, Descs, TransportSet
 
-from ..lifecycle import ConsumerBook, PendingPull, ProducerBook
+from ..handoff.lifecycle import ConsumerBook, PendingPull, ProducerBook
 from . import directory as d
 from .config import TrtllmConnectorConfig
 from .directory_service import AnswerMailbox, BookAgent, DirectoryTable, NotificationRouter

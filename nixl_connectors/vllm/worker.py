@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..lifecycle import ConsumerBook, LeaseEnd, PendingPull, ProducerBook
+from ..handoff.lifecycle import ConsumerBook, LeaseEnd, PendingPull, ProducerBook
 from . import layout
 from .compat import compat_from_vllm, layout_signature
 from .config import UcxConnectorConfig

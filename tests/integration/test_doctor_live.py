@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from nixl_connectors.doctor import format_report, probe_ucx, run_doctor
+from nixl_connectors.tools.doctor import format_report, probe_ucx, run_doctor
 
 
 def test_run_doctor_reports_live_transports():

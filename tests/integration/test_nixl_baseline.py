@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from nixl_connectors.bench import (
+from nixl_connectors.tools.bench import (
     NixlProfile,
     NixlReadConfig,
     find_nixl,
@@ -66,8 +66,8 @@ def test_local_copy_limit():
 
 
 def test_compare_entry_for_the_sweep():
-    from nixl_connectors.bench.nixl_baseline import compare_entry
-    from nixl_connectors.bench.workloads import Memory, Workload
+    from nixl_connectors.tools.bench.nixl_baseline import compare_entry
+    from nixl_connectors.tools.bench.workloads import Memory, Workload
 
     w = Workload("tiny", 8192, 128, reps=1)
     e = compare_entry(w, profiles=(NixlProfile.TUNED,))

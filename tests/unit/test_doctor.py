@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nixl_connectors.doctor import collect_rdma, format_report as doctor_format_report
-from nixl_connectors.doctor_probe import loaded_ucx_libraries, parse_resources, uct_modules
-from nixl_connectors.doctor_report import (
+from nixl_connectors.tools.doctor import collect_rdma, format_report as doctor_format_report
+from nixl_connectors.tools.doctor_probe import loaded_ucx_libraries, parse_resources, uct_modules
+from nixl_connectors.tools.doctor_report import (
     PREFER_SYSTEM_UCX,
     CudaInfo,
     DoctorReport,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nixl_connectors.layout_transform import HeadRange, PagedLayout, lease_runs, reader_runs, tp_head_ranges
+from nixl_connectors.handoff.layout_transform import HeadRange, PagedLayout, lease_runs, reader_runs, tp_head_ranges
 
 TOTAL_HEADS = 8
 HB = 4  # bytes of one token of one head

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from nixl_connectors.bench.channel import (
+from nixl_connectors.tools.bench.pipe_messages import (
     ChannelClosed,
     ChannelError,
     ChannelTimeout,
@@ -16,9 +16,9 @@ from nixl_connectors.bench.channel import (
     b64encode,
     write_message,
 )
-from nixl_connectors.bench.nixl_baseline import NixlProfile, child_env, profile_config
-from nixl_connectors.bench.nixl_types import NixlReadConfig, UcxErrorHandling
-from nixl_connectors.bench.pattern import block_pattern, fill_pool, mismatched_blocks
+from nixl_connectors.tools.bench.nixl_baseline import NixlProfile, child_env, profile_config
+from nixl_connectors.tools.bench.nixl_types import NixlReadConfig, UcxErrorHandling
+from nixl_connectors.tools.blockfill import block_pattern, fill_pool, mismatched_blocks
 
 
 def test_pattern_is_per_block_and_deterministic():

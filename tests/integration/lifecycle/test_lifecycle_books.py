@@ -13,7 +13,7 @@ NB = 16
 
 def _owner(q_out, q_in, ttl_s):
     from transport import Agent, AgentConfig, Descs
-    from nixl_connectors.lifecycle import ProducerBook
+    from nixl_connectors.handoff.lifecycle import ProducerBook
 
     kv = (np.arange(NB * BLOCK, dtype=np.int64) % 251).astype(np.uint8)
     with Agent("owner", AgentConfig(timeout_s=10)) as a:
@@ -32,7 +32,7 @@ def _owner(q_out, q_in, ttl_s):
 
 def _reader(addr, lease_id, block_ids, q_out):
     from transport import Agent, AgentConfig, Descs
-    from nixl_connectors.lifecycle import ConsumerBook, PendingPull
+    from nixl_connectors.handoff.lifecycle import ConsumerBook, PendingPull
 
     dst = np.zeros(NB * BLOCK, dtype=np.uint8)
     with Agent("reader", AgentConfig(timeout_s=5)) as b:

@@ -3,12 +3,7 @@ transport set, started in parallel) and per-test agents inside them, closed afte
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 from xport_helpers import Node  # noqa: E402
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from xport_helpers import pattern
 
-from nixl_connectors.layout_transform import PagedLayout, lease_runs, reader_runs, tp_head_ranges
+from nixl_connectors.handoff.layout_transform import PagedLayout, lease_runs, reader_runs, tp_head_ranges
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -23,7 +23,6 @@ import pytest
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parents[1]
 REPO = TESTS.parent
-sys.path[:0] = [str(TESTS), str(REPO)]
 
 from trtllm_standin import fake_model  # noqa: E402
 
@@ -44,7 +43,8 @@ class Instance:
                "--tp", str(tp), "--tokens-per-block", str(TPB), "--device", device]
         if context_chunk:
             cmd += ["--context-chunk", str(context_chunk)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]),
+                   **(env or {}))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
         self.events: "queue.Queue[dict]" = queue.Queue()

@@ -6,14 +6,12 @@ Targets paths that are awkward to time across processes: a load failure raised f
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
 from trtllm_standin import fake_model, install  # noqa: E402
 

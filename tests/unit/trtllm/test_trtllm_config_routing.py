@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from nixl_connectors.trtllm.config import (CONFIG_ENV, ConfigError, ConnectorRole,  # noqa: E402
                                            RoutingSource, TrtllmConnectorConfig)

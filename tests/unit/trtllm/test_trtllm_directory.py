@@ -1,15 +1,12 @@
 """Lease directory wire messages: round trip, and hostile input gets a clear error."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from nixl_connectors.trtllm import directory as d  # noqa: E402
 

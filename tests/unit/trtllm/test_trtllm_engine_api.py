@@ -1,6 +1,7 @@
 """The adapter finds the connector base classes at the 1.2 path, else at the 1.3+ path."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,6 @@ REPO = Path(__file__).resolve().parents[3]
 
 SETUP = textwrap.dedent("""
     import sys, types
-    sys.path[:0] = [{tests!r}, {repo!r}]
     from trtllm_standin import kv_cache_connector as standin
     def pkg(name):
         m = types.ModuleType(name); m.__path__ = []; sys.modules[name] = m; return m
@@ -21,8 +21,9 @@ SETUP = textwrap.dedent("""
 
 
 def run(body: str) -> subprocess.CompletedProcess:
-    code = SETUP.format(tests=str(REPO / "tests"), repo=str(REPO)) + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = SETUP + textwrap.dedent(body)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_falls_back_to_the_13_path():

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parents[2]
 REPO = TESTS.parent
-sys.path[:0] = [str(TESTS), str(REPO)]
 EX = REPO / "examples" / "trtllm"
 
 from trtllm_standin import install  # noqa: E402

@@ -1,8 +1,6 @@
 """Pool tensor -> descriptor layout (pure), checked against the tensor's real bytes."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from nixl_connectors.trtllm.layout import (PoolLayoutError, full_blocks, pool_layout,  # noqa: E402
                                            transferable_tokens, validate_block_ids)

@@ -26,7 +26,6 @@ def _load_example(path: Path, name: str):
 proxy = _load_example(REPO / "examples" / "trtllm" / "proxy.py", "trtllm_example_proxy")
 from nixl_connectors.trtllm.config import ConnectorRole, RoutingSource  # noqa: E402
 
-sys.path.insert(0, str(REPO))
 from nixl_connectors.trtllm.routing import Leg, routing_of  # noqa: E402
 
 

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 TESTS = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
 from trtllm_standin import install  # noqa: E402
 

@@ -6,13 +6,11 @@ every rank has reported it.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
 from trtllm_standin import install  # noqa: E402
 

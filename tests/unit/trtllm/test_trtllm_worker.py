@@ -1,14 +1,12 @@
 """UcxKvConnectorWorker.get_finished bookkeeping (no transport: nothing registered)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 TESTS = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
 from trtllm_standin import install  # noqa: E402
 

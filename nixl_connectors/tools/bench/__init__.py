@@ -1,7 +1,7 @@
 """Benchmarks: the NIXL baseline and the local copy limit the transport is compared with."""
 
-from nixl_connectors.bench.copy_limit import local_copy_limit
-from nixl_connectors.bench.nixl_baseline import (
+from nixl_connectors.tools.bench.copy_limit import local_copy_limit
+from nixl_connectors.tools.bench.nixl_baseline import (
     DEFAULT_PROFILES,
     NixlBenchError,
     NixlProfile,
@@ -9,8 +9,8 @@ from nixl_connectors.bench.nixl_baseline import (
     profile_config,
     run_nixl_read,
 )
-from nixl_connectors.bench.nixl_import import NixlAvailability, find_nixl
-from nixl_connectors.bench.nixl_types import NixlReadConfig, NixlReadResult, UcxErrorHandling
+from nixl_connectors.tools.bench.nixl_import import NixlAvailability, find_nixl
+from nixl_connectors.tools.bench.nixl_types import NixlReadConfig, NixlReadResult, UcxErrorHandling
 
 __all__ = [
     "DEFAULT_PROFILES",

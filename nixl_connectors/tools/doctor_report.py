@@ -1,7 +1,7 @@
 """What ``nixl-connectors doctor`` found, why a slower path would be chosen, and how to print it.
 
 Pure: dataclasses, classification, diagnosis and formatting only; collecting the facts
-(child processes, /sys, torch) lives in ``nixl_connectors.doctor``.
+(child processes, /sys, torch) lives in ``nixl_connectors.tools.doctor``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Child-process side of ``nixl-connectors doctor``: start a UCX context and describe it.
 
-Run as ``python -m nixl_connectors.doctor_probe``; prints one JSON object on a private copy
+Run as ``python -m nixl_connectors.tools.doctor_probe``; prints one JSON object on a private copy
 of stdout (fd 1 itself is pointed at stderr so UCX output cannot corrupt it). It runs in
 a child so that the caller's process never initialises UCX and the environment used
 (e.g. without ``UCX_TLS``) is the child's alone.

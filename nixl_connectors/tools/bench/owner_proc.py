@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..pattern import fill_pool
+from ..blockfill import fill_pool
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _owner_main(spec: OwnerSpec, conn) -> None:
             tensors.append(t)
         else:
             pool = np.empty((spec.num_blocks, spec.block_bytes), dtype=np.uint8)
-        fill_pool(pool, layer_seed(spec.seed, layer))
+        fill_pool(pool, spec.block_bytes, layer_seed(spec.seed, layer))
         pools.append(pool)
     cfg = AgentConfig(auth_key=spec.auth_key, transports=TransportSet(spec.transports),
                       chunk_bytes=spec.chunk_bytes, staging_bytes=max(64 << 20, 4 * spec.chunk_bytes),

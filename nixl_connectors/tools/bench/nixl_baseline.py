@@ -12,7 +12,7 @@ UCX reads its configuration from the environment when NIXL starts, so per-run se
 never changed. The UCX backend's error handling is a NIXL backend parameter
 (``ucx_error_handling_mode``: ``peer``, the default, or ``none``).
 
-Command line: ``python -m nixl_connectors.bench --help``.
+Command line: ``python -m nixl_connectors.tools.bench --help``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from nixl_connectors.bench.channel import ChannelError, LineReader, write_message
-from nixl_connectors.bench.copy_limit import local_copy_limit
-from nixl_connectors.bench.nixl_import import find_nixl
-from nixl_connectors.bench.nixl_types import (
+from nixl_connectors.tools.bench.pipe_messages import ChannelError, LineReader, write_message
+from nixl_connectors.tools.bench.copy_limit import local_copy_limit
+from nixl_connectors.tools.bench.nixl_import import find_nixl
+from nixl_connectors.tools.bench.nixl_types import (
     MsgType,
     NixlReadConfig,
     NixlReadResult,
@@ -55,7 +55,7 @@ __all__ = [
     "run_nixl_read",
 ]
 
-WORKER_MODULE = "nixl_connectors.bench._nixl_worker"
+WORKER_MODULE = "nixl_connectors.tools.bench._nixl_worker"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 _STDERR_TAIL = 4000
 _EXIT_GRACE_S = 10.0
@@ -277,7 +277,7 @@ COMPARE_PROFILES: tuple[NixlProfile, ...] = (
 
 
 def compare_entry(workload: Any, profiles: tuple[NixlProfile, ...] = COMPARE_PROFILES) -> dict[str, Any]:
-    """NIXL results for a ``nixl_connectors.bench.workloads.Workload`` (used by ``nixl-connectors bench``).
+    """NIXL results for a ``nixl_connectors.tools.bench.workloads.Workload`` (used by ``nixl-connectors bench``).
 
     Returns ``{"available", "reason", "configs": [{"name", "gbps", "verified", "reason", "result"}]}``;
     ``gbps`` is None for a configuration that failed. Host memory only.
@@ -303,7 +303,7 @@ def compare_entry(workload: Any, profiles: tuple[NixlProfile, ...] = COMPARE_PRO
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nixl_connectors.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nixl_connectors.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--block-bytes", type=int, default=16 * 1024)
     p.add_argument("--num-blocks", type=int, default=16_384)
     p.add_argument("--pool-blocks", type=int, default=None, help="default: 2 x num-blocks")

@@ -2,7 +2,7 @@
 processes, over (a) a listener endpoint with error handling on (what a control endpoint uses)
 and (b) a worker-address endpoint with error handling off (what our data endpoints use).
 
-    python3 -m nixl_connectors.bench.ucx_error_handling [--mib 256] [--reps 5]
+    python3 -m nixl_connectors.tools.bench.ucx_error_handling [--mib 256] [--reps 5]
 """
 from __future__ import annotations
 

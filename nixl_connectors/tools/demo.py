@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .bench.owner_proc import OwnerProcess, OwnerSpec, layer_seed
-from .pattern import count_bad_blocks
+from .blockfill import mismatched_blocks
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out=print) -> DemoResult:
             bad = 0
             for _, _, s_ids, d_ids in jobs:
                 for layer in range(cfg.num_layers):
-                    bad += count_bad_blocks(rows[layer].numpy()[d_ids], s_ids, layer_seed(spec.seed, layer))
+                    bad += mismatched_blocks(rows[layer].numpy()[d_ids], s_ids, cfg.block_bytes, layer_seed(spec.seed, layer))
             out(f"  round {rnd + 1}: {nbytes / dt / 1e9:6.2f} GB/s  ({dt * 1e3:.1f} ms), "
                 f"verified {len(jobs) * cfg.num_layers} request-layers, bad blocks: {bad}")
             if bad:

@@ -1,4 +1,4 @@
-"""Child-process side of the NIXL baseline: ``python -m nixl_connectors.bench._nixl_worker ROLE``.
+"""Child-process side of the NIXL baseline: ``python -m nixl_connectors.tools.bench._nixl_worker ROLE``.
 
 Protocol (JSON lines, see ``nixl_types.MsgType``): the parent writes CONFIG to both
 children on stdin; the owner answers READY (its NIXL agent metadata and pool address);
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from nixl_connectors.bench.channel import LineReader, b64decode, b64encode, write_message
-from nixl_connectors.bench.nixl_import import find_nixl, import_nixl
-from nixl_connectors.bench.nixl_types import MsgType, NixlReadConfig, Role, XferState
-from nixl_connectors.bench.pattern import fill_pool, mismatched_blocks
+from nixl_connectors.tools.bench.pipe_messages import LineReader, b64decode, b64encode, write_message
+from nixl_connectors.tools.bench.nixl_import import find_nixl, import_nixl
+from nixl_connectors.tools.bench.nixl_types import MsgType, NixlReadConfig, Role, XferState
+from nixl_connectors.tools.blockfill import fill_pool, mismatched_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
   per block, every byte verified;
 - our transport at several chunk sizes (to choose the CUDA default).
 
-    python3 -m nixl_connectors.bench.gpu_baselines --json out.json [--no-nixl] [--chunks 8,32,128]
+    python3 -m nixl_connectors.tools.bench.gpu_baselines --json out.json [--no-nixl] [--chunks 8,32,128]
 
 Needs two GPUs. NIXL is optional (skipped with a reason when it does not import).
 """

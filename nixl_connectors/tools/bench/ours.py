@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from ..pattern import count_bad_blocks
+from ..blockfill import mismatched_blocks
 from .owner_proc import OwnerProcess, OwnerSpec
 from .workloads import Memory, Workload
 
@@ -113,7 +113,7 @@ def run_ours(w: Workload, seed: int = 0, timeout_s: float = 120.0, chunk_bytes: 
             owner.call("release", lease)
         for layer, d in enumerate(dst):
             host = d.cpu().numpy() if dev != "cpu" else d.numpy()
-            bad += count_bad_blocks(host[d_ids], s_ids, layer_seed(spec.seed, layer))
+            bad += mismatched_blocks(host[d_ids], s_ids, w.block_bytes, layer_seed(spec.seed, layer))
     best = min(times[1:])
     return {"impl": "nixl_connectors", "gbps": w.nbytes / best / 1e9, "best_s": best,
             "median_s": float(np.median(times[1:])), "bad_blocks": bad, "chunk_bytes": chunk,

@@ -2,7 +2,7 @@
 
 ``run_doctor()`` collects the facts (UCX in child processes, /sys/class/infiniband, torch/CUDA,
 NIXL) and returns a dict; ``main()`` prints it. Diagnosis and formatting are pure functions in
-``nixl_connectors.doctor_report``. Nothing here changes this process's environment.
+``nixl_connectors.tools.doctor_report``. Nothing here changes this process's environment.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from nixl_connectors.bench.nixl_import import find_nixl
-from nixl_connectors.doctor_report import (
+from nixl_connectors.tools.bench.nixl_import import find_nixl
+from nixl_connectors.tools.doctor_report import (
     PREFER_SYSTEM_UCX,
     CudaInfo,
     DoctorReport,
@@ -30,7 +30,7 @@ from nixl_connectors.doctor_report import (
 
 logger = logging.getLogger(__name__)
 
-PROBE_MODULE = "nixl_connectors.doctor_probe"
+PROBE_MODULE = "nixl_connectors.tools.doctor_probe"
 INFINIBAND_SYSFS = Path("/sys/class/infiniband")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Deterministic, verifiable block contents for benchmarks (pure, no I/O).
+"""Deterministic, verifiable block contents for the demo, benchmarks and tests (pure, no I/O).
 
 Every block of a benchmark pool is filled with a pattern that depends only on the
 block id, the block size and a seed, so a reader can check the blocks it received
@@ -37,10 +37,11 @@ def block_pattern(block_ids: np.ndarray, block_bytes: int, seed: int) -> np.ndar
 
 
 def fill_pool(pool: np.ndarray, block_bytes: int, seed: int, chunk_blocks: int = 4096) -> None:
-    """Fill a flat uint8 pool (whole blocks) with ``block_pattern``, chunk by chunk."""
+    """Fill a uint8 pool of whole blocks (flat, or ``[num_blocks, block_bytes]``) with
+    ``block_pattern``, chunk by chunk."""
     check_block_bytes(block_bytes)
-    if pool.dtype != np.uint8 or pool.ndim != 1 or pool.size % block_bytes:
-        raise ValueError("pool must be a flat uint8 array of whole blocks")
+    if pool.dtype != np.uint8 or pool.ndim not in (1, 2) or pool.size % block_bytes:
+        raise ValueError("pool must be a uint8 array of whole blocks")
     blocks = pool.reshape(-1, block_bytes)
     for start in range(0, blocks.shape[0], chunk_blocks):
         stop = min(start + chunk_blocks, blocks.shape[0])

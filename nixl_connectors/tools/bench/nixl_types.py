@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nixl_connectors.bench.pattern import check_block_bytes
+from nixl_connectors.tools.blockfill import check_block_bytes
 
 
 class Role(str, enum.Enum):

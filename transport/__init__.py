@@ -5,7 +5,7 @@ Importing this package does not start UCX; the first `Agent` does.
 from .agent import Agent
 from .config import AgentConfig, TransportSet
 from .descs import Descs
-from .errors import (BadMessage, CompatMismatch, ErrorCode, LeaseRejected, PeerLost, ProtocolMismatch,
+from .errors import (BadMessage, CallFailed, CompatMismatch, ErrorCode, LeaseRejected, PeerLost, ProtocolMismatch,
                      TransferCancelled, TransferError, TransferTimeout, Unauthorized)
 from .leases import Lease
 from .region import MemoryKind, Region
@@ -15,5 +15,5 @@ from .transfer import Peer, Transfer
 __all__ = [
     "Agent", "AgentConfig", "TransportSet", "Descs", "Region", "MemoryKind", "Lease", "Peer", "Transfer",
     "AgentStats", "TransferError", "TransferTimeout", "PeerLost", "LeaseRejected", "ProtocolMismatch",
-    "CompatMismatch", "Unauthorized", "TransferCancelled", "BadMessage", "ErrorCode",
+    "CompatMismatch", "Unauthorized", "TransferCancelled", "BadMessage", "CallFailed", "ErrorCode",
 ]

@@ -60,6 +60,10 @@ class Agent:
         self._lock = threading.Lock()
         self._leases = LeaseTable()
         self._notifs: list[tuple[str, bytes]] = []
+        self._notify_cb = None
+        self._notify_ex = None
+        self._call_handler = None
+        self._call_ex = None
         self._by_name: dict[str, Channel] = {}      # every live, authenticated channel by peer name
         self._by_addr: dict[str, Channel] = {}      # outbound channels by address
         self._chans: set[Channel] = set()           # every live channel, both directions
@@ -159,6 +163,74 @@ class Agent:
         with self._lock:
             out, self._notifs = self._notifs, []
             return out
+
+    def on_notify(self, callback, executor=None) -> None:
+        """Deliver notifications to `callback(peer_name, payload)` as they arrive instead of
+        queueing them for `notifications()` (None: back to queueing). The callback runs on the
+        transport's loop thread (it must not block) unless `executor` is given. Notifications
+        already queued are delivered first."""
+        def _set() -> None:
+            self._notify_cb, self._notify_ex = callback, executor
+            if callback is not None:
+                with self._lock:
+                    queued, self._notifs = self._notifs, []
+                for peer, payload in queued:
+                    self._deliver(peer, payload)
+        self._rt.call_soon(_set)
+
+    def _deliver(self, peer: str, payload: bytes) -> None:
+        cb, ex = self._notify_cb, self._notify_ex
+        if cb is None:
+            with self._lock:
+                self._notifs.append((peer, payload))
+            return
+        if ex is not None:
+            ex.submit(self._run_cb, cb, peer, payload)
+        else:
+            self._run_cb(cb, peer, payload)
+
+    @staticmethod
+    def _run_cb(cb, peer: str, payload: bytes) -> None:
+        try:
+            cb(peer, payload)
+        except Exception:
+            log.exception("notification callback failed")
+
+    def on_call(self, handler, executor=None) -> None:
+        """Answer peers' `call()`s with `handler(peer_name, payload) -> bytes` (None: calls fail
+        with CallFailed). Runs on the loop thread (must not block) unless `executor` is given;
+        an exception in the handler reaches the caller as CallFailed."""
+        self._call_handler, self._call_ex = handler, executor
+
+    def call(self, peer: Peer | str, payload: bytes, timeout: float | None = None) -> bytes:
+        """Request/reply with the peer's `on_call` handler; returns its reply."""
+        t = timeout or self.config.timeout_s
+        return self._rt.call(self._acall(peer, payload, t), t)
+
+    async def acall(self, peer: Peer | str, payload: bytes, timeout: float | None = None) -> bytes:
+        return await self._rt.acall(self._acall(peer, payload, timeout or self.config.timeout_s))
+
+    async def _acall(self, peer, payload: bytes, timeout: float) -> bytes:
+        f = await self._channel(peer).request(Msg.CALL, timeout, payload=bytes(payload))
+        return f.body["payload"]
+
+    async def _serve_call(self, peer: str, payload: bytes) -> bytes:
+        from .errors import CallFailed
+
+        h, ex = self._call_handler, self._call_ex
+        if h is None:
+            raise CallFailed(f"{self.name} has no call handler")
+        try:
+            if ex is None:
+                out = h(peer, payload)
+            else:
+                out = await asyncio.get_running_loop().run_in_executor(ex, h, peer, payload)
+        except Exception as e:
+            log.warning("%s: call handler failed for %s: %s", self.name, peer, e)
+            raise CallFailed(f"call handler failed: {type(e).__name__}: {e}") from None
+        if not isinstance(out, (bytes, bytearray)):
+            raise CallFailed("call handler returned no bytes")
+        return bytes(out)
 
     def peers(self) -> list[str]:
         return [n for n, ch in self._by_name.items() if ch.lost is None]

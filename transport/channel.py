@@ -19,7 +19,7 @@ from .wire import Frame, Msg
 
 log = logging.getLogger(__name__)
 
-REPLY_TYPES = {Msg.HELLO_ACK, Msg.WELCOME, Msg.ERROR, Msg.READ_ACK, Msg.WRITE_ACK, Msg.OK}
+REPLY_TYPES = {Msg.HELLO_ACK, Msg.WELCOME, Msg.ERROR, Msg.READ_ACK, Msg.WRITE_ACK, Msg.OK, Msg.CALL_REPLY}
 Handler = Callable[["Channel", Frame], Awaitable[None]]
 
 

@@ -18,6 +18,7 @@ class ErrorCode(str, Enum):
     UNAUTHORIZED = "unauthorized"
     BAD_MESSAGE = "bad_message"
     CANCELLED = "cancelled"
+    CALL_FAILED = "call_failed"
     INTERNAL = "internal"
 
 
@@ -77,6 +78,12 @@ class TransferCancelled(TransferError):
     code = ErrorCode.CANCELLED
 
 
+class CallFailed(TransferError):
+    """The peer's call handler raised, or the peer has no handler (`Agent.call`)."""
+
+    code = ErrorCode.CALL_FAILED
+
+
 class BadMessage(TransferError):
     """A malformed, truncated, oversized or unexpected message."""
 
@@ -91,6 +98,7 @@ _BY_CODE: dict[ErrorCode, type[TransferError]] = {
     ErrorCode.UNAUTHORIZED: Unauthorized,
     ErrorCode.CANCELLED: TransferCancelled,
     ErrorCode.BAD_MESSAGE: BadMessage,
+    ErrorCode.CALL_FAILED: CallFailed,
 }
 _LEASE_CODES = {ErrorCode.NO_SUCH_LEASE, ErrorCode.LEASE_EXPIRED, ErrorCode.NOT_ALLOWED,
                 ErrorCode.SIZE_MISMATCH}

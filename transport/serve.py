@@ -47,8 +47,8 @@ async def serve_frame(agent: "Agent", ch: Channel, f: Frame) -> None:
             e = agent._leases.get(b["lease"])
             if e is not None:
                 e.reads += 1
-            if b["notify"] is not None:
-                agent._notifs.append((ch.peer_name, b["notify"]))
+        if b["notify"] is not None:
+            agent._deliver(ch.peer_name, b["notify"])
         await ch.send(Msg.OK, f.rid, expires_in=None)
     elif f.type is Msg.WRITE_DONE:
         fut = agent._write_waiters.get(b["xid"])
@@ -67,8 +67,10 @@ async def serve_frame(agent: "Agent", ch: Channel, f: Frame) -> None:
             left = agent._leases.renew(b["lease"], ch.peer_name, b["ttl"], agent.config.max_ttl_s)
         await ch.send(Msg.OK, f.rid, expires_in=left)
     elif f.type is Msg.NOTIFY:
-        with agent._lock:
-            agent._notifs.append((ch.peer_name, b["payload"]))
+        agent._deliver(ch.peer_name, b["payload"])
+    elif f.type is Msg.CALL:
+        out = await agent._serve_call(ch.peer_name, b["payload"])
+        await ch.send(Msg.CALL_REPLY, f.rid, payload=out)
     elif f.type is Msg.PING:
         await ch.send(Msg.PONG, f.rid)
     else:
@@ -130,9 +132,8 @@ async def _serve_transfer(agent: "Agent", ch: Channel, f: Frame, write: bool) ->
             tag = agent._rt.new_tag_base()
             await ch.send(Msg.WRITE_ACK, f.rid, xid=xid, chunk=chunk, tag=tag)
             await agent._run_stream(Receiver, ch, entry.descs, chunk, tag, deadline, tok)
-            with agent._lock:
-                if b["notify"] is not None:
-                    agent._notifs.append((ch.peer_name, b["notify"]))
+            if b["notify"] is not None:
+                agent._deliver(ch.peer_name, b["notify"])
             await ch.send(Msg.WRITE_DONE, xid=xid)
             agent.stats.record_in(entry.descs.nbytes, loop.time() - t0)
         elif b["cma"] and _host_only(entry.descs) and len(entry.descs) <= agent.config.max_message_bytes // 32:

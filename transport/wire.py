@@ -35,6 +35,8 @@ class Msg(str, Enum):
     OK = "ok"                    # generic success reply
     NOTIFY = "notify"            # plain notification
     PING = "ping"                # keepalive probe
+    CALL = "call"                # application request (Agent.call); answered CALL_REPLY or ERROR
+    CALL_REPLY = "call_reply"    # application reply
     PONG = "pong"
 
 
@@ -59,6 +61,8 @@ SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
     Msg.OK: {"expires_in": (int, float, type(None))},
     Msg.NOTIFY: {"payload": _B},
     Msg.PING: {},
+    Msg.CALL: {"payload": _B},
+    Msg.CALL_REPLY: {"payload": _B},
     Msg.PONG: {},
 }
 

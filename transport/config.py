@@ -61,6 +61,8 @@ class AgentConfig:
     max_message_bytes: size limit of one control message, checked before decoding.
     same_host_copy: read host memory of a peer on the same host with one kernel copy
         (process_vm_readv with scatter/gather lists, see cma.py) instead of pack/UCX/unpack.
+    gpu_ipc: read CUDA memory of a peer on the same host through CUDA IPC with one fused
+        kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
     ucx_options: extra UCX settings (names without the UCX_ prefix) for the process's UCX
         context; like `transports`, the first agent of a process decides them.
     """
@@ -77,6 +79,7 @@ class AgentConfig:
     sweep_interval_s: float = 0.5
     max_message_bytes: int = 8 << 20
     same_host_copy: bool = True
+    gpu_ipc: bool = True
     ucx_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 MIN_CHUNK, MAX_CHUNK = 4096, 1 << 30
 
 
+def _ranges_bytes(ranges, nbytes: int) -> bytes:
+    import numpy as np
+
+    r = np.asarray(ranges)
+    if r.ndim != 2 or r.shape[1] != 2 or r.shape[0] == 0 or r.dtype.kind not in "iu":
+        raise ValueError("ranges must be a non-empty [n, 2] integer array of (offset, length)")
+    r = r.astype("<i8")
+    if np.any(r[:, 1] <= 0) or np.any(r[:, 0] < 0):
+        raise ValueError("ranges need offsets >= 0 and lengths > 0")
+    if int(r[:, 1].sum()) != nbytes:
+        raise ValueError(f"ranges add up to {int(r[:, 1].sum())} bytes, local descriptors to {nbytes}")
+    return r.tobytes()
+
+
 def _valid_chunk(c: int) -> bool:
     return MIN_CHUNK <= c <= MAX_CHUNK and c & (c - 1) == 0
 
@@ -380,9 +394,11 @@ class Agent:
 
     # ------------------------------------------------------------------ reader / writer side
     def read(self, peer: Peer | str, local: Descs, lease_id: str, notify: bytes | None = None,
-             timeout: float | None = None) -> Transfer:
-        """Pull the whole lease `lease_id` held by `peer` into `local` (same total size)."""
-        return self._start_xfer(self._xfer_read, peer, local, lease_id, notify, timeout)
+             timeout: float | None = None, ranges=None) -> Transfer:
+        """Pull the whole lease `lease_id` held by `peer` into `local` (same total size), or only
+        byte `ranges` of it ([n, 2] (offset, length) into the lease's stream, in that order)."""
+        rb = _ranges_bytes(ranges, local.nbytes) if ranges is not None else None
+        return self._start_xfer(self._xfer_read, peer, local, lease_id, notify, timeout, rb)
 
     def write(self, peer: Peer | str, local: Descs, lease_id: str, notify: bytes | None = None,
               timeout: float | None = None) -> Transfer:
@@ -395,7 +411,7 @@ class Agent:
     async def awrite(self, *args: Any, **kw: Any) -> None:
         await self.write(*args, **kw)
 
-    def _start_xfer(self, fn, peer, local, lease_id, notify, timeout) -> Transfer:
+    def _start_xfer(self, fn, peer, local, lease_id, notify, timeout, *extra) -> Transfer:
         if not isinstance(local, Descs):
             raise TypeError("local must be a Descs")
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
@@ -407,7 +423,7 @@ class Agent:
             tok = CancelToken()
             tok_holder.append(tok)
             ready.set()
-            await fn(peer, local, lease_id, notify, timeout or self.config.timeout_s, tok)
+            await fn(peer, local, lease_id, notify, timeout or self.config.timeout_s, tok, *extra)
 
         fut = asyncio.run_coroutine_threadsafe(run(), self._rt.loop)
 
@@ -456,31 +472,32 @@ class Agent:
                 and all(r.device.type == "cpu" for r in local.regions))
 
     async def _xfer_read(self, peer, local: Descs, lease_id: str, notify, timeout: float,
-                         tok: CancelToken) -> None:
+                         tok: CancelToken, ranges: bytes | None = None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ch = self._channel(peer)
         t0 = loop.time()
         try:
             try:
-                await self._read_once(ch, local, lease_id, notify, deadline, tok, self._can_cma(ch, local))
+                await self._read_once(ch, local, lease_id, notify, deadline, tok, self._can_cma(ch, local), ranges)
             except cma.CmaUnavailable as e:
                 log.warning("%s: same-host copy from %s unavailable (%s); using UCX", self.name, ch.peer_name, e)
                 ch.cma_ok = False
-                await self._read_once(ch, local, lease_id, notify, deadline, tok, False)
+                await self._read_once(ch, local, lease_id, notify, deadline, tok, False, ranges)
         except TransferError:
             self.stats.transfers_failed += 1
             raise
         self.stats.record_in(local.nbytes, loop.time() - t0)
 
     async def _read_once(self, ch: Channel, local: Descs, lease_id: str, notify, deadline: float,
-                         tok: CancelToken, want_cma: bool) -> None:
+                         tok: CancelToken, want_cma: bool, ranges: bytes | None = None) -> None:
         loop = asyncio.get_running_loop()
         xid = next(self._xids)
         tag = self._rt.new_tag_base()
         try:
             ack = await ch.request(Msg.READ_REQ, max(0.0, deadline - loop.time()), xid=xid, lease=lease_id,
-                                   nbytes=local.nbytes, chunk=self.config.chunk_bytes, tag=tag, cma=want_cma)
+                                   nbytes=local.nbytes, chunk=self.config.chunk_bytes, tag=tag, cma=want_cma,
+                                   ranges=ranges)
             chunk, iov = ack.body["chunk"], ack.body["iov"]
             if not _valid_chunk(chunk) or chunk > self.config.chunk_bytes:
                 raise BadMessage(f"owner chose an invalid chunk size {chunk}")

@@ -93,6 +93,36 @@ class Descs:
     def nbytes(self) -> int:
         return int(self.length.sum()) if len(self) else 0
 
+    def select_stream(self, ranges) -> "Descs":
+        """The descriptors covering byte ranges of this stream, in the ranges' order.
+
+        `ranges` is an [n, 2] array of (offset, length) into the stream (the concatenation of
+        this Descs' ranges). Raises ValueError for an empty, negative or out-of-stream range
+        (checked without overflow)."""
+        r = np.asarray(ranges)
+        if r.ndim != 2 or r.shape[1] != 2 or r.shape[0] == 0:
+            raise ValueError("ranges must be a non-empty [n, 2] array of (offset, length)")
+        if r.dtype.kind not in "iu":
+            raise ValueError("ranges must be integers")
+        total = self.nbytes
+        if r.dtype.kind == "u" and r.size and int(r.max()) > total:
+            raise ValueError("range outside the stream")
+        r = r.astype(np.int64)
+        s, n = r[:, 0], r[:, 1]
+        if np.any(n <= 0) or np.any(s < 0) or np.any(s > total - n):
+            raise ValueError(f"ranges must have length > 0 and lie inside the {total}-byte stream")
+        cum = np.concatenate(([0], np.cumsum(self.length)))
+        e = s + n
+        first = np.searchsorted(cum, s, side="right") - 1
+        last = np.searchsorted(cum, e, side="left") - 1
+        count = last - first + 1
+        tot = int(count.sum())
+        j = np.repeat(first - np.concatenate(([0], np.cumsum(count)[:-1])), count) + np.arange(tot)
+        rs, re = np.repeat(s, count), np.repeat(e, count)
+        start = np.maximum(rs, cum[j])
+        end = np.minimum(re, cum[j + 1])
+        return Descs(self.regions, self.region_idx[j], self.offset[j] + (start - cum[j]), end - start)
+
     def coalesced(self) -> "Descs":
         """Merge neighbours in stream order that are adjacent in the same region."""
         n = len(self)

@@ -67,8 +67,10 @@ class LeaseTable:
     def public(self, e: LeaseEntry) -> Lease:
         return Lease(e.id, e.descs.nbytes, time.time() + (e.expires_mono - self._clock()))
 
-    def acquire(self, lid: str, peer: str, nbytes: int, want_write: bool) -> LeaseEntry:
-        """Validate an access by `peer` and take a reference; raise LeaseRejected."""
+    def acquire(self, lid: str, peer: str, nbytes: int, want_write: bool, ranges=None) -> tuple[LeaseEntry, Descs]:
+        """Validate an access by `peer` to the whole lease, or to byte `ranges` ([n, 2] int64
+        (offset, length) of its stream), and take a reference; returns the entry and the
+        descriptors to move. Raises LeaseRejected."""
         e = self._leases.get(lid)
         if e is None or e.state is LeaseState.FREED:
             raise LeaseRejected(f"no such lease {lid[:12]}", ErrorCode.NO_SUCH_LEASE)
@@ -78,11 +80,17 @@ class LeaseTable:
             raise LeaseRejected(f"lease {lid[:12]} is not exposed to {peer!r}", ErrorCode.NOT_ALLOWED)
         if want_write and not e.writable:
             raise LeaseRejected(f"lease {lid[:12]} is not writable", ErrorCode.NOT_ALLOWED)
-        if nbytes != e.descs.nbytes:
-            raise LeaseRejected(f"lease {lid[:12]} holds {e.descs.nbytes} bytes, request names {nbytes}",
-                                ErrorCode.SIZE_MISMATCH)
+        descs = e.descs
+        if ranges is not None:
+            try:
+                descs = e.descs.select_stream(ranges)
+            except ValueError as err:
+                raise LeaseRejected(f"lease {lid[:12]}: {err}", ErrorCode.SIZE_MISMATCH) from None
+        if nbytes != descs.nbytes:
+            raise LeaseRejected(f"lease {lid[:12]} holds {descs.nbytes} bytes (in the ranges read), "
+                                f"request names {nbytes}", ErrorCode.SIZE_MISMATCH)
         e.refs += 1
-        return e
+        return e, descs
 
     def drop(self, e: LeaseEntry) -> None:
         e.refs -= 1

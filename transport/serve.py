@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
+import numpy as np
 from typing import TYPE_CHECKING
 
 from .channel import Channel
@@ -81,7 +83,7 @@ def _host_only(descs) -> bool:
     return all(r.device.type == "cpu" for r in descs.regions)
 
 
-async def _serve_cma_read(agent: "Agent", ch: Channel, f: Frame, entry, deadline: float,
+async def _serve_cma_read(agent: "Agent", ch: Channel, f: Frame, descs, deadline: float,
                           tok: CancelToken) -> None:
     """Hand the reader the leased blocks' addresses and hold the lease until it reports done.
 
@@ -94,7 +96,7 @@ async def _serve_cma_read(agent: "Agent", ch: Channel, f: Frame, entry, deadline
     agent._cma_waiters[key] = done
     waiter = loop.create_task(tok.wait())
     try:
-        iov = cma.iovecs(entry.descs).tobytes()
+        iov = cma.iovecs(descs).tobytes()
         await ch.send(Msg.READ_ACK, f.rid, xid=f.body["xid"], chunk=f.body["chunk"], iov=iov)
         fin, _ = await asyncio.wait({done, waiter}, timeout=max(0.0, deadline - loop.time()),
                                     return_when=asyncio.FIRST_COMPLETED)
@@ -112,8 +114,14 @@ async def _serve_transfer(agent: "Agent", ch: Channel, f: Frame, write: bool) ->
     if not write and (b["tag"] <= 0 or b["tag"] & ((1 << TAG_CHUNK_BITS) - 1) or b["tag"] >= 1 << 63):
         raise BadMessage("invalid data tag")
     try:
+        ranges = None
+        if not write and b["ranges"] is not None:
+            if len(b["ranges"]) % 16 or not b["ranges"]:
+                raise BadMessage("ranges are not whole (offset, length) int64 pairs")
+            ranges = np.frombuffer(b["ranges"], dtype="<i8").reshape(-1, 2)
         with agent._lock:
-            entry = agent._leases.acquire(b["lease"], ch.peer_name, b["nbytes"], want_write=write)
+            entry, descs = agent._leases.acquire(b["lease"], ch.peer_name, b["nbytes"], want_write=write,
+                                                 ranges=ranges)
     except LeaseRejected:
         agent.stats.requests_rejected += 1
         raise
@@ -131,18 +139,18 @@ async def _serve_transfer(agent: "Agent", ch: Channel, f: Frame, write: bool) ->
         if write:
             tag = agent._rt.new_tag_base()
             await ch.send(Msg.WRITE_ACK, f.rid, xid=xid, chunk=chunk, tag=tag)
-            await agent._run_stream(Receiver, ch, entry.descs, chunk, tag, deadline, tok)
+            await agent._run_stream(Receiver, ch, descs, chunk, tag, deadline, tok)
             if b["notify"] is not None:
                 agent._deliver(ch.peer_name, b["notify"])
             await ch.send(Msg.WRITE_DONE, xid=xid)
-            agent.stats.record_in(entry.descs.nbytes, loop.time() - t0)
-        elif b["cma"] and _host_only(entry.descs) and len(entry.descs) <= agent.config.max_message_bytes // 32:
-            await _serve_cma_read(agent, ch, f, entry, deadline, tok)
-            agent.stats.record_out(entry.descs.nbytes, loop.time() - t0)
+            agent.stats.record_in(descs.nbytes, loop.time() - t0)
+        elif b["cma"] and _host_only(descs) and len(descs) <= agent.config.max_message_bytes // 32:
+            await _serve_cma_read(agent, ch, f, descs, deadline, tok)
+            agent.stats.record_out(descs.nbytes, loop.time() - t0)
         else:
             await ch.send(Msg.READ_ACK, f.rid, xid=xid, chunk=chunk, iov=None)
-            await agent._run_stream(Sender, ch, entry.descs, chunk, b["tag"], deadline, tok)
-            agent.stats.record_out(entry.descs.nbytes, loop.time() - t0)
+            await agent._run_stream(Sender, ch, descs, chunk, b["tag"], deadline, tok)
+            agent.stats.record_out(descs.nbytes, loop.time() - t0)
     except TransferError as e:
         agent.stats.transfers_failed += 1
         log.warning("%s: %s of lease %s for %s failed: %s", agent.name, "write" if write else "read",

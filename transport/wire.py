@@ -50,7 +50,7 @@ SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
     Msg.AUTH: {"mac": _B},
     Msg.WELCOME: {},
     Msg.ERROR: {"code": _S, "message": _S, "field": (str, type(None))},
-    Msg.READ_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "chunk": _I, "tag": _I, "cma": (bool,)},
+    Msg.READ_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "chunk": _I, "tag": _I, "cma": (bool,), "ranges": _OPT_B},
     Msg.READ_ACK: {"xid": _I, "chunk": _I, "iov": _OPT_B},
     Msg.READ_DONE: {"xid": _I, "lease": _S, "notify": _OPT_B},
     Msg.WRITE_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "chunk": _I, "notify": _OPT_B},

@@ -32,7 +32,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable, Sequence
 
+from transport.errors import CompatMismatch, PeerLost, ProtocolMismatch, Unauthorized
+
 logger = logging.getLogger(__name__)
+
+# failures after which a cached connection to that peer is not reused
+_PEER_UNUSABLE = (PeerLost, ProtocolMismatch, CompatMismatch, Unauthorized)
 
 
 class LeaseEnd(str, Enum):
@@ -284,7 +289,7 @@ class ConsumerBook:
         pull.seconds = self._clock() - pull.started_at
         logger.warning("pull of %s from %s failed: %s: %s", pull.request_id, pull.address,
                        type(err).__name__, err)
-        if type(err).__name__ in ("PeerLost", "ProtocolMismatch", "CompatMismatch", "Unauthorized"):
+        if isinstance(err, _PEER_UNUSABLE):
             self.forget_peer(pull.address)
 
     def cancel(self, request_id: str) -> None:

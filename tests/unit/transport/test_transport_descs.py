@@ -244,3 +244,49 @@ def test_agent_config_defaults_and_coercion():
     assert TransportSet.TCP.ucx_tls() == "tcp,self"
     assert "sm" in TransportSet.SHM.ucx_tls() and "tcp" in TransportSet.SHM.ucx_tls()
     assert TransportSet.AUTO.ucx_tls() is None
+
+
+# -- select_stream: a read of part of a lease ------------------------------------------------
+
+
+def _stream_bytes(d):
+    out = []
+    for ri, o, n in zip(d.region_idx, d.offset, d.length):
+        out.append(d.regions[ri].flat[o:o + n].numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.uint8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 9)), min_size=1, max_size=12),
+       st.data())
+def test_select_stream_matches_byte_slicing(rows, data):
+    import torch
+    from transport.region import make_region
+
+    pool = torch.arange(80, dtype=torch.uint8)
+    reg = make_region(pool)
+    rows = [(o, min(n, 80 - o)) for o, n in rows]
+    d = Descs.from_ranges(reg, [o for o, _ in rows], [n for _, n in rows])
+    total = d.nbytes
+    stream = _stream_bytes(d)
+    k = data.draw(st.integers(1, 5))
+    ranges = []
+    for _ in range(k):
+        a = data.draw(st.integers(0, total - 1))
+        b = data.draw(st.integers(a + 1, total))
+        ranges.append((a, b - a))
+    sel = d.select_stream(np.array(ranges))
+    want = np.concatenate([stream[a:a + n] for a, n in ranges])
+    assert np.array_equal(_stream_bytes(sel), want)
+
+
+def test_select_stream_rejects_bad_ranges():
+    import torch
+    from transport.region import make_region
+
+    d = Descs.from_blocks(make_region(torch.zeros(64, dtype=torch.uint8)), [0, 2], 16)
+    for bad in ([[0, 0]], [[-1, 4]], [[30, 3]], [[2**63 - 1, 2]], [[0, 2**63 - 1]], np.zeros((0, 2)), [[1, 2, 3]]):
+        with pytest.raises(ValueError):
+            d.select_stream(np.array(bad, dtype=np.int64) if not isinstance(bad, np.ndarray) else bad)
+    with pytest.raises(ValueError):
+        d.select_stream(np.array([[2**64 - 1, 1]], dtype=np.uint64))

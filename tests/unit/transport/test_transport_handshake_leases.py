@@ -141,7 +141,7 @@ def test_acquire_checks(table):
 
     def code(lid, peer="alice", nbytes=n, write=False):
         with pytest.raises(LeaseRejected) as ei:
-            t.acquire(lid, peer, nbytes, write)
+            t.acquire(lid, peer, nbytes, write)[0]
         return ei.value.code
 
     assert code("f" * 32) is ErrorCode.NO_SUCH_LEASE
@@ -149,9 +149,9 @@ def test_acquire_checks(table):
     assert code(ro.id, write=True) is ErrorCode.NOT_ALLOWED
     assert code(ro.id, nbytes=n - 1) is ErrorCode.SIZE_MISMATCH
     assert code(ro.id, nbytes=n + 1024) is ErrorCode.SIZE_MISMATCH
-    assert t.acquire(ro.id, "alice", n, False) is ro and ro.refs == 1
-    assert t.acquire(rw.id, "anyone", n, True) is rw     # peer=None: any authenticated peer
-    assert t.acquire(rw.id, "other", n, False).refs == 2  # a writable lease can be read
+    assert t.acquire(ro.id, "alice", n, False)[0] is ro and ro.refs == 1
+    assert t.acquire(rw.id, "anyone", n, True)[0] is rw     # peer=None: any authenticated peer
+    assert t.acquire(rw.id, "other", n, False)[0].refs == 2  # a writable lease can be read
     c.t += 10.0
     assert code(ro.id) is ErrorCode.LEASE_EXPIRED       # expired even before a sweep
 
@@ -168,7 +168,7 @@ def test_expiry_sweep_and_freed(table):
     assert t.drain_freed() == []          # drains
     assert len(t) == 1 and t.get(a.id) is None and t.get(b.id) is b
     with pytest.raises(LeaseRejected) as ei:
-        t.acquire(a.id, "p", a.descs.nbytes, False)
+        t.acquire(a.id, "p", a.descs.nbytes, False)[0]
     assert ei.value.code is ErrorCode.NO_SUCH_LEASE
 
 
@@ -186,12 +186,12 @@ def test_quarantine_until_last_reference_drops(table):
     t, c = table
     a = t.add(descs(), None, 5, False)
     n = a.descs.nbytes
-    e1 = t.acquire(a.id, "p", n, False)
-    e2 = t.acquire(a.id, "q", n, False)
+    e1 = t.acquire(a.id, "p", n, False)[0]
+    e2 = t.acquire(a.id, "q", n, False)[0]
     assert t.release(a.id)
     assert a.state is LeaseState.ENDED and t.drain_freed() == []
     with pytest.raises(LeaseRejected) as ei:   # no new transfer on an ended lease
-        t.acquire(a.id, "p", n, False)
+        t.acquire(a.id, "p", n, False)[0]
     assert ei.value.code is ErrorCode.LEASE_EXPIRED
     t.drop(e1)
     assert t.drain_freed() == []
@@ -202,7 +202,7 @@ def test_quarantine_until_last_reference_drops(table):
 def test_expiry_while_in_use_is_quarantined(table):
     t, c = table
     a = t.add(descs(), None, 5, False)
-    e = t.acquire(a.id, "p", a.descs.nbytes, False)
+    e = t.acquire(a.id, "p", a.descs.nbytes, False)[0]
     c.t += 6
     assert t.sweep() == 1 and t.drain_freed() == []
     assert t.sweep() == 0                     # counted once
@@ -213,7 +213,7 @@ def test_expiry_while_in_use_is_quarantined(table):
 def test_drop_of_active_lease_keeps_it(table):
     t, _ = table
     a = t.add(descs(), None, 5, False)
-    t.drop(t.acquire(a.id, "p", a.descs.nbytes, False))
+    t.drop(t.acquire(a.id, "p", a.descs.nbytes, False)[0])
     assert a.state is LeaseState.ACTIVE and a.refs == 0 and t.drain_freed() == []
 
 
@@ -244,7 +244,7 @@ def test_renew(table):
 def test_renew_of_released_lease_in_quarantine(table):
     t, _ = table
     a = t.add(descs(), None, 5, False)
-    t.acquire(a.id, "p", a.descs.nbytes, False)
+    t.acquire(a.id, "p", a.descs.nbytes, False)[0]
     t.release(a.id)
     with pytest.raises(LeaseRejected) as ei:
         t.renew(a.id, "p", 10, max_ttl_s=60)
@@ -273,7 +273,7 @@ class LeaseMachine(RuleBasedStateMachine):
         lid = self.leases[i % len(self.leases)]
         e = self.t.get(lid)
         try:
-            got = self.t.acquire(lid, "p", 512, False)
+            got = self.t.acquire(lid, "p", 512, False)[0]
         except LeaseRejected:
             assert e is None or e.state is not LeaseState.ACTIVE or self.clock.t >= e.expires_mono
             return

@@ -1,5 +1,5 @@
-"""Same-host fast path for host memory: one kernel copy (process_vm_readv) from the owner's
-leased blocks straight into the reader's blocks, with scatter/gather lists.
+"""Same-host fast path for host memory: one kernel copy (process_vm_readv / process_vm_writev)
+between the owner's leased blocks and the initiator's blocks, with scatter/gather lists.
 
 UCX's own shared-memory path moves one contiguous message at a time, so scattered blocks would
 cost a pack, a copy and an unpack; cross-memory attach with iovecs does it in one copy. It needs
@@ -13,8 +13,6 @@ import errno
 import functools
 import logging
 import os
-from concurrent.futures import Executor
-
 import numpy as np
 
 from .descs import Descs
@@ -40,32 +38,66 @@ def host_key() -> str:
     return f"{boot}/{ns}"
 
 
-@functools.lru_cache(maxsize=1)
-def _readv():
+@functools.lru_cache(maxsize=2)
+def _syscall(name: str):
     libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.process_vm_readv
+    fn = getattr(libc, name)
     fn.restype = ctypes.c_ssize_t
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
                    ctypes.c_ulong]
     return fn
 
 
+MAX_IOV_LEN = 1 << 47  # no single range of a real process is larger; keeps sums far from overflow
+
+
+def parse_remote(iov: bytes, nbytes: int) -> np.ndarray:
+    """The owner's (address, length) list, checked: whole pairs, positive lengths that sum
+    (exactly, without wrapping) to `nbytes`. Raises ValueError."""
+    if len(iov) % 16 or not iov:
+        raise ValueError("iovec list is not a whole, non-empty number of (address, length) pairs")
+    remote = np.frombuffer(iov, dtype="<u8").reshape(-1, 2)
+    lens = remote[:, 1]
+    if len(lens) == 1:
+        if int(lens[0]) != nbytes or int(remote[0, 0]) > (1 << 64) - 1 - nbytes or nbytes == 0:
+            raise ValueError("the owner's iovec does not match the transfer size")
+        return remote
+    if int(lens.min()) == 0 or int(lens.max()) > MAX_IOV_LEN:
+        raise ValueError("iovec lengths must be in [1, 2**47]")
+    # up to 2**16 lengths of at most 2**47 cannot wrap a uint64 sum; beyond that, sum exactly
+    total = int(lens.sum()) if len(lens) <= 1 << 16 else sum(int(x) for x in np.add.reduceat(
+        lens, np.arange(0, len(lens), 1 << 16)))
+    if total != nbytes:
+        raise ValueError("the owner's iovecs do not add up to the transfer size")
+    if np.any(remote[:, 0] > np.uint64((1 << 64) - 1) - lens):
+        raise ValueError("an iovec wraps around the address space")
+    return remote
+
+
 def iovecs(descs: Descs) -> np.ndarray:
     """[n, 2] uint64 (address, length) of the coalesced host descriptors."""
     d = descs.coalesced()
-    bases = np.array([r.flat.data_ptr() for r in d.regions], dtype=np.uint64)
     out = np.empty((len(d), 2), dtype=np.uint64)
-    out[:, 0] = bases[d.region_idx] + d.offset.astype(np.uint64)
-    out[:, 1] = d.length.astype(np.uint64)
+    if len(d.regions) == 1:
+        out[:, 0] = d.offset
+        out[:, 0] += np.uint64(d.regions[0].flat.data_ptr())
+    else:
+        bases = np.array([r.flat.data_ptr() for r in d.regions], dtype=np.uint64)
+        out[:, 0] = bases[d.region_idx] + d.offset.astype(np.uint64)
+    out[:, 1] = d.length
     return out
 
 
 def split_batches(local: np.ndarray, remote: np.ndarray, max_iov: int = IOV_MAX,
                   max_bytes: int = 64 << 20) -> list[tuple[np.ndarray, np.ndarray]]:
     """Cut two iovec lists of equal total length into aligned batches of at most `max_iov`
-    entries each (entries split at batch edges), so each batch is one syscall (pure)."""
-    if int(local[:, 1].sum()) != int(remote[:, 1].sum()):
+    entries each (entries split at batch edges), so each batch is one syscall (pure). The
+    kernel walks both lists itself, so lists that fit one call stay whole (the common case)."""
+    total = int(local[:, 1].sum())
+    if total != int(remote[:, 1].sum()):
         raise ValueError("local and remote iovecs differ in total length")
+    if len(local) <= max_iov and len(remote) <= max_iov and total <= max_bytes:
+        return [(np.ascontiguousarray(local), np.ascontiguousarray(remote))]
     # Every byte position where either list has a boundary, plus batch limits.
     lc = np.concatenate(([0], np.cumsum(local[:, 1], dtype=np.uint64)))
     rc = np.concatenate(([0], np.cumsum(remote[:, 1], dtype=np.uint64)))
@@ -94,31 +126,31 @@ def _slice(iov: np.ndarray, cum: np.ndarray, first: int, pos: int, end: int) -> 
     return part
 
 
-def _copy_batch(pid: int, local: np.ndarray, remote: np.ndarray) -> None:
+class PeerGone(OSError):
+    """The other process exited (ESRCH) or its memory is not there any more (EFAULT)."""
+
+
+def copy_batch(pid: int, local: np.ndarray, remote: np.ndarray, write: bool) -> None:
+    """One syscall: remote -> local (read) or local -> remote (write)."""
+    name = "process_vm_writev" if write else "process_vm_readv"
     want = int(local[:, 1].sum())
-    got = _readv()(pid, local.ctypes.data, len(local), remote.ctypes.data, len(remote), 0)
+    got = _syscall(name)(pid, local.ctypes.data, len(local), remote.ctypes.data, len(remote), 0)
     if got < 0:
         e = ctypes.get_errno()
-        if e in (errno.EPERM, errno.ESRCH, errno.ENOSYS, errno.EACCES):
-            raise CmaUnavailable(f"process_vm_readv: {os.strerror(e)}")
-        raise OSError(e, f"process_vm_readv: {os.strerror(e)}")
+        if e in (errno.EPERM, errno.ENOSYS, errno.EACCES):
+            raise CmaUnavailable(f"{name}: {os.strerror(e)}")
+        if e == errno.ESRCH:
+            raise PeerGone(e, f"{name}: the peer process is gone")
+        raise PeerGone(e, f"{name}: {os.strerror(e)}")
     if got != want:
-        raise OSError(errno.EFAULT, f"process_vm_readv copied {got} of {want} bytes")
+        raise PeerGone(errno.EFAULT, f"{name} copied {got} of {want} bytes")
 
 
-async def read_from(pid: int, local: Descs, remote_iov: np.ndarray, executor: Executor, loop, stop) -> None:
-    """Copy the remote iovecs of process `pid` into `local`, batches spread over the executor.
-    Batches not yet started are skipped once `stop.is_set()`; all started ones finish before
-    this returns, so the local memory is no longer written to when it does."""
-    import asyncio
+def plan_batches(local: Descs, remote_iov: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    return split_batches(iovecs(local), remote_iov)
 
-    def run(lo: np.ndarray, re: np.ndarray) -> None:
-        if not stop.is_set():
-            _copy_batch(pid, lo, re)
 
-    batches = split_batches(iovecs(local), remote_iov)
-    results = await asyncio.gather(*(loop.run_in_executor(executor, run, lo, re) for lo, re in batches),
-                                   return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
+def copy_all(pid: int, batches: list[tuple[np.ndarray, np.ndarray]], write: bool) -> None:
+    """Every batch, on the calling thread (small transfers: no thread hand-off)."""
+    for lo, re in batches:
+        copy_batch(pid, lo, re, write)

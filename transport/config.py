@@ -1,8 +1,10 @@
 """Typed configuration of an `Agent`."""
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Mapping
 
 
 class TransportSet(str, Enum):
@@ -43,60 +45,111 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host, port
 
 
+def is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Settings of one agent.
 
-    listen: "host:port" of the control listener (port 0: ephemeral).
-    auth_key: shared secret; when set, peers must prove it (HMAC-SHA256) in the handshake.
+    listen: "host:port" of the control listener (port 0: ephemeral). Only that address is
+        bound. A non-loopback host needs `auth_key` (or `peer_keys`): the agent refuses to start
+        otherwise.
+    auth_key: shared secret; when set, peers must prove it (HMAC-SHA256 over the whole
+        handshake transcript) and every later control frame carries a MAC.
+    peer_keys: per-peer secrets by peer name (names become identities: a peer can only use the
+        name whose key it holds); a name not listed falls back to `auth_key`, if any.
     timeout_s: default deadline of every blocking call.
-    compat: what must match between peers (model, dtype, layout, block size, ...), compared
-        key by key in the handshake before anything else is trusted.
+    compat: what must match between peers (model, dtype, layout, ...), compared key by key
+        after authentication, before anything else is trusted.
     transports: which UCX transports the process uses (process-wide, first agent decides).
-    chunk_bytes: size of one pipelined data message.
-    staging_bytes: bound on the staging memory one agent uses for packing (per direction).
-    zero_copy_min_bytes: a chunk that lies inside one contiguous run goes without packing.
+    chunk_bytes: size of one pipelined UCX data message.
+    staging_bytes: bound on the staging memory one agent uses for packing (per device).
     max_ttl_s: longest lease lifetime a peer may ask for in renew().
     sweep_interval_s: how often expired leases are reclaimed.
-    max_message_bytes: size limit of one control message, checked before decoding.
-    same_host_copy: read host memory of a peer on the same host with one kernel copy
-        (process_vm_readv with scatter/gather lists, see cma.py) instead of pack/UCX/unpack.
-    gpu_ipc: read CUDA memory of a peer on the same host through CUDA IPC with one fused
+    max_message_bytes: size limit of one control message after authentication.
+    handshake_timeout_s: an incoming connection that has not authenticated by then is closed.
+    max_pending_handshakes: connections still in their handshake beyond this are refused.
+    max_transfers_per_peer: transfers one connection may have in flight at the owner.
+    max_notify_bytes / max_notify_count: bound of the queue behind `notifications()`;
+        when full, further notifications are refused (`notify()` raises Busy) or dropped
+        and counted (those riding on a completed read), and logged.
+    same_host_copy: read/write host memory of a peer on the same host with one kernel copy
+        (process_vm_readv/writev with scatter/gather lists, see cma.py).
+    gpu_ipc: read/write CUDA memory of a peer on the same host through CUDA IPC with one fused
         kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
+    inline_copy_bytes: same-host copies up to this size run on the transport's loop thread
+        (no thread hand-off); larger ones are spread over worker threads.
+    keepalive_s: idle seconds before TCP keepalive probes a silent control connection.
     ucx_options: extra UCX settings (names without the UCX_ prefix) for the process's UCX
         context; like `transports`, the first agent of a process decides them.
     """
 
     listen: str = "127.0.0.1:0"
     auth_key: bytes | None = None
+    peer_keys: Mapping[str, bytes] = field(default_factory=dict)
     timeout_s: float = 30.0
     compat: dict[str, str | int | float | bool] = field(default_factory=dict)
     transports: TransportSet = TransportSet.AUTO
     chunk_bytes: int = 8 << 20
     staging_bytes: int = 64 << 20
-    zero_copy_min_bytes: int = 1 << 20
     max_ttl_s: float = 600.0
     sweep_interval_s: float = 0.5
     max_message_bytes: int = 8 << 20
+    handshake_timeout_s: float = 10.0
+    max_pending_handshakes: int = 64
+    max_transfers_per_peer: int = 4096
+    max_notify_bytes: int = 64 << 20
+    max_notify_count: int = 65536
     same_host_copy: bool = True
     gpu_ipc: bool = True
+    inline_copy_bytes: int = 4 << 20
+    keepalive_s: float = 5.0
     ucx_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        parse_hostport(self.listen)
-        if self.auth_key is not None and not isinstance(self.auth_key, (bytes, bytearray)):
-            raise TypeError("auth_key must be bytes or None")
-        if self.timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0")
+        host, _ = parse_hostport(self.listen)
+        if self.auth_key is not None:
+            if not isinstance(self.auth_key, (bytes, bytearray)):
+                raise TypeError("auth_key must be bytes or None")
+            if not self.auth_key:
+                raise ValueError("auth_key must not be empty (use None for no authentication)")
+        for k, v in dict(self.peer_keys).items():
+            if not isinstance(k, str) or not isinstance(v, (bytes, bytearray)) or not v:
+                raise TypeError("peer_keys must map peer names to non-empty bytes")
+        if not self.keyed and not is_loopback_host(host):
+            raise ValueError(f"listen={self.listen!r} is reachable from other hosts but no auth_key is set: "
+                             "set AgentConfig.auth_key (or peer_keys), or listen on 127.0.0.1")
+        for name in ("timeout_s", "handshake_timeout_s", "keepalive_s", "sweep_interval_s", "max_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
         if self.chunk_bytes < 4096 or self.chunk_bytes & (self.chunk_bytes - 1):
             raise ValueError("chunk_bytes must be a power of two >= 4096")
         if self.staging_bytes < 2 * self.chunk_bytes:
             raise ValueError("staging_bytes must hold at least two chunks")
+        for name in ("max_pending_handshakes", "max_transfers_per_peer", "max_notify_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_message_bytes < 64 << 10 or self.max_notify_bytes < 0 or self.inline_copy_bytes < 0:
+            raise ValueError("max_message_bytes must be >= 64 KiB; byte bounds must be >= 0")
         if not isinstance(self.transports, TransportSet):
             object.__setattr__(self, "transports", TransportSet(self.transports))
         for k, v in self.compat.items():
             if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
                 raise TypeError(f"compat entries must be str -> str/int/float/bool, got {k!r}: {v!r}")
+
+    @property
+    def keyed(self) -> bool:
+        return self.auth_key is not None or bool(self.peer_keys)
+
+    def key_for(self, peer_name: str) -> bytes | None:
+        """The secret a peer of that name must prove (None: no authentication)."""
+        k = dict(self.peer_keys).get(peer_name)
+        return bytes(k) if k is not None else (bytes(self.auth_key) if self.auth_key is not None else None)
 
     @property
     def staging_slots(self) -> int:

@@ -24,8 +24,13 @@ async def abort_endpoint(ep: Any) -> None:
 
 
 class DataEndpoints:
-    def __init__(self, worker_address: bytes, max_idle: int = 4):
+    """Endpoints to one peer's worker. `error_handling`: UCX peer error handling (on for peers on
+    other hosts, where tcp/RDMA carry the data anyway and UCX then fails, rather than strands,
+    the requests of a peer that dies; off on one host, where it would rule out shared memory)."""
+
+    def __init__(self, worker_address: bytes, error_handling: bool, max_idle: int = 4):
         self._address = worker_address
+        self.error_handling = error_handling
         self._idle: list[Any] = []
         self._max_idle = max_idle
         self._closed = False
@@ -36,16 +41,13 @@ class DataEndpoints:
         import ucxx
 
         addr = ucxx.get_ucx_address_from_buffer(self._address)
-        return await ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=False)
+        return await ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=self.error_handling)
 
     async def give_back(self, ep: Any) -> None:
         if self._closed or len(self._idle) >= self._max_idle:
             await abort_endpoint(ep)
         else:
             self._idle.append(ep)
-
-    async def discard(self, ep: Any) -> None:
-        await abort_endpoint(ep)
 
     async def close(self) -> None:
         self._closed = True

@@ -53,21 +53,45 @@ class CancelToken:
 
 
 class StagingPool:
-    """`slots` staging buffers of `slot_bytes` on one device, handed out in FIFO order."""
+    """`slots` staging buffers of `slot_bytes` on one device, handed out in FIFO order.
 
-    def __init__(self, device: torch.device, slot_bytes: int, slots: int):
+    A slot that a stranded UCX operation still holds after an abort is *retired*: it never comes
+    back, and a fresh slot takes its place, up to `max_retired` (then the pool shrinks, and says
+    so), so one dead peer cannot starve every later transfer of staging memory."""
+
+    def __init__(self, device: torch.device, slot_bytes: int, slots: int, max_retired: int | None = None):
         self.device = device
         self.slot_bytes = slot_bytes
         self.slots = slots
+        self.max_retired = slots if max_retired is None else max_retired
+        self._retired: set[int] = set()
+        self.retired_total = 0
         self._q: asyncio.Queue[torch.Tensor] = asyncio.Queue()
         for _ in range(slots):
-            self._q.put_nowait(torch.empty(slot_bytes, dtype=torch.uint8, device=device))
+            self._q.put_nowait(self._new())
+
+    def _new(self) -> torch.Tensor:
+        return torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
 
     async def get(self) -> torch.Tensor:
         return await self._q.get()
 
     def put(self, t: torch.Tensor) -> None:
+        if id(t) in self._retired:
+            self._retired.discard(id(t))  # its stranded operation ended: let the memory go
+            return
         self._q.put_nowait(t)
+
+    def retire(self, t: torch.Tensor) -> bool:
+        """`t` stays with a stranded operation; replace it if the bound allows."""
+        self._retired.add(id(t))
+        self.retired_total += 1
+        if len(self._retired) > self.max_retired:
+            log.error("staging pool %s: %d slots stranded by dead peers; not replacing more", self.device,
+                      len(self._retired))
+            return False
+        self._q.put_nowait(self._new())
+        return True
 
 
 def as_ucx_buffer(t: torch.Tensor) -> Any:
@@ -126,6 +150,7 @@ class StreamIO:
         # included: a peer that dies can leave only that many requests behind in UCX.
         self._window = asyncio.Semaphore(max(2, pool.slots))
         self._token: CancelToken | None = None
+        self._slots: dict[asyncio.Task, torch.Tensor] = {}  # staging slot held by each busy chunk task
 
     @contextlib.asynccontextmanager
     async def _turn(self, staged: bool):
@@ -137,12 +162,15 @@ class StreamIO:
             except BaseException:
                 self._window.release()
                 raise
+        if slot is not None:
+            self._slots[asyncio.current_task()] = slot
         try:
             if self.aborted:
                 raise TransferCancelled("transfer aborted")
             yield slot
         finally:
             if slot is not None:
+                self._slots.pop(asyncio.current_task(), None)
                 self.pool.put(slot)
             self._window.release()
 
@@ -204,6 +232,10 @@ class StreamIO:
             if still:
                 log.error("%d chunk operation(s) did not stop after abort; their memory stays quarantined "
                           "until they do", len(still))
+                for t in still:
+                    slot = self._slots.pop(t, None)
+                    if slot is not None:
+                        self.pool.retire(slot)
                 if self._token is not None:
                     self._token.lingering = list(still)
         for t in self.tasks:

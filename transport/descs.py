@@ -8,6 +8,18 @@ import numpy as np
 from .region import Region
 
 
+_I64_MAX = (1 << 63) - 1
+
+
+def _int64(values, what: str) -> np.ndarray:
+    a = np.asarray(values)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{what} must be integers")
+    if a.size and a.dtype.kind == "u" and int(a.max()) > _I64_MAX:
+        raise ValueError(f"{what} out of range")
+    return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Descs:
     """An ordered list of byte ranges over registered regions.
@@ -26,24 +38,31 @@ class Descs:
         n = len(self.offset)
         if not (len(self.region_idx) == n == len(self.length)):
             raise ValueError("region_idx, offset and length must have the same length")
-        if n and (self.region_idx.min() < 0 or self.region_idx.max() >= len(self.regions)):
+        if not n:
+            return
+        if len(self.regions) == 1:
+            if self.region_idx.min() != 0 or self.region_idx.max() != 0:
+                raise ValueError("region index out of range")
+        elif self.region_idx.min() < 0 or self.region_idx.max() >= len(self.regions):
             raise ValueError("region index out of range")
-        if n and (self.length.min() <= 0 or self.offset.min() < 0):
+        if self.length.min() <= 0 or self.offset.min() < 0:
             raise ValueError("descriptor lengths must be > 0 and offsets >= 0")
-        if n:
+        if len(self.regions) == 1:
+            over = self.offset > self.regions[0].nbytes - self.length  # no overflow: all terms >= 0
+        else:
             sizes = np.array([r.nbytes for r in self.regions], dtype=np.int64)
-            if np.any(self.offset + self.length > sizes[self.region_idx]):
-                bad = int(np.argmax(self.offset + self.length > sizes[self.region_idx]))
-                raise ValueError(f"descriptor {bad} [{self.offset[bad]}, +{self.length[bad]}) "
-                                 f"exceeds its region ({sizes[self.region_idx[bad]]} bytes)")
-        if n and len({r.device for r in self.regions}) > 1:
+            over = self.offset > sizes[self.region_idx] - self.length
+        if over.any():
+            bad = int(np.argmax(over))
+            raise ValueError(f"descriptor {bad} [{self.offset[bad]}, +{self.length[bad]}) exceeds its region")
+        if len(self.regions) > 1 and len({r.device for r in self.regions}) > 1:
             raise ValueError("all regions of one Descs must live on the same device")
 
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_ranges(cls, region: Region, offsets, lengths) -> "Descs":
-        off = np.ascontiguousarray(offsets, dtype=np.int64).reshape(-1)
-        ln = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
+        off = _int64(offsets, "offsets")
+        ln = _int64(lengths, "lengths")
         if ln.size == 1 and off.size > 1:
             ln = np.full(off.size, int(ln[0]), dtype=np.int64)
         return cls((region,), np.zeros(off.size, dtype=np.int32), off, ln)
@@ -57,10 +76,14 @@ class Descs:
         ids = np.asarray(block_ids)
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise TypeError("block_ids must be integers")
-        ids = ids.astype(np.int64, copy=False).reshape(-1)
+        ids = _int64(ids, "block_ids")
         if ids.size and ids.min() < 0:
             raise ValueError("block ids must be >= 0")
         step = block_bytes if stride is None else int(stride)
+        if step <= 0 or base_offset < 0:
+            raise ValueError("stride must be > 0 and base_offset >= 0")
+        if ids.size and int(ids.max()) > (_I64_MAX - base_offset - block_bytes) // step:
+            raise ValueError(f"block id {int(ids.max())} * stride {step} is outside any region")
         off = base_offset + ids * step
         return cls((region,), np.zeros(ids.size, dtype=np.int32), off,
                    np.full(ids.size, block_bytes, dtype=np.int64))

@@ -19,6 +19,8 @@ class ErrorCode(str, Enum):
     BAD_MESSAGE = "bad_message"
     CANCELLED = "cancelled"
     CALL_FAILED = "call_failed"
+    PATH_UNAVAILABLE = "path_unavailable"   # the owner cannot serve the requested data path
+    BUSY = "busy"                           # a bound was reached (inbox full, too many transfers)
     INTERNAL = "internal"
 
 
@@ -84,6 +86,19 @@ class CallFailed(TransferError):
     code = ErrorCode.CALL_FAILED
 
 
+class PathUnavailable(TransferError):
+    """The owner cannot serve this lease over the requested data path (the reader falls back)."""
+
+    code = ErrorCode.PATH_UNAVAILABLE
+
+
+class Busy(TransferError):
+    """The peer refused because one of its bounds is reached (notification inbox full, too many
+    transfers in flight on the connection)."""
+
+    code = ErrorCode.BUSY
+
+
 class BadMessage(TransferError):
     """A malformed, truncated, oversized or unexpected message."""
 
@@ -99,6 +114,8 @@ _BY_CODE: dict[ErrorCode, type[TransferError]] = {
     ErrorCode.CANCELLED: TransferCancelled,
     ErrorCode.BAD_MESSAGE: BadMessage,
     ErrorCode.CALL_FAILED: CallFailed,
+    ErrorCode.PATH_UNAVAILABLE: PathUnavailable,
+    ErrorCode.BUSY: Busy,
 }
 _LEASE_CODES = {ErrorCode.NO_SUCH_LEASE, ErrorCode.LEASE_EXPIRED, ErrorCode.NOT_ALLOWED,
                 ErrorCode.SIZE_MISMATCH}
@@ -109,7 +126,8 @@ def error_from_wire(code: str, message: str, field: str | None = None) -> Transf
     try:
         ec = ErrorCode(code)
     except ValueError:
-        return TransferError(f"peer error ({code!r}): {message}")
+        return TransferError(f"peer error ({code[:40]!r}): {message[:500]}")
+    message = message[:500]
     if ec in _LEASE_CODES:
         return LeaseRejected(message, ec)
     if ec is ErrorCode.COMPAT:

@@ -1,81 +1,110 @@
-"""Length-prefixed control frames over a UCX endpoint's own tag pair.
+"""Length-prefixed control frames on a byte stream, with per-frame MACs after the handshake (pure).
 
-A frame starts with an 8-byte little-endian length. A small frame (the common case: every
-request and reply) travels as one tag message, header and body together, received into a fixed
-buffer of `inline_limit(max_bytes)` bytes; a larger frame sends the header alone, then the body
-as a second message. One message instead of two halves the completions a round trip waits for.
-Per-connection tags (random, agreed by ucxx when the connection is made) mean a message still in
-flight for a closed connection can never be taken for one of a new connection, which ucxx's
-active messages, keyed by endpoint handle, do not guarantee when a handle is reused. The length
-is checked against the limit before anything for the body is allocated.
+A frame is a 4-byte little-endian length, the body (msgpack, see wire.py), and, once an
+authenticated session is set up, a 16-byte truncated HMAC-SHA256 of (sequence number, body)
+under a per-direction session key (handshake.py). The sequence numbers are implicit, so a
+frame that is replayed, reordered, dropped, injected or altered by anything between the two
+agents (a relay included) fails the check and ends the connection.
+
+The length is checked against the current limit (small before authentication) as soon as the
+header is in; bodies are Python bytes built from what arrived, so nothing stale can leak.
 """
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+import hmac
+import struct
 
 from .errors import BadMessage
 
-HEADER = np.dtype("<u8")
-HEADER_BYTES = HEADER.itemsize
-INLINE_BYTES = 16 << 10  # largest first message: header plus a body of up to INLINE_BYTES - 8
+HEADER = struct.Struct("<I")
+MAC_BYTES = 16
 
 
 class FrameTooLarge(BadMessage):
-    """The peer announced a frame over the limit (its body was discarded unread)."""
+    """The peer announced a frame over the limit."""
 
 
-def inline_limit(max_bytes: int) -> int:
-    """Size of the first message's receive buffer: never more than a whole allowed frame."""
-    return min(INLINE_BYTES, HEADER_BYTES + max_bytes)
+class BadMac(BadMessage):
+    """A frame's MAC did not verify (altered, replayed, injected or out of order)."""
 
 
-async def send_bytes(ep: Any, data: bytes) -> None:
-    """Send one frame (callers serialise concurrent senders)."""
-    n = len(data)
-    if HEADER_BYTES + n <= INLINE_BYTES:
-        msg = np.empty(HEADER_BYTES + n, dtype=np.uint8)
-        msg[:HEADER_BYTES].view(HEADER)[0] = n
-        msg[HEADER_BYTES:] = np.frombuffer(data, dtype=np.uint8)
-        await ep.send(msg)
-        return
-    await ep.send(np.array([n], dtype=HEADER))
-    await ep.send(np.frombuffer(data, dtype=np.uint8))
+class FrameMac:
+    """Per-direction keys and sequence numbers of one authenticated connection."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes):
+        self._send_key = send_key
+        self._recv_key = recv_key
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    def sign(self, body: bytes) -> bytes:
+        tag = _mac(self._send_key, self._send_seq, body)
+        self._send_seq += 1
+        return tag
+
+    def verify(self, body: bytes, tag: bytes) -> None:
+        want = _mac(self._recv_key, self._recv_seq, body)
+        if not hmac.compare_digest(want, tag):
+            raise BadMac("control frame failed its integrity check")
+        self._recv_seq += 1
 
 
-async def recv_bytes(ep: Any, max_bytes: int) -> bytes:
-    """Receive one frame; raise FrameTooLarge when the announced length exceeds max_bytes."""
-    first = np.zeros(inline_limit(max_bytes), dtype=np.uint8)  # a short message leaves zeros, not old memory
-    try:
-        await ep.recv(first)
-    except Exception as e:
-        if not _is_truncation(e):
-            raise
-        # a one-message frame larger than any frame we accept: UCX dropped it, the stream is in step
-        raise FrameTooLarge(f"peer sent a control message over the limit ({max_bytes} bytes)") from None
-    n = int(first[:HEADER_BYTES].view(HEADER)[0])
-    if n > max_bytes:
-        if HEADER_BYTES + n > INLINE_BYTES:
-            await _discard(ep)
-        raise FrameTooLarge(f"peer announced a {n}-byte control message (limit {max_bytes})")
-    if HEADER_BYTES + n <= INLINE_BYTES:
-        return first[HEADER_BYTES:HEADER_BYTES + n].tobytes()
-    buf = np.empty(n, dtype=np.uint8)
-    await ep.recv(buf)
-    return buf.tobytes()
+def _mac(key: bytes, seq: int, body: bytes) -> bytes:
+    if len(body) <= 4096:
+        return hmac.digest(key, seq.to_bytes(8, "little") + body, "sha256")[:MAC_BYTES]
+    h = hmac.new(key, seq.to_bytes(8, "little"), "sha256")
+    h.update(body)
+    return h.digest()[:MAC_BYTES]
 
 
-async def _discard(ep: Any) -> None:
-    """Consume the oversized body without allocating it: UCX drops a message that does not fit
-    the posted buffer and reports truncation, which keeps the frame stream in step."""
-    try:
-        await ep.recv(np.empty(1, dtype=np.uint8))
-    except Exception as e:  # ucxx's truncation error is the expected outcome
-        if not _is_truncation(e):
-            raise
+def encode_frame(body: bytes, mac: FrameMac | None) -> bytes:
+    if mac is None:
+        return HEADER.pack(len(body)) + body
+    return b"".join((HEADER.pack(len(body) + MAC_BYTES), body, mac.sign(body)))
 
 
-def _is_truncation(e: BaseException) -> bool:
-    """ucxx's message-truncated errors (their class names differ between versions)."""
-    return "runcat" in type(e).__name__ or "runcat" in str(e)
+class FrameDecoder:
+    """Incremental decoder: `feed(data)` returns the complete frame bodies that arrived.
+
+    `limit` bounds one frame's body; `mac` (set after the handshake) checks every frame.
+    Raises FrameTooLarge / BadMac / BadMessage; the caller then drops the connection."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.mac: FrameMac | None = None
+        self._buf = bytearray()
+        self._need = -1  # body+mac length of the frame being received; -1: header not complete
+
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return list(self.frames(data))
+
+    def frames(self, data: bytes):
+        """Yield the complete frame bodies; `mac` may be switched on between two frames."""
+        self._buf += data
+        while True:
+            if self._need < 0:
+                if len(self._buf) < HEADER.size:
+                    return
+                n = HEADER.unpack_from(self._buf)[0]
+                body_limit = self.limit + (MAC_BYTES if self.mac is not None else 0)
+                if n > body_limit:
+                    raise FrameTooLarge(f"peer announced a {n}-byte control frame (limit {self.limit})")
+                if self.mac is not None and n < MAC_BYTES:
+                    raise BadMac("control frame shorter than its MAC")
+                if n == 0:
+                    raise BadMessage("empty control frame")
+                self._need = n
+            if len(self._buf) < HEADER.size + self._need:
+                return
+            end = HEADER.size + self._need
+            frame = bytes(self._buf[HEADER.size:end])
+            del self._buf[:end]
+            self._need = -1
+            if self.mac is not None:
+                body, tag = frame[:-MAC_BYTES], frame[-MAC_BYTES:]
+                self.mac.verify(body, tag)
+                frame = body
+            yield frame

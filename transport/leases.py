@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 from enum import Enum
 
 from .descs import Descs
@@ -42,9 +43,7 @@ class LeaseEntry:
     expires_mono: float
     state: LeaseState = LeaseState.ACTIVE
     refs: int = 0
-    end_reason: str = ""
-    reads: int = 0
-    meta: dict = field(default_factory=dict)
+    iov: Any = None         # same-host copy addresses of the whole lease, computed on first read
 
 
 class LeaseTable:
@@ -138,7 +137,6 @@ class LeaseTable:
 
     def _end(self, e: LeaseEntry, reason: str) -> None:
         e.state = LeaseState.ENDED
-        e.end_reason = reason
         if e.refs:
             log.info("lease %s %s while %d transfer(s) still use it: quarantined", e.id[:12], reason, e.refs)
         self._maybe_free(e)

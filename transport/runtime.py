@@ -1,20 +1,22 @@
-"""The process-wide UCX runtime: one ucxx context, one asyncio loop on a background thread.
+"""The process-wide runtime: one asyncio loop on a background thread, and (started only when a
+transfer first needs it) one ucxx context.
 
 ucxx keeps one application context per process, so every Agent in a process shares it and the
 loop that drives it. UCX settings are passed to ucxx.init as options; the process environment
-is never modified.
+is never modified. Same-host transfers (process_vm_readv, CUDA IPC) and the control plane (our
+own TCP connections) need no UCX at all.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
+import secrets
 import threading
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .config import TransportSet
-from .errors import TransferError, TransferTimeout
+from .errors import TransferTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,10 +34,11 @@ class Runtime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="nixl-transport-loop", daemon=True)
         self._ready = threading.Event()
-        self._tag_counter = itertools.count(1)
+        self._ucx_lock: asyncio.Lock | None = None
+        self.ucx_ready = False
+        self.worker_address = b""
         self._thread.start()
         self._ready.wait()
-        self.call(self._init_ucx(), timeout=60.0)
 
     @classmethod
     def get(cls, transports: TransportSet, ucx_options: dict[str, str] | None = None) -> "Runtime":
@@ -51,6 +54,17 @@ class Runtime:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
         self.loop.run_forever()
+
+    async def ensure_ucx(self) -> bytes:
+        """Start UCX on first use; returns this process's worker address."""
+        if self.ucx_ready:
+            return self.worker_address
+        if self._ucx_lock is None:
+            self._ucx_lock = asyncio.Lock()
+        async with self._ucx_lock:
+            if not self.ucx_ready:
+                await self._init_ucx()
+        return self.worker_address
 
     async def _init_ucx(self) -> None:
         import ucxx  # imported lazily: importing transport must not start UCX
@@ -68,11 +82,16 @@ class Runtime:
         # and holding the GIL: measured on 2 cores, that halved same-host read throughput and
         # burned a core per idle process.
         ucxx.init(options=options, enable_python_future=True)
+        self.worker_address = bytes(ucxx.get_worker_address().tobytes())
+        self.ucx_ready = True
         log.info("UCX %s initialised (transports %s)", ".".join(map(str, ucxx.get_ucx_version())),
                  tls or "auto")
 
-    def new_tag_base(self) -> int:
-        return next(self._tag_counter) << TAG_CHUNK_BITS
+    @staticmethod
+    def new_tag_base() -> int:
+        """A random tag base (39 random bits above the chunk bits): a peer cannot guess the tags
+        of another peer's transfer to this worker."""
+        return (secrets.randbits(38) | 1 << 38) << TAG_CHUNK_BITS
 
     def in_loop(self) -> bool:
         return threading.current_thread() is self._thread
@@ -86,11 +105,11 @@ class Runtime:
         """Run `coro` on the loop and wait at most `timeout` seconds (+ a small grace, since the
         coroutine enforces its own deadline)."""
         fut = self.submit(coro)
-        try:
-            return fut.result(timeout + 5.0)
-        except concurrent.futures.TimeoutError:
+        done, _ = concurrent.futures.wait([fut], timeout + 5.0)
+        if not done:
             fut.cancel()
-            raise TransferTimeout(f"operation did not finish within {timeout:.1f}s") from None
+            raise TransferTimeout(f"operation did not finish within {timeout:.1f}s")
+        return fut.result()  # the coroutine's own (typed) error, if it failed
 
     async def acall(self, coro: Awaitable[T]) -> T:
         """Await `coro` (which runs on the transport loop) from any asyncio loop."""
@@ -100,11 +119,3 @@ class Runtime:
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self.loop.call_soon_threadsafe(fn, *args)
-
-
-def wrap_ucx_error(e: BaseException, what: str) -> TransferError:
-    from .errors import PeerLost
-
-    if isinstance(e, TransferError):
-        return e
-    return PeerLost(f"{what}: {type(e).__name__}: {e}")

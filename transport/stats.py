@@ -1,7 +1,8 @@
-"""Counters an agent keeps (engines turn them into their own metrics)."""
+"""Counters an agent keeps (engines turn them into their own metrics; `doctor` shows them)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -14,7 +15,12 @@ class AgentStats:
     transfers_failed: int = 0
     requests_rejected: int = 0
     handshake_failures: int = 0
+    connections_refused: int = 0     # over max_pending_handshakes, or handshake deadline passed
     leases_expired: int = 0
+    notifications_dropped: int = 0
+    staging_slots_quarantined: int = 0
+    paths: Counter = field(default_factory=Counter)       # DataPath value -> transfers (either side)
+    fallbacks: Counter = field(default_factory=Counter)   # "path: reason" -> times a path was not used
 
     def record_in(self, nbytes: int, seconds: float) -> None:
         self.bytes_in += nbytes
@@ -27,4 +33,7 @@ class AgentStats:
         self.transfer_seconds += seconds
 
     def snapshot(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["paths"] = dict(self.paths)
+        d["fallbacks"] = dict(self.fallbacks)
+        return d

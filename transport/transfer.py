@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass
+from typing import Callable
 
-from .errors import TransferCancelled, TransferTimeout
+from .errors import TransferCancelled, TransferError, TransferTimeout
 
 
 @dataclass(frozen=True)
@@ -22,39 +23,52 @@ class Transfer:
     `wait(timeout)` raises the transfer's typed error, or TransferTimeout if `timeout` passes
     first (the transfer itself keeps its own deadline, `AgentConfig.timeout_s` or the one given
     to read/write, and fails by itself when that passes). `cancel()` stops it; the memory it
-    touched is safe to reuse once `wait()` returns or raises.
+    touched is safe to reuse once `wait()` returns or raises (a running copy or kernel is
+    waited for before the transfer reports its error).
     """
 
-    def __init__(self, fut: "concurrent.futures.Future[None]", nbytes: int, cancel_cb):
-        self._fut = fut
+    def __init__(self, nbytes: int, schedule: Callable[[Callable[[], None]], None]):
+        self._fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.nbytes = nbytes
-        self._cancel_cb = cancel_cb
+        self._schedule = schedule                       # runs a callable on the transport loop
+        self._abort: Callable[[TransferError], None] | None = None
 
+    # -- transport side (loop thread) --------------------------------------------------------
+    def _attach(self, abort: Callable[[TransferError], None]) -> None:
+        self._abort = abort
+
+    def _finish(self, err: BaseException | None) -> None:
+        if self._fut.done():
+            return
+        if err is None:
+            self._fut.set_result(None)
+        else:
+            self._fut.set_exception(err)
+
+    # -- caller side ---------------------------------------------------------------------------
     def done(self) -> bool:
         return self._fut.done()
 
     @property
     def error(self) -> BaseException | None:
-        if not self._fut.done():
-            return None
-        if self._fut.cancelled():
-            return TransferCancelled("transfer cancelled")
-        return self._fut.exception()
+        return self._fut.exception() if self._fut.done() else None
 
     def wait(self, timeout: float | None = None) -> None:
-        try:
-            self._fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise TransferTimeout(f"transfer not finished after {timeout}s") from None
-        except concurrent.futures.CancelledError:
-            raise TransferCancelled("transfer cancelled") from None
+        done, _ = concurrent.futures.wait([self._fut], timeout)
+        if not done:
+            raise TransferTimeout(f"transfer not finished after {timeout}s (it keeps running; "
+                                  "wait again or cancel it)")
+        self._fut.result()  # the transfer's own typed error, if it failed
 
     def cancel(self) -> None:
         """Ask the transfer to stop; it then fails with TransferCancelled (unless it finished)."""
-        if not self._fut.done():
-            self._cancel_cb()
+        if self._fut.done():
+            return
+
+        def run() -> None:
+            if self._abort is not None:
+                self._abort(TransferCancelled("transfer cancelled by caller"))
+        self._schedule(run)
 
     def __await__(self):
         return asyncio.wrap_future(self._fut).__await__()
-
-

@@ -1,18 +1,16 @@
 """Faults between real processes: authentication, protocol version, compatibility, rejected
-lease requests, hostile control messages from a raw ucxx client, peers killed (SIGKILL) in the
+lease requests, peers killed (SIGKILL) in the
 middle of a transfer, and reconnecting after an orderly close."""
 from __future__ import annotations
 
 import os
 import time
 
-import msgpack
 import numpy as np
 import pytest
 from xport_helpers import Node, RemoteError, wait_until
 
 from transport import wire
-from transport.wire import SCHEMAS, Msg
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -169,79 +167,6 @@ def test_rejected_lease_requests(cluster, agents):
 
 
 # ----------------------------------------------------------------------------- hostile messages
-def _hello(**over) -> dict:
-    body = {k: {bytes: b"", str: "", int: 0, dict: {}}.get(types[0], None) for k, types in SCHEMAS[Msg.HELLO].items()}
-    body.update(name="raw-client", nonce=b"\x05" * 16, compat={}, worker=b"not-a-worker-address")
-    body.update(over)
-    return body
-
-
-def _raw_frame(version, mtype, rid, body) -> bytes:
-    return msgpack.packb([version, mtype, rid, body], use_bin_type=True)
-
-
-def _error_code(reply):
-    assert reply[0] == "frame" and reply[1] == "error", reply
-    return reply[3]["code"]
-
-
-def test_garbage_and_oversized_control_messages(cluster, agents):
-    owner_node, reader_node = cluster["shm"]
-    owner, oaddr = agents(owner_node, "owner", 64, 4096, seed=7, max_message_bytes=64 << 10)
-    hello = wire.encode(Msg.HELLO, 1, **_hello())
-    auth = wire.encode(Msg.AUTH, 2, mac=b"")
-
-    # before the handshake: each bad first message gets an ERROR, then the connection is closed
-    cases = [
-        (b"\xc1 this is not msgpack", "bad_message"),
-        (b"\x00" * (100 << 10), "bad_message"),                       # oversized
-        (_raw_frame(wire.PROTOCOL_VERSION + 98, "hello", 1, _hello()), "protocol"),
-        (_raw_frame(wire.PROTOCOL_VERSION, "hello", 1, _hello(compat={b"k": 1})), "bad_message"),
-        (_raw_frame(wire.PROTOCOL_VERSION, "hello", 1, _hello(compat={"k": [1, 2]})), "bad_message"),
-        (wire.encode(Msg.PING, 1), "bad_message"),                     # not a hello
-        (hello[:-3], "bad_message"),                                   # truncated
-    ]
-    for data, code in cases:
-        out = reader_node.raw(oaddr, [("send", data), ("recv",)])
-        assert _error_code(out[0]) == code, (data[:40], out)
-
-    # after a completed handshake: errors are answered and the connection keeps working
-    steps = [("send", hello), ("recv",), ("send", auth), ("recv",),
-             ("send", b"\xc1\xc1\xc1"), ("recv",),
-             ("send", b"\x01" * (80 << 10)), ("recv",),
-             ("send", wire.encode(Msg.PING, 5)), ("recv",),
-             ("send", wire.encode(Msg.READ_REQ, 6, xid=1, lease="nope", nbytes=4096, chunk=4096,
-                                  tag=1 << 24, **{k: False for k in SCHEMAS[Msg.READ_REQ]
-                                                  if k not in ("xid", "lease", "nbytes", "chunk", "tag")})),
-             ("recv",),
-             ("send", wire.encode(Msg.HELLO, 7, **_hello())), ("recv",),
-             ("send", wire.encode(Msg.PING, 8)), ("recv",)]
-    out = reader_node.raw(oaddr, steps)
-    assert out[0][:2] == ("frame", "hello_ack") and out[1][:2] == ("frame", "welcome"), out[:2]
-    assert _error_code(out[2]) == "bad_message"
-    assert _error_code(out[3]) == "bad_message"
-    assert out[4][:3] == ("frame", "pong", 5)
-    assert _error_code(out[5]) == "no_such_lease" and out[5][2] == 6
-    assert out[6][0] == "frame" and out[6][1] == "error" and out[6][2] == 7   # a second hello
-    assert out[7][:3] == ("frame", "pong", 8)
-
-    assert owner_node.stats(owner)["handshake_failures"] >= len(cases)
-    reader, _ = agents(reader_node, "reader", 64, 4096)
-    reader_node.connect(reader, oaddr)
-    good_read(owner_node, owner, reader_node, reader, oaddr)
-
-
-def test_forged_client_mac_is_rejected_by_the_server(cluster, agents):
-    owner_node, reader_node = cluster["shm"]
-    owner, oaddr = agents(owner_node, "owner", 64, 4096, seed=7, auth_key=b"secret")
-    out = reader_node.raw(oaddr, [("send", wire.encode(Msg.HELLO, 1, **_hello())), ("recv",),
-                                  ("send", wire.encode(Msg.AUTH, 2, mac=b"\x00" * 32)), ("recv",)])
-    assert out[0][:2] == ("frame", "hello_ack")
-    assert _error_code(out[1]) == "unauthorized"
-    wait_until(lambda: owner_node.stats(owner)["handshake_failures"] >= 1, 10)
-    assert owner_node.peer_names(owner) == []
-
-
 # ----------------------------------------------------------------------------- peers killed
 def _slow_owner(node):
     """4096 x 4 KiB blocks sent in 4 KiB chunks: a read of all of them takes a while."""

@@ -39,10 +39,15 @@ def hosts():
         link.close()
 
 
+KEY = b"netns-test-key"
+
+
 def _pair(agents, link, a, b, owner_cfg=None, reader_cfg=None):
-    owner, oaddr = agents(a, "owner", 4096, 4096, seed=5, listen=f"{link.a.addr}:0", **(owner_cfg or {}))
+    # agents listening on a non-loopback address must authenticate peers (AgentConfig refuses otherwise)
+    owner, oaddr = agents(a, "owner", 4096, 4096, seed=5, listen=f"{link.a.addr}:0", auth_key=KEY,
+                          **(owner_cfg or {}))
     reader, _ = agents(b, "reader", 4096, 4096, listen=f"{link.b.addr}:0", same_host_copy=False,
-                       **(reader_cfg or {}))
+                       auth_key=KEY, **(reader_cfg or {}))
     assert oaddr.startswith(link.a.addr)
     return owner, oaddr, reader
 
@@ -100,7 +105,7 @@ def test_partition_mid_read(hosts, agents):
         freed = wait_until(lambda: a.freed(owner), DEADLINE_S + 20, what="lease freed during the partition")
         assert freed == [lid]
         # ... and it serves a reader on its own side of the partition meanwhile
-        local, _ = agents(a, "local-reader", 64, 4096, same_host_copy=False)
+        local, _ = agents(a, "local-reader", 64, 4096, same_host_copy=False, auth_key=KEY)
         a.connect(local, oaddr)
         lid2, _, _ = a.expose(owner, np.arange(32))
         a.read(local, oaddr, np.arange(32), lid2, timeout=20)

@@ -222,50 +222,6 @@ class _Child:
 
         wire.PROTOCOL_VERSION = v
 
-    def raw(self, address, steps, timeout=10.0):
-        """A hand-rolled ucxx client. Each step is ("send", bytes) or ("recv",); returns what
-        each recv got: ("frame", type, rid, body) / ("undecodable", repr) / ("timeout",) /
-        ("closed", repr)."""
-        import asyncio
-
-        import ucxx
-
-        from transport import framing, wire
-        from transport.config import TransportSet, parse_hostport
-        from transport.runtime import Runtime
-
-        rt = Runtime.get(TransportSet(self.transports))
-        host, port = parse_hostport(address)
-
-        async def go():
-            ep = await ucxx.create_endpoint(host, port, endpoint_error_handling=True)
-            out = []
-            try:
-                for step in steps:
-                    if step[0] == "send":
-                        await framing.send_bytes(ep, step[1])
-                    elif step[0] == "send_header":  # announce a length, send nothing after it
-                        await ep.send(np.array([step[1]], dtype=framing.HEADER))
-                    elif step[0] == "recv":
-                        try:
-                            buf = await asyncio.wait_for(framing.recv_bytes(ep, 1 << 30), timeout)
-                        except asyncio.TimeoutError:
-                            out.append(("timeout",))
-                            continue
-                        except Exception as e:
-                            out.append(("closed", repr(e)))
-                            continue
-                        try:
-                            f = wire.decode(buf, 1 << 30)
-                            out.append(("frame", f.type.value, f.rid, f.body))
-                        except Exception as e:
-                            out.append(("undecodable", repr(e)))
-            finally:
-                ep.abort()
-            return out
-
-        return rt.call(go(), timeout * (len(steps) + 2))
-
     def pid(self):
         return os.getpid()
 

@@ -1,111 +1,106 @@
-"""framing.py over a fake in-order tag endpoint: length-prefixed frames, the limit checked before
-anything is allocated, and an oversized frame discarded so the stream stays in step."""
+"""framing.py: length-prefixed frames, limits before buffering, per-frame MACs (replay,
+reorder, injection, truncation), and no stale bytes ever reaching a decoder."""
 from __future__ import annotations
 
-import asyncio
-from collections import deque
+import struct
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-framing = pytest.importorskip("transport.framing")
-from transport.errors import BadMessage  # noqa: E402
+from transport.errors import BadMessage
+from transport.framing import MAC_BYTES, BadMac, FrameDecoder, FrameMac, FrameTooLarge, encode_frame
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class UCXXTruncatedError(Exception):
-    pass
+def pair():
+    return FrameMac(b"a" * 32, b"b" * 32), FrameMac(b"b" * 32, b"a" * 32)
 
 
-class FakeEp:
-    """In-order messages, like one UCX tag pair: a receive into a smaller buffer fails with a
-    truncation error and drops the message (what UCX does)."""
-
-    def __init__(self) -> None:
-        self.q: deque[bytes] = deque()
-        self.largest_recv = 0
-
-    sent = 0
-
-    async def send(self, arr) -> None:
-        self.sent += 1
-        self.q.append(np.ascontiguousarray(arr).view(np.uint8).tobytes())
-
-    async def recv(self, arr) -> None:
-        msg = self.q.popleft()
-        view = arr.view(np.uint8)
-        self.largest_recv = max(self.largest_recv, view.nbytes)
-        if len(msg) > view.nbytes:
-            raise UCXXTruncatedError("message truncated")
-        view[:len(msg)] = np.frombuffer(msg, dtype=np.uint8)
+def test_roundtrip_in_any_split():
+    data = b"".join(encode_frame(b"x" * n, None) for n in (1, 10, 1000))
+    for cut in range(1, len(data)):
+        d = FrameDecoder(4096)
+        assert d.feed(data[:cut]) + d.feed(data[cut:]) == [b"x", b"x" * 10, b"x" * 1000]
 
 
-def run(coro):
-    return asyncio.run(coro)
+def test_length_checked_before_the_body_arrives():
+    d = FrameDecoder(100)
+    with pytest.raises(FrameTooLarge):
+        d.feed(struct.pack("<I", 101))       # only the header: refused at once
+    assert FrameDecoder(100).feed(encode_frame(b"y" * 100, None)) == [b"y" * 100]
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.binary(max_size=300), max_size=6))
-def test_roundtrip_in_order(frames):
-    ep = FakeEp()
-
-    async def go():
-        for f in frames:
-            await framing.send_bytes(ep, f)
-        return [await framing.recv_bytes(ep, 1 << 20) for _ in frames]
-
-    assert run(go()) == frames
-    assert not ep.q
+def test_empty_frame_is_bad():
+    with pytest.raises(BadMessage):
+        FrameDecoder(100).feed(struct.pack("<I", 0))
 
 
-def test_empty_frame_is_one_message():
-    ep = FakeEp()
-    run(framing.send_bytes(ep, b""))
-    assert len(ep.q) == 1
-    assert run(framing.recv_bytes(ep, 10)) == b""
+def test_short_body_never_yields_a_frame():
+    """A header announcing more than arrives gives nothing (no stale memory: bodies are built
+    from received bytes only)."""
+    d = FrameDecoder(30000)
+    assert d.feed(struct.pack("<I", 30000) + b"\x94\x02\xa4ping\x01\x81\xc5\x75\x23") == []
+    assert d.buffered() < 100
 
 
-def test_oversized_frame_is_refused_unallocated_and_stream_stays_in_step():
-    ep = FakeEp()
-
-    async def go():
-        await framing.send_bytes(ep, b"x" * 5000)
-        await framing.send_bytes(ep, b"next")
-        with pytest.raises(BadMessage):              # FrameTooLarge is a BadMessage
-            await framing.recv_bytes(ep, 4096)
-        return await framing.recv_bytes(ep, 4096)
-
-    assert run(go()) == b"next"
-    assert ep.largest_recv <= 4096 + 8               # the 5000-byte body was never given a buffer
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 3 * framing.INLINE_BYTES), min_size=1, max_size=5))
-def test_frames_around_the_inline_limit(sizes):
-    """Small frames travel as one message, large ones as header + body; both arrive intact."""
-    ep = FakeEp()
-    frames = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
-
-    async def go():
-        for f in frames:
-            await framing.send_bytes(ep, f)
-        return [await framing.recv_bytes(ep, 1 << 20) for _ in frames]
-
-    assert run(go()) == frames
-    small = sum(1 for n in sizes if n + framing.HEADER_BYTES <= framing.INLINE_BYTES)
-    assert ep.sent == small + 2 * (len(sizes) - small)
+def test_macs_detect_tampering_replay_and_reorder():
+    a, b = pair()
+    f1, f2 = encode_frame(b"first", a), encode_frame(b"second", a)
+    d = FrameDecoder(1024)
+    d.mac = b
+    assert d.feed(f1) == [b"first"]
+    with pytest.raises(BadMac):
+        d.feed(f1)                          # replay
+    a2, b2 = pair()
+    g1, g2 = encode_frame(b"first", a2), encode_frame(b"second", a2)
+    d2 = FrameDecoder(1024)
+    d2.mac = b2
+    with pytest.raises(BadMac):
+        d2.feed(g2)                         # reorder / drop
+    a3, b3 = pair()
+    h = bytearray(encode_frame(b"payload", a3))
+    h[6] ^= 1
+    d3 = FrameDecoder(1024)
+    d3.mac = b3
+    with pytest.raises(BadMac):
+        d3.feed(bytes(h))                   # altered
+    d4 = FrameDecoder(1024)
+    d4.mac = pair()[1]
+    with pytest.raises(BadMac):
+        d4.feed(encode_frame(b"injected", None) + b"\0" * MAC_BYTES)   # injected without the key
 
 
-def test_absurd_announced_length():
-    ep = FakeEp()
+def test_mac_switch_between_frames():
+    """The handshake's last frame is unsigned, everything after it is signed, in one chunk."""
+    a, b = pair()
+    data = encode_frame(b"welcome", None) + encode_frame(b"signed", a)
+    d = FrameDecoder(1024)
+    out = []
+    for body in d.frames(data):
+        out.append(body)
+        d.mac = b
+    assert out == [b"welcome", b"signed"]
 
-    async def go():
-        await ep.send(np.array([(1 << 64) - 1], dtype=framing.HEADER))
-        await ep.send(np.zeros(4, np.uint8))
-        with pytest.raises(framing.FrameTooLarge):
-            await framing.recv_bytes(ep, 1 << 20)
 
-    run(go())
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(1, 64))
+def test_fuzz_only_typed_errors(blob, limit):
+    d = FrameDecoder(limit)
+    try:
+        for body in d.frames(blob):
+            assert 0 < len(body) <= limit
+    except BadMessage:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_with_macs_never_accepts_garbage(blob):
+    d = FrameDecoder(1024)
+    d.mac = pair()[1]
+    try:
+        assert d.feed(blob) == []
+    except BadMessage:
+        pass

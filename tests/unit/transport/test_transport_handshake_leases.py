@@ -20,27 +20,68 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # ----------------------------------------------------------------------------- handshake
-def test_mac_without_key_is_empty():
-    assert hs.mac(None, b"S", b"a", b"b", "c", "s") == b""
+HELLO = {"name": "c", "instance": b"i" * 16, "nonce": b"n" * 16, "compat": {"m": 1}, "host": "h", "pid": 1,
+         "chunk": 4096, "paths": ["cma"]}
+ACK = {"name": "s", "instance": b"j" * 16, "nonce": b"o" * 16, "host": "h", "pid": 2, "chunk": 4096,
+       "paths": ["cma"], "mac": b"whatever"}
 
 
-def test_mac_binds_key_role_nonces_and_names():
-    args = dict(key=b"k", role=b"S", client_nonce=b"n1", server_nonce=b"n2", client_name="c", server_name="s")
-    base = hs.mac(**args)
-    assert len(base) == 32 and base == hs.mac(**args)
-    for k, v in [("key", b"K"), ("role", b"C"), ("client_nonce", b"nX"), ("server_nonce", b"nY"),
-                 ("client_name", "c2"), ("server_name", "s2")]:
-        assert hs.mac(**dict(args, **{k: v})) != base, k
-    # swapping the nonces (a reflection) gives another MAC
-    assert hs.mac(**dict(args, client_nonce=b"n2", server_nonce=b"n1")) != base
+def test_proof_without_key_is_empty():
+    assert hs.proof(None, b"server", hs.transcript(HELLO, ACK)) == b""
+    assert hs.frame_macs(None, b"t", client=True) is None
 
 
-def test_macs_equal():
-    m = hs.mac(b"k", b"C", b"1", b"2", "a", "b")
-    assert hs.macs_equal(m, bytes(m))
-    assert not hs.macs_equal(m, m[:-1] + bytes([m[-1] ^ 1]))
-    assert not hs.macs_equal(m, b"")
-    assert hs.macs_equal(b"", b"")  # both sides without a key
+def test_transcript_binds_every_field_of_both_sides():
+    """Channel binding: changing anything either side said (worker/host/pid/instance/compat,
+    not only names and nonces) changes the transcript, so a relay cannot substitute it."""
+    base = hs.transcript(HELLO, ACK)
+    assert base == hs.transcript(dict(reversed(list(HELLO.items()))), ACK)  # canonical: order-free
+    assert base == hs.transcript(HELLO, dict(ACK, mac=b"other"))             # the ack's own MAC is not in it
+    def changed(v):
+        return {str: lambda: v + "x", bytes: lambda: v + b"x", int: lambda: v + 1, dict: lambda: {"m": 2},
+                list: lambda: []}[type(v)]()
+
+    for k in HELLO:
+        assert hs.transcript(dict(HELLO, **{k: changed(HELLO[k])}), ACK) != base, k
+    for k in ACK:
+        if k != "mac":
+            assert hs.transcript(HELLO, dict(ACK, **{k: changed(ACK[k])})) != base, k
+    # the two sides' messages are not interchangeable
+    assert hs.transcript(ACK, HELLO) != base
+
+
+def test_proofs_bind_key_role_and_transcript():
+    th = hs.transcript(HELLO, ACK)
+    p = hs.proof(b"k", b"server", th)
+    assert len(p) == 32 and p == hs.proof(b"k", b"server", th)
+    assert p != hs.proof(b"K", b"server", th)
+    assert p != hs.proof(b"k", b"client", th)       # no reflection of the server's proof
+    assert p != hs.proof(b"k", b"server", th[:-1] + b"x")
+    assert hs.proofs_equal(p, bytes(p)) and not hs.proofs_equal(p, p[:-1] + b"\0") and hs.proofs_equal(b"", b"")
+
+
+def test_frame_macs_are_per_direction():
+    from transport.framing import BadMac, FrameDecoder, encode_frame
+
+    th = hs.transcript(HELLO, ACK)
+    client, server = hs.frame_macs(b"k", th, client=True), hs.frame_macs(b"k", th, client=False)
+    dec_server = FrameDecoder(1 << 16)
+    dec_server.mac = server
+    frames = [encode_frame(b"one", client), encode_frame(b"two", client)]
+    assert dec_server.feed(b"".join(frames)) == [b"one", b"two"]
+    # a frame the client signed cannot be reflected back to the client
+    dec_client = FrameDecoder(1 << 16)
+    dec_client.mac = hs.frame_macs(b"k", th, client=True)
+    with pytest.raises(BadMac):
+        dec_client.feed(encode_frame(b"three", hs.frame_macs(b"k", th, client=True)))
+
+
+def test_keystream_hides_and_restores():
+    blob = bytes(range(200))
+    enc = hs.keystream_xor(b"s" * 32, b"label", blob)
+    assert enc != blob and hs.keystream_xor(b"s" * 32, b"label", enc) == blob
+    assert hs.keystream_xor(b"t" * 32, b"label", enc) != blob
+    assert hs.keystream_xor(None, b"label", blob) == blob
 
 
 def test_nonces_are_fresh():

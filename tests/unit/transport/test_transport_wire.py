@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(120)
 LIMIT = 1 << 20
 
 # One sample value per accepted type; SAMPLES is built from the schemas so it follows them.
-_SAMPLE_BY_TYPE = {bytes: b"\x01binary", str: "text", int: 7, float: 1.5, bool: True, type(None): None,
+_SAMPLE_BY_TYPE = {bytes: b"\x01binary", str: "text", int: 7, float: 1.5, bool: True, type(None): None, list: ["cma"],
                    dict: {"model": "m", "tp": 2, "x": 1.5, "b": True}}
 SAMPLES = {m: {k: _SAMPLE_BY_TYPE[types[0]] for k, types in SCHEMAS[m].items()} for m in Msg}
 MAX_STR = getattr(wire, "MAX_STR_BYTES", getattr(wire, "MAX_FIELD_BYTES", 64 << 10))
@@ -207,9 +207,9 @@ def test_fuzz_structured_msgpack(obj):
 @st.composite
 def schema_valid_body(draw, msg):
     gen = {bytes: st.binary(max_size=40), str: st.text(max_size=40), int: st.integers(0, (1 << 63) - 1),
-           float: st.floats(allow_nan=False), dict: st.dictionaries(st.text(max_size=8),
+           float: st.floats(-1e17, 1e17, allow_nan=False), dict: st.dictionaries(st.text(max_size=8),
                                                                    st.integers(-(1 << 63), (1 << 63) - 1) | st.text(max_size=8), max_size=4),
-           bool: st.booleans(), type(None): st.none()}
+           bool: st.booleans(), type(None): st.none(), list: st.lists(st.text(max_size=8), max_size=4)}
     return {k: draw(st.one_of(*[gen[t] for t in types])) for k, types in SCHEMAS[msg].items()}
 
 
@@ -227,3 +227,27 @@ def test_fuzz_schema_valid_bodies_roundtrip(msg, data):
 def test_fuzz_oversized(n, fill):
     with pytest.raises(BadMessage):
         decode(fill * n, LIMIT)
+
+
+@pytest.mark.parametrize("field", sorted(wire._NON_NEGATIVE))
+def test_negative_ids_and_sizes_are_rejected(field):
+    for msg, schema in SCHEMAS.items():
+        if field in schema:
+            body = dict(SAMPLES[msg], **{field: -1})
+            with pytest.raises(BadMessage, match="out of range"):
+                decode(frame(mtype=msg.value, rid=1, body=body), LIMIT)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e19])
+def test_non_finite_numbers_are_rejected(bad):
+    with pytest.raises(BadMessage, match="finite"):
+        decode(frame(mtype="renew", rid=1, body={"lease": "x", "ttl": bad}), LIMIT)
+
+
+def test_schema_errors_do_not_echo_the_peers_bytes():
+    """A peer's own keys or values never come back in an error text (nothing to fish with)."""
+    secretish = "Z" * 30
+    for body in ({secretish: 1}, {"payload": secretish}):
+        with pytest.raises(BadMessage) as e:
+            decode(frame(mtype="notify", rid=1, body=body), LIMIT)
+        assert secretish not in str(e.value)

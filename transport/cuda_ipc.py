@@ -1,0 +1,91 @@
+"""CUDA IPC for the one-sided same-host GPU path.
+
+Owner: each registered CUDA region is shared once (torch's storage sharing: the caching
+allocator's segment handle plus the storage's offset in it; expandable-segment (VMM)
+allocations too), and the handle goes only to authenticated peers on this host, only for
+regions holding a lease exposed to them, encrypted under the session's secret when a key is set.
+
+Reader: opens each (session, region) handle once and keeps it until the session ends or the
+owner says the region is gone; the mapping keeps the owner's allocation alive in the driver even
+if the owner dies, so dropping it is what frees that memory.
+
+Trust: a mapping exposes the owner's whole allocation (segment) to the reader process, the same
+trust as process_vm_readv on host memory (an authenticated peer on the same host); the lease
+check decides which bytes a correct reader touches.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .region import Region
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Mapping:
+    ptr: int            # device address of the region's first byte in this process
+    nbytes: int
+    keep: Any = None    # the storage holding the IPC mapping open
+
+
+class Exporter:
+    """Owner side: a share blob per region, made on first use."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[int, bytes] = {}
+
+    def blob(self, region: Region) -> bytes:
+        b = self._blobs.get(region.uid)
+        if b is None:
+            flat = region.flat
+            storage = flat.untyped_storage()
+            share = list(storage._share_cuda_())
+            b = msgpack.packb([os.getpid(), flat.data_ptr(), region.nbytes, flat.storage_offset(), share],
+                              use_bin_type=True)
+            self._blobs[region.uid] = b
+        return b
+
+    def forget(self, region: Region) -> None:
+        self._blobs.pop(region.uid, None)
+
+
+def open_blob(blob: bytes, device_index: int) -> Mapping:
+    """Map a peer's region on our device. Raises ValueError for a malformed blob."""
+    import torch
+
+    try:
+        pid, ptr, nbytes, offset, share = msgpack.unpackb(blob, raw=False, max_bin_len=1 << 16,
+                                                          max_array_len=16, max_str_len=1 << 12)
+    except Exception:
+        raise ValueError("malformed IPC blob") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (pid, ptr, nbytes, offset)):
+        raise ValueError("malformed IPC blob")
+    if pid == os.getpid():  # the owner is this very process: its pointer is valid here
+        return Mapping(ptr, nbytes)
+    if not isinstance(share, list) or len(share) != 8:
+        raise ValueError("malformed IPC share tuple")
+    _, handle, size, soff, rc_handle, rc_off, ev_handle, ev_sync = share
+    storage = torch.UntypedStorage._new_shared_cuda(device_index, handle, size, soff, rc_handle, rc_off,
+                                                    ev_handle, ev_sync)
+    if offset > storage.nbytes() or nbytes > storage.nbytes() - offset:
+        raise ValueError("IPC region lies outside the shared storage")
+    return Mapping(storage.data_ptr() + offset, nbytes, storage)
+
+
+def unavailable() -> str | None:
+    """Why this process cannot run the CUDA IPC path (None: it can)."""
+    try:
+        import torch
+    except Exception:
+        return "torch is not importable"
+    if not torch.cuda.is_available():
+        return "no CUDA device in this process"
+    from .gpu_copy import triton_missing
+
+    return triton_missing()

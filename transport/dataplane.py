@@ -1,0 +1,163 @@
+"""Per-agent data-path resources: staging pools and CUDA side streams, the UCX chunk streams of
+a session, and the CUDA IPC offer (owner) / fused-kernel copy (initiator)."""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import copy_plan, cuda_ipc, gpu_copy
+from . import handshake as hs
+from .config import AgentConfig
+from .datapath import CancelToken, StagingPool
+from .descs import Descs
+from .errors import BadMessage, PeerLost
+from .plan import StreamPlan
+from .session import Session
+from .stats import AgentStats
+
+log = logging.getLogger(__name__)
+
+
+def _ipc_label(uid: int) -> bytes:
+    return b"ipc|" + uid.to_bytes(8, "little")
+
+
+class DataPlane:
+    def __init__(self, name: str, config: AgentConfig, executor: Executor, stats: AgentStats):
+        self.name = name
+        self.config = config
+        self.executor = executor
+        self.stats = stats
+        self._pools: dict[str, StagingPool] = {}
+        self._streams: dict[int, Any] = {}
+        self._ipc_reason: str | None | bool = False   # False: not probed yet
+        self.exporter = cuda_ipc.Exporter()
+        self._warned_staged: set[str] = set()
+
+    # -- resources ----------------------------------------------------------------------------
+    def pool(self, device: torch.device) -> StagingPool:
+        key = str(device)
+        if key not in self._pools:
+            self._pools[key] = StagingPool(device, self.config.chunk_bytes, self.config.staging_slots)
+        return self._pools[key]
+
+    def stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device.index not in self._streams:
+            self._streams[device.index] = torch.cuda.Stream(device=device)
+        return self._streams[device.index]
+
+    def quarantined_slots(self) -> int:
+        return sum(p.retired_total for p in self._pools.values())
+
+    # -- UCX ----------------------------------------------------------------------------------
+    async def run_stream(self, kind, s: Session, descs: Descs, tag: int, deadline: float,
+                         tok: CancelToken) -> None:
+        if s.ucx is None or s.lost is not None:
+            raise PeerLost(f"no UCX link to {s.name}")
+        device = descs.regions[0].device if descs.regions else torch.device("cpu")
+        if device.type == "cuda":
+            self._warn_staged_cuda(s)
+        chunk = min(self.config.chunk_bytes, s.peer.chunk)
+        eps = s.ucx.endpoints
+        ep = await eps.borrow()
+        io = kind(ep, StreamPlan(descs, chunk), self.pool(device), self.executor, tag, self.stream(device))
+        try:
+            await io.run(descs, deadline, tok)
+        finally:
+            if not io.aborted and s.lost is None:
+                await eps.give_back(ep)
+
+    def _warn_staged_cuda(self, s: Session) -> None:
+        """UCX between two processes moves CUDA memory through host memory unless it can use
+        cuda_ipc (same host) or GPUDirect RDMA (other hosts): say so, once per peer."""
+        if s.name in self._warned_staged:
+            return
+        self._warned_staged.add(s.name)
+        why = ("same host: the CUDA IPC path is off or failed, and UCX between processes serves CUDA "
+               "memory by eager copies through host memory (measured 0.7 GB/s on one GPU)"
+               if s.peer.same_host else
+               "other host: without GPUDirect RDMA (a UCX built with verbs) UCX stages CUDA memory "
+               "through host memory")
+        log.warning("%s: CUDA memory to/from %s goes over UCX (%s)", self.name, s.name, why)
+        self.stats.fallbacks[f"ucx-cuda: {why}"] += 1
+
+    # -- CUDA IPC -------------------------------------------------------------------------------
+    def ipc_unavailable(self) -> str | None:
+        if self._ipc_reason is False:
+            self._ipc_reason = cuda_ipc.unavailable()
+        return self._ipc_reason  # type: ignore[return-value]
+
+    def ipc_offer(self, s: Session, descs: Descs) -> tuple[list, bytes]:
+        """Owner: the regions a transfer touches (handles only for those this session has not
+        seen yet) and the (slot, offset, length) table of its runs."""
+        d = descs.coalesced()
+        used = np.unique(d.region_idx)
+        slot_of = np.full(len(d.regions), -1, dtype=np.int64)
+        slot_of[used] = np.arange(len(used))
+        offer = []
+        for ri in used.tolist():
+            r = d.regions[ri]
+            blob = None
+            if r.uid not in s.ipc_sent:
+                blob = hs.keystream_xor(s.secret, _ipc_label(r.uid), self.exporter.blob(r))
+                s.ipc_sent.add(r.uid)
+            offer.append([r.uid, blob, r.nbytes])
+        table = np.stack([slot_of[d.region_idx], d.offset, d.length]).astype("<i8")
+        return offer, table.tobytes()
+
+    def ipc_copy(self, s: Session, local: Descs, offer: Any, table: Any, nbytes: int, write: bool):
+        """Initiator: map what is new, check the owner's table against the mappings, and launch
+        the one kernel. Returns (event, keep-alive). Raises BadMessage for a lying owner."""
+        if not isinstance(offer, list) or not isinstance(table, bytes) or not offer or len(offer) > 4096:
+            raise BadMessage("malformed IPC offer")
+        device = local.regions[0].device
+        bases, sizes = [], []
+        for item in offer:
+            if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], int)
+                    or not isinstance(item[2], int) or not isinstance(item[1], (bytes, type(None)))):
+                raise BadMessage("malformed IPC offer entry")
+            uid, blob, size = item
+            m = s.ipc_maps.get(uid)
+            if m is None:
+                if blob is None:
+                    raise BadMessage(f"owner referred to region {uid} without sharing it")
+                try:
+                    m = cuda_ipc.open_blob(hs.keystream_xor(s.secret, _ipc_label(uid), blob), device.index)
+                except ValueError as e:
+                    raise BadMessage(str(e)) from None
+                s.ipc_maps[uid] = m
+            if m.nbytes != size:
+                raise BadMessage("IPC region size changed")
+            bases.append(m.ptr)
+            sizes.append(m.nbytes)
+        if len(table) % 24 or not table:
+            raise BadMessage("malformed IPC table")
+        t = np.frombuffer(table, dtype="<i8").reshape(3, -1)
+        slot, off, ln = t[0], t[1], t[2]
+        sizes_a = np.asarray(sizes, dtype=np.int64)
+        if (slot.min() < 0 or slot.max() >= len(bases) or off.min() < 0 or ln.min() <= 0
+                or np.any(off > sizes_a[slot] - ln)):
+            raise BadMessage("the owner's IPC table points outside the shared regions")
+        if int(ln.sum()) != nbytes:
+            raise BadMessage("the owner's IPC table does not add up to the transfer size")
+        remote = copy_plan.run_addresses(np.asarray(bases, dtype=np.int64), slot, off)
+        ld = local.coalesced()
+        lbases = np.array([r.flat.data_ptr() for r in ld.regions], dtype=np.int64)
+        laddr = copy_plan.run_addresses(lbases, ld.region_idx, ld.offset)
+        if write:
+            s_, d_, n_ = copy_plan.pair_streams(laddr, ld.length, remote, ln)
+        else:
+            s_, d_, n_ = copy_plan.pair_streams(remote, ln, laddr, ld.length)
+        return gpu_copy.launch(s_, d_, n_, device, self.stream(device))
+
+    def drop_mappings(self, s: Session, uid: int | None = None) -> None:
+        if uid is None:
+            s.ipc_maps.clear()
+        else:
+            s.ipc_maps.pop(uid, None)

@@ -1,0 +1,438 @@
+"""Initiator side of reads and writes: one request, one reply, then the data path.
+
+Same host, host memory: the reply carries the owner's iovecs and the reader copies them itself
+(process_vm_readv / writev), on the loop thread when small. Same host, CUDA memory: the reply
+carries an IPC table and one fused kernel copies. Either way the transfer completes locally,
+without a second round trip, when the copy finished within the time the owner promised to hold
+the lease (same clock: one host); XFER_DONE then only releases the owner's hold. A copy that
+finished later asks the owner to confirm it still held the lease. Other hosts and fallbacks use
+UCX chunks right behind the reply.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from . import cma
+from .core import Core
+from .datapath import CancelToken, Receiver, Sender
+from .descs import Descs
+from .errors import (BadMessage, PathUnavailable, PeerLost, TransferCancelled, TransferError,
+                     TransferTimeout, error_from_wire)
+from .paths import PathInputs, choose_path
+from .region import MemoryKind
+from .runtime import TAG_CHUNK_BITS
+from .session import Session
+from .transfer import Peer, Transfer
+from .ucx_link import ensure_link
+from .wire import DataPath, Frame, Msg
+
+log = logging.getLogger(__name__)
+
+HOLD_MARGIN_S = 0.002
+GPU_INLINE_BYTES = 64 << 20
+
+
+class XState(str, Enum):
+    STARTING = "starting"       # waiting for the UCX link
+    REQUESTED = "requested"     # request sent, no reply yet
+    COPYING = "copying"         # one-sided copy running (threads or GPU kernel)
+    STREAMING = "streaming"     # UCX chunks moving
+    CONFIRMING = "confirming"   # copied after the owner's hold time: waiting for its OK
+    WAIT_OWNER = "wait_owner"   # UCX write sent: waiting for the owner's WRITE_DONE
+    DONE = "done"
+
+
+@dataclass
+class Initiated:
+    core: Core
+    local: Descs
+    lease_id: str
+    ranges: bytes | None
+    notify: bytes | None
+    write: bool
+    xfer: Transfer
+    deadline: float
+    t0: float
+    session: Session | None = None
+    path: DataPath = DataPath.UCX
+    xid: int = 0
+    rid: int = 0
+    tag: int = 0
+    state: XState = XState.STARTING
+    sent_at: float = 0.0
+    hold_until: float = 0.0
+    timer: asyncio.TimerHandle | None = None
+    token: CancelToken | None = None
+    stop: threading.Event | None = None
+    task: asyncio.Task | None = field(default=None, repr=False)
+    pending_error: TransferError | None = None
+    owner_done: bool = False
+    retried: bool = False
+
+
+def find_session(core: Core, peer: Peer | str) -> Session:
+    cands: list[Session] = []
+    if isinstance(peer, Peer):
+        s = core.sessions.by_addr.get(peer.address)
+        if s is not None and s.lost is None:
+            return s
+        cands = core.sessions.live(peer.name)
+    elif isinstance(peer, str):
+        cands = core.sessions.live(peer)
+        if not cands:
+            s = core.sessions.by_addr.get(peer)
+            cands = [s] if s is not None and s.lost is None else []
+    else:
+        raise TypeError("peer must be a Peer or a peer name / address")
+    if not cands:
+        raise PeerLost(f"not connected to {peer}")
+    outbound = [s for s in cands if not s.inbound]
+    return (outbound or cands)[-1]
+
+
+# ---------------------------------------------------------------------------------- start
+def start(core: Core, peer: Peer | str, local: Descs, lease_id: str, ranges: bytes | None,
+          notify: bytes | None, timeout: float, write: bool, xfer: Transfer) -> None:
+    """Runs on the transport loop (scheduled by Agent.read / write)."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    x = Initiated(core, local, lease_id, ranges, notify, write, xfer, now + timeout, now)
+    xfer._attach(lambda err: abort(x, err))
+    try:
+        x.session = find_session(core, peer)
+    except (TransferError, TypeError) as e:
+        _settle(x, e if isinstance(e, TransferError) else PeerLost(str(e)))
+        return
+    x.timer = loop.call_at(x.deadline, _on_deadline, x)
+    _choose_and_go(x, force_ucx=False)
+
+
+def _choose_and_go(x: Initiated, force_ucx: bool) -> None:
+    s, core = x.session, x.core
+    kind = x.local.regions[0].kind if x.local.regions else MemoryKind.HOST
+    if force_ucx:
+        path = DataPath.UCX
+    else:
+        ipc_on = core.config.gpu_ipc and core.data.ipc_unavailable() is None
+        path, why = choose_path(PathInputs(kind, s.peer.same_host, s.peer.serves, core.config.same_host_copy,
+                                           ipc_on, s.off))
+        if why is not None:
+            core.fallback(DataPath.CMA if kind is MemoryKind.HOST else DataPath.IPC, why, s.name,
+                          configured=why == "same_host_copy is off here" or (
+                              why.startswith("CUDA IPC is off") and not core.config.gpu_ipc))
+    x.path = path
+    if path is DataPath.UCX and s.ucx is None:
+        x.state = XState.STARTING
+        x.task = asyncio.get_running_loop().create_task(_link_then_request(x))
+    else:
+        _request(x)
+
+
+async def _link_then_request(x: Initiated) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        await ensure_link(x.core, x.session, max(0.0, x.deadline - loop.time()))
+    except TransferError as e:
+        _settle(x, e)
+        return
+    except Exception as e:
+        _settle(x, PeerLost(f"UCX link to {x.session.name} failed: {type(e).__name__}: {e}"))
+        return
+    if x.state is XState.STARTING:
+        _request(x)
+
+
+def _request(x: Initiated) -> None:
+    s, loop = x.session, asyncio.get_running_loop()
+    x.xid = s.next_xid()
+    s.initiated[x.xid] = x
+    x.rid, fut = s.conn.new_request()
+    x.state = XState.REQUESTED
+    x.sent_at = loop.time()
+    try:
+        if x.write:
+            s.conn.send(Msg.WRITE_REQ, x.rid, xid=x.xid, lease=x.lease_id, nbytes=x.local.nbytes,
+                        path=x.path.value, notify=x.notify)
+        else:
+            x.tag = x.core.runtime.new_tag_base() if x.path is DataPath.UCX else 0
+            s.conn.send(Msg.READ_REQ, x.rid, xid=x.xid, lease=x.lease_id, nbytes=x.local.nbytes,
+                        ranges=x.ranges, path=x.path.value, tag=x.tag, notify=x.notify)
+    except TransferError as e:
+        s.conn.forget(x.rid)
+        _settle(x, e)
+        return
+    fut.add_done_callback(functools.partial(_on_ack, x))
+
+
+def _on_ack(x: Initiated, fut: asyncio.Future) -> None:
+    s = x.session
+    s.conn.forget(x.rid)
+    if x.state is not XState.REQUESTED or fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        _settle(x, exc if isinstance(exc, TransferError) else PeerLost(str(exc)))
+        return
+    f: Frame = fut.result()
+    if f.type is Msg.ERROR:
+        err = error_from_wire(f.body["code"], f.body["message"], f.body["field"])
+        if isinstance(err, PathUnavailable) and x.path is not DataPath.UCX and not x.retried:
+            _fall_back(x, str(err), abort_owner=False)
+            return
+        _settle(x, err)
+        return
+    want = Msg.WRITE_ACK if x.write else Msg.READ_ACK
+    if f.type is not want or f.body["xid"] != x.xid:
+        _abort_owner(x, "unexpected reply")
+        _settle(x, BadMessage(f"expected {want.value} for transfer {x.xid}, got {f.type.value}"))
+        return
+    x.hold_until = x.sent_at + f.body["hold_ms"] / 1000.0 * 0.999 - HOLD_MARGIN_S
+    if x.path is DataPath.CMA:
+        _start_cma(x, f)
+    elif x.path is DataPath.IPC:
+        _start_ipc(x, f)
+    else:
+        _start_ucx(x, f)
+
+
+def _fall_back(x: Initiated, reason: str, abort_owner: bool) -> None:
+    """The one-sided path failed before any byte moved: remember it for this peer, use UCX."""
+    s = x.session
+    if abort_owner:
+        _abort_owner(x, f"falling back to UCX: {reason}")
+    s.initiated.pop(x.xid, None)
+    s.off[x.path] = reason
+    x.core.fallback(x.path, reason, s.name)
+    x.retried = True
+    _choose_and_go(x, force_ucx=True)
+
+
+def _abort_owner(x: Initiated, reason: str) -> None:
+    x.session.conn.send_quiet(Msg.XFER_ABORT, xid=x.xid, reason=reason[:200], by_owner=False)
+
+
+# ---------------------------------------------------------------------------------- same host, host memory
+def _start_cma(x: Initiated, f: Frame) -> None:
+    nbytes = x.local.nbytes
+    try:
+        remote = cma.parse_remote(f.body["iov"] or b"", nbytes)
+        batches = cma.plan_batches(x.local, remote)
+    except ValueError as e:
+        _abort_owner(x, "bad iovecs")
+        _settle(x, BadMessage(f"owner sent unusable iovecs: {e}"))
+        return
+    x.state = XState.COPYING
+    pid = x.session.peer.pid
+    if nbytes <= x.core.config.inline_copy_bytes:
+        try:
+            cma.copy_all(pid, batches, x.write)
+        except cma.CmaUnavailable as e:
+            _fall_back(x, f"the kernel refused process_vm_{'writev' if x.write else 'readv'}: {e}", True)
+            return
+        except OSError as e:
+            _abort_owner(x, "copy failed")
+            _settle(x, PeerLost(f"same-host copy failed: {e}"))
+            return
+        _copied(x)
+        return
+    x.stop = threading.Event()
+    x.task = asyncio.get_running_loop().create_task(_cma_threads(x, pid, batches))
+
+
+async def _cma_threads(x: Initiated, pid: int, batches) -> None:
+    loop = asyncio.get_running_loop()
+    stop = x.stop
+
+    def run(lo, re) -> None:
+        if not stop.is_set():
+            cma.copy_batch(pid, lo, re, x.write)
+
+    results = await asyncio.gather(*(loop.run_in_executor(x.core.executor, run, lo, re) for lo, re in batches),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if x.pending_error is not None:  # aborted while copying: every started batch has ended now
+        _abort_owner(x, str(x.pending_error))
+        _settle(x, x.pending_error)
+        return
+    if errors:
+        e = errors[0]
+        if isinstance(e, cma.CmaUnavailable) and not x.retried:
+            _fall_back(x, f"the kernel refused the same-host copy: {e}", True)
+            return
+        _abort_owner(x, "copy failed")
+        _settle(x, PeerLost(f"same-host copy failed: {e}"))
+        return
+    _copied(x)
+
+
+def _copied(x: Initiated) -> None:
+    """One-sided copy finished: done now if the owner's hold covered it, else ask."""
+    s, loop = x.session, asyncio.get_running_loop()
+    if loop.time() <= x.hold_until and s.lost is None:
+        s.conn.send_quiet(Msg.XFER_DONE, 0, xid=x.xid)
+        _settle(x, None)
+        return
+    x.state = XState.CONFIRMING
+    rid, fut = s.conn.new_request()
+    try:
+        s.conn.send(Msg.XFER_DONE, rid, xid=x.xid)
+    except TransferError as e:
+        s.conn.forget(rid)
+        _settle(x, e)
+        return
+
+    def confirmed(fut: asyncio.Future) -> None:
+        s.conn.forget(rid)
+        if x.state is not XState.CONFIRMING or fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            _settle(x, exc if isinstance(exc, TransferError) else PeerLost(str(exc)))
+            return
+        f = fut.result()
+        if f.type is Msg.ERROR:
+            _settle(x, error_from_wire(f.body["code"], f.body["message"], f.body["field"]))
+        else:
+            _settle(x, None)
+
+    fut.add_done_callback(confirmed)
+
+
+# ---------------------------------------------------------------------------------- same host, CUDA memory
+def _start_ipc(x: Initiated, f: Frame) -> None:
+    x.state = XState.COPYING
+    try:
+        ev, keep = x.core.data.ipc_copy(x.session, x.local, f.body["ipc"], f.body["table"], x.local.nbytes,
+                                        x.write)
+    except BadMessage as e:
+        _abort_owner(x, "bad IPC offer")
+        _settle(x, e)
+        return
+    except Exception as e:  # the driver refused the mapping (MIG, no peer access, other namespace...)
+        if x.retried:
+            _abort_owner(x, "IPC failed")
+            _settle(x, PeerLost(f"CUDA IPC failed: {type(e).__name__}: {e}"))
+        else:
+            _fall_back(x, f"CUDA IPC mapping failed: {type(e).__name__}: {str(e)[:200]}", True)
+        return
+    if x.local.nbytes <= GPU_INLINE_BYTES:
+        ev.synchronize()
+        _copied(x)
+        return
+    x.task = asyncio.get_running_loop().create_task(_wait_event(x, ev, keep))
+
+
+async def _wait_event(x: Initiated, ev: Any, keep: Any) -> None:
+    await asyncio.get_running_loop().run_in_executor(x.core.executor, ev.synchronize)
+    del keep
+    if x.pending_error is not None:  # the kernel cannot be stopped; it has ended now
+        _abort_owner(x, str(x.pending_error))
+        _settle(x, x.pending_error)
+        return
+    _copied(x)
+
+
+# ---------------------------------------------------------------------------------- UCX
+def _start_ucx(x: Initiated, f: Frame) -> None:
+    tag = f.body["tag"] if x.write else x.tag
+    if tag <= 0 or tag & ((1 << TAG_CHUNK_BITS) - 1):
+        _abort_owner(x, "bad tag")
+        _settle(x, BadMessage("owner answered with an invalid tag"))
+        return
+    x.state = XState.STREAMING
+    x.token = CancelToken()
+    x.task = asyncio.get_running_loop().create_task(_ucx(x, tag))
+
+
+async def _ucx(x: Initiated, tag: int) -> None:
+    s = x.session
+    try:
+        await x.core.data.run_stream(Sender if x.write else Receiver, s, x.local, tag, x.deadline, x.token)
+    except TransferError as e:
+        _abort_owner(x, str(e))
+        _settle(x, e)
+        return
+    if not x.write:
+        s.conn.send_quiet(Msg.XFER_DONE, 0, xid=x.xid)
+        _settle(x, None)
+    elif x.owner_done:
+        _settle(x, None)
+    else:
+        x.state = XState.WAIT_OWNER
+
+
+def on_write_done(s: Session, f: Frame) -> None:
+    x = s.initiated.get(f.body["xid"])
+    if x is None or not x.write or x.path is not DataPath.UCX:
+        raise BadMessage(f"write_done for transfer {f.body['xid']}, which is not a write of this connection")
+    if x.state is XState.WAIT_OWNER:
+        _settle(x, None)
+    else:
+        x.owner_done = True
+
+
+def on_owner_abort(s: Session, f: Frame) -> None:
+    x = s.initiated.get(f.body["xid"])
+    if x is not None:
+        abort(x, TransferError(f"owner aborted the transfer: {f.body['reason'][:200]}"))
+
+
+# ---------------------------------------------------------------------------------- ending
+def _on_deadline(x: Initiated) -> None:
+    x.timer = None
+    abort(x, TransferTimeout(f"transfer did not finish within its deadline "
+                             f"({x.deadline - x.t0:.1f}s, state {x.state.value})"))
+
+
+def abort(x: Initiated, err: TransferError) -> None:
+    """Stop the transfer (cancel, deadline, peer lost, owner abort). Memory safety first: a copy
+    or kernel that is running is waited for before the transfer reports its error."""
+    st = x.state
+    if st is XState.DONE:
+        return
+    if st is XState.COPYING:
+        x.pending_error = err
+        if x.stop is not None:
+            x.stop.set()
+        return
+    if st is XState.STREAMING:
+        x.token.set(err)
+        return
+    if st in (XState.REQUESTED, XState.WAIT_OWNER) and x.session is not None:
+        _abort_owner(x, str(err))
+    _settle(x, err)
+
+
+def _settle(x: Initiated, err: BaseException | None) -> None:
+    if x.state is XState.DONE:
+        return
+    x.state = XState.DONE
+    if x.timer is not None:
+        x.timer.cancel()
+        x.timer = None
+    s, core = x.session, x.core
+    if s is not None and s.initiated.get(x.xid) is x:
+        del s.initiated[x.xid]
+    dt = asyncio.get_running_loop().time() - x.t0
+    if err is None:
+        (core.stats.record_out if x.write else core.stats.record_in)(x.local.nbytes, dt)
+        core.stats.paths[x.path.value] += 1
+    else:
+        core.stats.transfers_failed += 1
+    x.xfer._finish(err)
+
+
+def session_lost(s: Session) -> None:
+    err = s.lost if isinstance(s.lost, TransferError) else PeerLost(f"lost {s.name}")
+    for x in list(s.initiated.values()):
+        abort(x, err)
+
+
+def cancelled() -> TransferCancelled:
+    return TransferCancelled("transfer cancelled by caller")

@@ -1,0 +1,90 @@
+"""One authenticated control connection and everything that belongs to it.
+
+A `Session` owns its connection, the peer's proven identity, the transfers it serves (keyed by
+the peer's transfer id) and the ones it initiated (keyed by ours), its UCX data endpoints and
+its CUDA IPC mappings. A message naming a transfer is looked up only among that session's
+transfers, so no peer can finish or abort another peer's transfer.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import cma
+from .conn import Conn
+from .errors import BadMessage
+from .wire import DataPath, Frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What the handshake proved about the peer (every field is in the MAC'd transcript)."""
+
+    name: str
+    instance: bytes
+    host: str
+    pid: int
+    chunk: int
+    serves: frozenset[DataPath]
+
+    @property
+    def same_host(self) -> bool:
+        return bool(self.host) and self.host == cma.host_key()
+
+    def alive(self) -> bool:
+        """For a peer on this host: does its process still exist (a zombie counts as gone)?"""
+        if not self.same_host:
+            return True
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in (b"Z", b"X")
+
+
+@dataclass
+class Session:
+    conn: Conn
+    peer: PeerInfo
+    inbound: bool
+    address: str | None                      # what we dialed (outbound sessions)
+    secret: bytes | None                     # per-session secret (IPC handle keystream)
+    served: dict[int, Any] = field(default_factory=dict)      # peer's xid -> owner.Served
+    initiated: dict[int, Any] = field(default_factory=dict)   # our xid -> initiator.Initiated
+    off: dict[DataPath, str] = field(default_factory=dict)    # one-sided paths off for this peer
+    ucx: Any = None                          # ucx_link.UcxLink once worker addresses were exchanged
+    ipc_sent: set[int] = field(default_factory=set)           # region uids whose handles went out
+    ipc_maps: dict[int, Any] = field(default_factory=dict)    # owner region slot -> mapping
+    _xids: Any = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def name(self) -> str:
+        return self.peer.name
+
+    @property
+    def lost(self) -> BaseException | None:
+        return self.conn.lost
+
+    def next_xid(self) -> int:
+        return next(self._xids)
+
+    def serves_pid(self) -> bool:
+        return self.peer.pid != os.getpid()
+
+    def start(self, handler: Callable[["Session", Frame], None]) -> None:
+        self.conn.start(lambda f: handler(self, f))
+
+    def served_entry(self, xid: int) -> Any:
+        e = self.served.get(xid)
+        if e is None:
+            raise BadMessage(f"transfer {xid} is not one of this connection's")
+        return e
+
+    def close(self, reason: str = "closed locally") -> None:
+        self.conn.close(reason)

@@ -1,0 +1,28 @@
+"""A session's UCX data link: the peer's worker address and a pool of data endpoints to it.
+
+Worker addresses are exchanged only over an authenticated session (UCX_HELLO / UCX_ACK, both
+MAC'd when a key is set), and only when a transfer first needs UCX."""
+from __future__ import annotations
+
+from .core import Core
+from .dataeps import DataEndpoints
+from .session import Session
+from .wire import Msg
+
+
+class UcxLink:
+    def __init__(self, peer_worker: bytes, error_handling: bool):
+        self.peer_worker = peer_worker
+        self.endpoints = DataEndpoints(peer_worker, error_handling)
+
+    async def close(self) -> None:
+        await self.endpoints.close()
+
+
+async def ensure_link(core: Core, s: Session, timeout: float) -> UcxLink:
+    if s.ucx is None:
+        ours = await core.runtime.ensure_ucx()
+        f = await s.conn.request(Msg.UCX_HELLO, timeout, worker=ours)
+        if s.ucx is None:
+            s.ucx = UcxLink(f.body["worker"], error_handling=not s.peer.same_host)
+    return s.ucx

@@ -78,14 +78,22 @@ def open_blob(blob: bytes, device_index: int) -> Mapping:
     return Mapping(storage.data_ptr() + offset, nbytes, storage)
 
 
-def unavailable() -> str | None:
-    """Why this process cannot run the CUDA IPC path (None: it can)."""
+def export_unavailable() -> str | None:
+    """Why this process cannot share its CUDA regions (None: it can)."""
     try:
         import torch
     except Exception:
         return "torch is not importable"
     if not torch.cuda.is_available():
         return "no CUDA device in this process"
+    return None
+
+
+def unavailable() -> str | None:
+    """Why this process cannot run the reader's side of the CUDA IPC path (None: it can)."""
+    reason = export_unavailable()
+    if reason:
+        return reason
     from .gpu_copy import triton_missing
 
     return triton_missing()

@@ -35,6 +35,7 @@ class DataPlane:
         self._pools: dict[str, StagingPool] = {}
         self._streams: dict[int, Any] = {}
         self._ipc_reason: str | None | bool = False   # False: not probed yet
+        self._export_reason: str | None | bool = False
         self.exporter = cuda_ipc.Exporter()
         self._warned_staged: set[str] = set()
 
@@ -89,9 +90,16 @@ class DataPlane:
 
     # -- CUDA IPC -------------------------------------------------------------------------------
     def ipc_unavailable(self) -> str | None:
+        """Why this agent cannot copy over CUDA IPC as an initiator (None: it can)."""
         if self._ipc_reason is False:
             self._ipc_reason = cuda_ipc.unavailable()
         return self._ipc_reason  # type: ignore[return-value]
+
+    def export_unavailable(self) -> str | None:
+        """Why this agent cannot share its CUDA regions as an owner (None: it can)."""
+        if self._export_reason is False:
+            self._export_reason = cuda_ipc.export_unavailable()
+        return self._export_reason  # type: ignore[return-value]
 
     def ipc_offer(self, s: Session, descs: Descs) -> tuple[list, bytes]:
         """Owner: the regions a transfer touches (handles only for those this session has not

@@ -122,7 +122,7 @@ def _check_one_sided(core: Core, s: Session, descs: Descs, path: DataPath) -> No
             raise PathUnavailable("gpu_ipc is off at the owner")
         if kinds != {MemoryKind.CUDA}:
             raise PathUnavailable("the lease is not in CUDA memory")
-        reason = core.data.ipc_unavailable()
+        reason = core.data.export_unavailable()
         if reason:
             raise PathUnavailable(reason)
         if len(descs) * 24 > core.config.max_message_bytes // 2:

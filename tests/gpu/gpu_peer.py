@@ -155,23 +155,59 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         if cuda:
             torch.cuda.synchronize(device)
     from transport import Agent, AgentConfig, TransferError
-    from transport import packing
+    from transport import gpu_copy, packing
 
     agent = Agent(name, AgentConfig(**cfg))
     bufs: dict[str, Bufs] = {}
     peers: dict[str, Any] = {}
 
     def arm_die(where: str, after: int) -> None:
-        orig = getattr(packing, where)
+        """Die (SIGKILL) in the middle of the data path: in the UCX path's pack/unpack of chunk
+        `after`+1, or ("kernel") right after launching the `after`+1-th fused copy kernel, while
+        it still reads or writes the peer's memory."""
+        mod = gpu_copy if where == "kernel" else packing
+        name = "launch" if where == "kernel" else where
+        orig = getattr(mod, name)
         count = [0]
 
         def dying(*a, **kw):
             count[0] += 1
+            out = orig(*a, **kw)
             if count[0] > after:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return orig(*a, **kw)
+            return out
 
-        setattr(packing, where, dying)
+        setattr(mod, name, dying)
+
+    def mapped_regions() -> int:
+        """CUDA IPC mappings this agent holds (all sessions); test introspection."""
+        return sum(len(s.ipc_maps) for s in agent._core.sessions.all())
+
+    def expose_runs(key, offsets, lengths, writable=False, ttl=60.0):
+        from transport import Descs
+
+        b = bufs[key]
+        region = next(iter(b.regions.values()))
+        return agent.expose(Descs.from_ranges(region, offsets, lengths), ttl_s=ttl, writable=writable).id
+
+    def read_runs(address, key, offsets, lengths, scratch, lease, timeout=30.0):
+        import torch
+
+        from nixl_connectors.handoff.layout_transform import ReaderRuns, reader_descs
+
+        peer = peers.get(address) or agent.connect(address)
+        peers[address] = peer
+        b = bufs[key]
+        region = next(iter(b.regions.values()))
+        runs = ReaderRuns(np.asarray(offsets), np.asarray(lengths), np.asarray(scratch))
+        scratch_t = torch.zeros(max(1, runs.scratch_bytes), dtype=torch.uint8, device=device)
+        local = reader_descs(runs, region, agent.register(scratch_t))
+        agent.read(peer, local, lease, timeout=timeout).wait(timeout + 10)
+        return True
+
+    def raw_block_bytes(key) -> bytes:
+        t = next(iter(bufs[key].tensors.values()))
+        return t.reshape(-1).view(__import__("torch").uint8).cpu().numpy().tobytes()
 
     def xfer(kind: str, address: str, key: str, ids, lease: str, timeout: float):
         import time
@@ -202,7 +238,17 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
                                                             bufs[key].spec, device),
         "notifications": lambda: [(p, bytes(b)) for p, b in agent.notifications()],
         "arm_die": arm_die,
-        "stats": lambda: dict(vars(agent.stats)),
+        "die": lambda: os.kill(os.getpid(), signal.SIGKILL),
+        "stats": lambda: agent.snapshot(),
+        "freed": lambda: agent.freed_leases(),
+        "release": lambda lease: agent.release(lease),
+        "mapped_regions": mapped_regions,
+        "device_free_bytes": lambda: int(__import__("torch").cuda.mem_get_info(device)[0]),
+        "drop": lambda key: (bufs.pop(key, None), __import__("torch").cuda.empty_cache())[1],
+        "expose_runs": expose_runs,
+        "read_runs": read_runs,
+        "raw_bytes": raw_block_bytes,
+        "forget_peer": lambda address: peers.pop(address, None) and None,
     }
     conn.send(("ready", agent.address))
     try:

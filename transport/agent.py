@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import dispatch, initiator, owner
+from . import dispatch, initiator, owner, trace
 from . import handshake as hs
 from .config import AgentConfig, parse_hostport
 from .conn import Conn
@@ -300,6 +300,7 @@ class Agent:
         if self._closed:
             raise PeerLost(f"agent {self.name} is closed")
         xfer = Transfer(local.nbytes, self._rt.call_soon)
+        trace.mark(xfer, "called")
         self._rt.call_soon(initiator.start, self._core, peer, local, lease_id, ranges,
                            bytes(notify) if notify is not None else None, timeout or self.config.timeout_s,
                            write, xfer)

@@ -62,7 +62,7 @@ def parse_remote(iov: bytes, nbytes: int) -> np.ndarray:
         if int(lens[0]) != nbytes or int(remote[0, 0]) > (1 << 64) - 1 - nbytes or nbytes == 0:
             raise ValueError("the owner's iovec does not match the transfer size")
         return remote
-    if int(lens.min()) == 0 or int(lens.max()) > MAX_IOV_LEN:
+    if int((lens - np.uint64(1)).max()) >= MAX_IOV_LEN:  # a zero length wraps to 2**64-1
         raise ValueError("iovec lengths must be in [1, 2**47]")
     # up to 2**16 lengths of at most 2**47 cannot wrap a uint64 sum; beyond that, sum exactly
     total = int(lens.sum()) if len(lens) <= 1 << 16 else sum(int(x) for x in np.add.reduceat(

@@ -14,7 +14,7 @@ import logging
 import socket
 from typing import Any, Callable
 
-from . import framing, wire
+from . import framing, trace, wire
 from .errors import BadMessage, PeerLost, ProtocolMismatch, TransferError, TransferTimeout, error_from_wire
 from .wire import Frame, Msg
 
@@ -83,6 +83,8 @@ class Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lost is not None:
             return
+        if trace.on():
+            trace.mark(self.label, "data_received")
         frames = self.decoder.frames(data)
         while self.lost is None:
             try:
@@ -119,7 +121,9 @@ class Conn(asyncio.Protocol):
         if frame.type in wire.REPLY_TYPES:
             fut = self._pending.pop(frame.rid, None)
             if fut is not None:
-                if not fut.done():
+                if callable(fut):  # a reply callback (no future, no extra loop iteration)
+                    fut(frame)
+                elif not fut.done():
                     fut.set_result(frame)
                 return
             if self._handler is None:
@@ -200,6 +204,16 @@ class Conn(asyncio.Protocol):
             self._pending[rid] = fut
         return rid, fut
 
+    def on_reply(self, callback: Callable[[Frame | BaseException], None]) -> int:
+        """A request id whose reply (or the connection's loss) is passed to `callback`, called
+        from `data_received` directly."""
+        rid = next(self._rids)
+        if self.lost is not None:
+            callback(self.lost)
+        else:
+            self._pending[rid] = callback
+        return rid
+
     def forget(self, rid: int) -> None:
         self._pending.pop(rid, None)
 
@@ -232,11 +246,16 @@ class Conn(asyncio.Protocol):
             return
         self.lost = err
         self.lost_event.set()
-        for fut in self._pending.values():
-            if not fut.done():
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if callable(fut):
+                try:
+                    fut(err)
+                except Exception:
+                    log.exception("%s: reply callback failed", self.label)
+            elif not fut.done():
                 fut.set_exception(err)
                 fut.exception()
-        self._pending.clear()
         self._early.put_nowait(err)
         for cb in self._on_lost:
             try:

@@ -62,3 +62,47 @@ def grid_for(length: np.ndarray, piece: int, max_pairs: int = 65535) -> tuple[in
     if per * n > 2 * needed + n:
         return None
     return per, n
+
+
+# -- the owner's run table on the wire ----------------------------------------------------------
+_UNIFORM, _MULTI = 1, 2
+MAX_RUNS = 1 << 24
+
+
+def encode_runs(slot: np.ndarray, offset: np.ndarray, length: np.ndarray) -> bytes:
+    """Compact (slot, offset, length) table: a 3-word header, then slots (int32, only with
+    several regions), offsets (int64), lengths (int64, only when they differ)."""
+    n = len(offset)
+    uniform = n > 0 and bool((length == length[0]).all())
+    multi = n > 0 and bool(slot.any())
+    flags = (_UNIFORM if uniform else 0) | (_MULTI if multi else 0)
+    parts = [np.array([n, flags, int(length[0]) if uniform else 0], dtype="<i8").tobytes()]
+    if multi:
+        parts.append(slot.astype("<i4").tobytes())
+    parts.append(offset.astype("<i8", copy=False).tobytes())
+    if not uniform:
+        parts.append(length.astype("<i8", copy=False).tobytes())
+    return b"".join(parts)
+
+
+def decode_runs(raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of encode_runs; raises ValueError for anything malformed (sizes checked exactly)."""
+    if len(raw) < 24:
+        raise ValueError("run table too short")
+    n, flags, ulen = (int(x) for x in np.frombuffer(raw, dtype="<i8", count=3))
+    if not 0 < n <= MAX_RUNS or flags & ~(_UNIFORM | _MULTI):
+        raise ValueError("bad run table header")
+    uniform, multi = bool(flags & _UNIFORM), bool(flags & _MULTI)
+    want = 24 + (4 * n if multi else 0) + 8 * n + (0 if uniform else 8 * n)
+    if len(raw) != want:
+        raise ValueError("run table size does not match its header")
+    pos = 24
+    if multi:
+        slot = np.frombuffer(raw, dtype="<i4", count=n, offset=pos).astype(np.int64)
+        pos += 4 * n
+    else:
+        slot = np.zeros(n, dtype=np.int64)
+    offset = np.frombuffer(raw, dtype="<i8", count=n, offset=pos)
+    pos += 8 * n
+    length = np.full(n, ulen, dtype=np.int64) if uniform else np.frombuffer(raw, dtype="<i8", count=n, offset=pos)
+    return slot, offset, length

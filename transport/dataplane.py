@@ -101,23 +101,30 @@ class DataPlane:
             self._export_reason = cuda_ipc.export_unavailable()
         return self._export_reason  # type: ignore[return-value]
 
-    def ipc_offer(self, s: Session, descs: Descs) -> tuple[list, bytes]:
-        """Owner: the regions a transfer touches (handles only for those this session has not
-        seen yet) and the (slot, offset, length) table of its runs."""
+    @staticmethod
+    def ipc_table(descs: Descs) -> tuple[tuple, bytes]:
+        """The regions a transfer touches and its encoded (slot, offset, length) run table
+        (pure; an owner caches it per lease)."""
         d = descs.coalesced()
+        if len(d.regions) == 1:
+            return (d.regions[0],), copy_plan.encode_runs(np.zeros(len(d), np.int64), d.offset, d.length)
         used = np.unique(d.region_idx)
         slot_of = np.full(len(d.regions), -1, dtype=np.int64)
         slot_of[used] = np.arange(len(used))
+        return tuple(d.regions[i] for i in used.tolist()), copy_plan.encode_runs(slot_of[d.region_idx], d.offset,
+                                                                                  d.length)
+
+    def ipc_offer(self, s: Session, regions: tuple, table: bytes) -> list:
+        """Owner: the offer of a transfer's regions; handles only for those this session has
+        not seen yet (encrypted under the session secret when a key is set)."""
         offer = []
-        for ri in used.tolist():
-            r = d.regions[ri]
+        for r in regions:
             blob = None
             if r.uid not in s.ipc_sent:
                 blob = hs.keystream_xor(s.secret, _ipc_label(r.uid), self.exporter.blob(r))
                 s.ipc_sent.add(r.uid)
             offer.append([r.uid, blob, r.nbytes])
-        table = np.stack([slot_of[d.region_idx], d.offset, d.length]).astype("<i8")
-        return offer, table.tobytes()
+        return offer
 
     def ipc_copy(self, s: Session, local: Descs, offer: Any, table: Any, nbytes: int, write: bool):
         """Initiator: map what is new, check the owner's table against the mappings, and launch
@@ -144,13 +151,17 @@ class DataPlane:
                 raise BadMessage("IPC region size changed")
             bases.append(m.ptr)
             sizes.append(m.nbytes)
-        if len(table) % 24 or not table:
-            raise BadMessage("malformed IPC table")
-        t = np.frombuffer(table, dtype="<i8").reshape(3, -1)
-        slot, off, ln = t[0], t[1], t[2]
+        try:
+            slot, off, ln = copy_plan.decode_runs(table)
+        except ValueError as e:
+            raise BadMessage(f"malformed IPC table: {e}") from None
         sizes_a = np.asarray(sizes, dtype=np.int64)
-        if (slot.min() < 0 or slot.max() >= len(bases) or off.min() < 0 or ln.min() <= 0
-                or np.any(off > sizes_a[slot] - ln)):
+        if len(bases) == 1:
+            bad = off.min() < 0 or ln.min() <= 0 or bool((off > sizes_a[0] - ln).any())
+        else:
+            bad = (slot.min() < 0 or slot.max() >= len(bases) or off.min() < 0 or ln.min() <= 0
+                   or bool((off > sizes_a[slot] - ln).any()))
+        if bad:
             raise BadMessage("the owner's IPC table points outside the shared regions")
         if int(ln.sum()) != nbytes:
             raise BadMessage("the owner's IPC table does not add up to the transfer size")

@@ -1,6 +1,7 @@
 """Descriptor lists: numpy-backed rows of (region, offset, length), never looped in Python."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,8 +113,9 @@ class Descs:
     def __len__(self) -> int:
         return int(self.offset.size)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        """Total bytes of the stream (computed once: descriptors are immutable)."""
         return int(self.length.sum()) if len(self) else 0
 
     def select_stream(self, ranges) -> "Descs":
@@ -151,8 +153,11 @@ class Descs:
         n = len(self)
         if n < 2:
             return self
-        cont = (self.region_idx[1:] == self.region_idx[:-1]) & \
-               (self.offset[:-1] + self.length[:-1] == self.offset[1:])
+        cont = self.offset[:-1] + self.length[:-1] == self.offset[1:]
+        if len(self.regions) > 1:
+            cont &= self.region_idx[1:] == self.region_idx[:-1]
+        if not cont.any():
+            return self  # nothing adjacent (e.g. random blocks): no copy, no re-validation
         starts = np.flatnonzero(np.concatenate(([True], ~cont)))
         lens = np.add.reduceat(self.length, starts)
         return Descs(self.regions, self.region_idx[starts], self.offset[starts], lens)

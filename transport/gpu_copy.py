@@ -1,6 +1,12 @@
 """One fused copy kernel per transfer over (source address, destination address, length)
 triples on any CUDA memory the process can address (its own, and peers' mapped through CUDA
-IPC). Triton is imported lazily: CPU machines never need it."""
+IPC). Triton is imported lazily: CPU machines never need it.
+
+The kernel addresses everything relative to one base pointer (all device memory shares one
+virtual address space), so the compiler knows the element type's alignment and, told that every
+offset is a multiple of 16 bytes and every length a multiple of the piece, issues unmasked
+16-byte loads and stores. Anything less aligned takes the masked (or byte-wise) variant.
+"""
 from __future__ import annotations
 
 import functools
@@ -14,36 +20,51 @@ from . import copy_plan
 log = logging.getLogger(__name__)
 
 PIECE_BYTES = 8192
+MAX_GRID_Y = 65535
 
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    import triton  # noqa: F401  (triton.jit)
+    import triton
     import triton.language as tl
 
     @triton.jit
-    def kv_copy(src_ptr, dst_ptr, len_ptr, PIECE: tl.constexpr, WORD: tl.constexpr):
+    def kv_copy(base, src_off, dst_off, lens, PIECE: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr):
         j = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1)
-        n = tl.load(len_ptr + i)
+        n = tl.load(lens + i)
         start = j * PIECE
         if start < n:
-            rem = n - start
-            s = tl.load(src_ptr + i) + start
-            d = tl.load(dst_ptr + i) + start
-            if WORD == 8:
-                sp = s.to(tl.pointer_type(tl.int64))
-                dp = d.to(tl.pointer_type(tl.int64))
-                offs = tl.arange(0, PIECE // 8)
-                m = offs < rem // 8
+            s = tl.load(src_off + i) + start
+            d = tl.load(dst_off + i) + start
+            if ALIGN > 1:
+                s = tl.multiple_of(s, ALIGN)
+                d = tl.multiple_of(d, ALIGN)
+            offs = tl.arange(0, PIECE)
+            if EVEN:
+                tl.store(base + d + offs, tl.load(base + s + offs))
             else:
-                sp = s.to(tl.pointer_type(tl.uint8))
-                dp = d.to(tl.pointer_type(tl.uint8))
-                offs = tl.arange(0, PIECE)
-                m = offs < rem
-            tl.store(dp + offs, tl.load(sp + offs, mask=m), mask=m)
+                m = offs < n - start
+                tl.store(base + d + offs, tl.load(base + s + offs, mask=m), mask=m)
 
-    return kv_copy
+    return triton, kv_copy
+
+
+_plain_only = False
+
+
+def _run(grid, base, t, piece: int, even: bool, align: int) -> None:
+    """Launch the tuned variant; if this Triton cannot compile its hints, the plain one."""
+    global _plain_only
+    _, kernel = _kernel()
+    if not _plain_only and (even or align > 1):
+        try:
+            kernel[grid](base, t[0], t[1], t[2], PIECE=piece, EVEN=even, ALIGN=align)
+            return
+        except Exception as e:  # a compiler that rejects the alignment hints: correctness first
+            _plain_only = True
+            log.warning("tuned copy kernel failed to compile (%s: %s); using the plain one", type(e).__name__, e)
+    kernel[grid](base, t[0], t[1], t[2], PIECE=piece, EVEN=False, ALIGN=1)
 
 
 def triton_missing() -> str | None:
@@ -67,28 +88,20 @@ def launch(src: np.ndarray, dst: np.ndarray, length: np.ndarray, device: Any, st
     grid = copy_plan.grid_for(length, PIECE_BYTES)
     if grid is None:
         src, dst, length = copy_plan.pieces(src, dst, length, PIECE_BYTES)
-        grid = (1, len(length))
-        if len(length) > 65535:  # the second grid axis is limited: fold onto the first
-            return _launch_flat(src, dst, length, device, stream, word)
-    table = np.stack([src, dst, length]).astype(np.int64)
-    with torch.cuda.stream(stream):
-        t = torch.from_numpy(table).to(device, non_blocking=False)
-        _kernel()[grid](t[0], t[1], t[2], PIECE=PIECE_BYTES, WORD=word)
-        ev = torch.cuda.Event()
-        ev.record(stream)
-    return ev, t
-
-
-def _launch_flat(src, dst, length, device, stream, word):
-    """More than 65,535 pieces: one launch per 65,535-piece slice, all on the same stream."""
-    import torch
-
+    even = bool((length % PIECE_BYTES == 0).all())
+    align16 = word == 8 and copy_plan.word_bytes(src // 2, dst // 2, length // 2) == 8  # all % 16 == 0
     keep = []
     with torch.cuda.stream(stream):
-        for a in range(0, len(length), 65535):
-            b = min(a + 65535, len(length))
-            t = torch.from_numpy(np.stack([src[a:b], dst[a:b], length[a:b]]).astype(np.int64)).to(device)
-            _kernel()[(1, b - a)](t[0], t[1], t[2], PIECE=PIECE_BYTES, WORD=word)
+        for a in range(0, len(length), MAX_GRID_Y if grid is None else len(length)):
+            b = min(a + (MAX_GRID_Y if grid is None else len(length)), len(length))
+            # the table itself serves as the base pointer (an int64 / uint8 tensor on the device)
+            t = torch.empty((3, b - a), dtype=torch.int64, device=device)
+            base = t if word == 8 else t.view(torch.uint8)
+            base_addr = t.data_ptr()
+            table = np.stack([(src[a:b] - base_addr) // word, (dst[a:b] - base_addr) // word, length[a:b] // word])
+            t.copy_(torch.from_numpy(table))
+            per = grid[0] if grid is not None else 1
+            _run((per, b - a), base, t, PIECE_BYTES // word, even, 2 if align16 else 1)
             keep.append(t)
         ev = torch.cuda.Event()
         ev.record(stream)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from . import cma
+from . import cma, trace
 from .core import Core
 from .datapath import CancelToken, Receiver, Sender
 from .descs import Descs
@@ -48,7 +48,7 @@ class XState(str, Enum):
     DONE = "done"
 
 
-@dataclass
+@dataclass(eq=False)
 class Initiated:
     core: Core
     local: Descs
@@ -103,6 +103,7 @@ def start(core: Core, peer: Peer | str, local: Descs, lease_id: str, ranges: byt
     loop = asyncio.get_running_loop()
     now = loop.time()
     x = Initiated(core, local, lease_id, ranges, notify, write, xfer, now + timeout, now)
+    trace.mark(xfer, "loop_start")
     xfer._attach(lambda err: abort(x, err))
     try:
         x.session = find_session(core, peer)
@@ -152,8 +153,10 @@ def _request(x: Initiated) -> None:
     s, loop = x.session, asyncio.get_running_loop()
     x.xid = s.next_xid()
     s.initiated[x.xid] = x
-    x.rid, fut = s.conn.new_request()
     x.state = XState.REQUESTED
+    x.rid = s.conn.on_reply(functools.partial(_on_ack, x))
+    if x.state is not XState.REQUESTED:
+        return  # the connection was already lost
     x.sent_at = loop.time()
     try:
         if x.write:
@@ -167,19 +170,16 @@ def _request(x: Initiated) -> None:
         s.conn.forget(x.rid)
         _settle(x, e)
         return
-    fut.add_done_callback(functools.partial(_on_ack, x))
+    trace.mark(x.xfer, "request_sent")
 
 
-def _on_ack(x: Initiated, fut: asyncio.Future) -> None:
-    s = x.session
-    s.conn.forget(x.rid)
-    if x.state is not XState.REQUESTED or fut.cancelled():
+def _on_ack(x: Initiated, f: Frame | BaseException) -> None:
+    trace.mark(x.xfer, "reply_handled")
+    if x.state is not XState.REQUESTED:
         return
-    exc = fut.exception()
-    if exc is not None:
-        _settle(x, exc if isinstance(exc, TransferError) else PeerLost(str(exc)))
+    if isinstance(f, BaseException):
+        _settle(x, f if isinstance(f, TransferError) else PeerLost(str(f)))
         return
-    f: Frame = fut.result()
     if f.type is Msg.ERROR:
         err = error_from_wire(f.body["code"], f.body["message"], f.body["field"])
         if isinstance(err, PathUnavailable) and x.path is not DataPath.UCX and not x.retried:
@@ -273,35 +273,31 @@ async def _cma_threads(x: Initiated, pid: int, batches) -> None:
 
 def _copied(x: Initiated) -> None:
     """One-sided copy finished: done now if the owner's hold covered it, else ask."""
+    trace.mark(x.xfer, "copied")
     s, loop = x.session, asyncio.get_running_loop()
     if loop.time() <= x.hold_until and s.lost is None:
-        s.conn.send_quiet(Msg.XFER_DONE, 0, xid=x.xid)
-        _settle(x, None)
+        xid = x.xid
+        _settle(x, None)                                # wake the caller first ...
+        s.conn.send_quiet(Msg.XFER_DONE, 0, xid=xid)    # ... then release the owner's hold
         return
     x.state = XState.CONFIRMING
-    rid, fut = s.conn.new_request()
+
+    def confirmed(f: Frame | BaseException) -> None:
+        if x.state is not XState.CONFIRMING:
+            return
+        if isinstance(f, BaseException):
+            _settle(x, f if isinstance(f, TransferError) else PeerLost(str(f)))
+        elif f.type is Msg.ERROR:
+            _settle(x, error_from_wire(f.body["code"], f.body["message"], f.body["field"]))
+        else:
+            _settle(x, None)
+
+    rid = s.conn.on_reply(confirmed)
     try:
         s.conn.send(Msg.XFER_DONE, rid, xid=x.xid)
     except TransferError as e:
         s.conn.forget(rid)
         _settle(x, e)
-        return
-
-    def confirmed(fut: asyncio.Future) -> None:
-        s.conn.forget(rid)
-        if x.state is not XState.CONFIRMING or fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            _settle(x, exc if isinstance(exc, TransferError) else PeerLost(str(exc)))
-            return
-        f = fut.result()
-        if f.type is Msg.ERROR:
-            _settle(x, error_from_wire(f.body["code"], f.body["message"], f.body["field"]))
-        else:
-            _settle(x, None)
-
-    fut.add_done_callback(confirmed)
 
 
 # ---------------------------------------------------------------------------------- same host, CUDA memory
@@ -425,6 +421,7 @@ def _settle(x: Initiated, err: BaseException | None) -> None:
         core.stats.paths[x.path.value] += 1
     else:
         core.stats.transfers_failed += 1
+    trace.mark(x.xfer, "settled")
     x.xfer._finish(err)
 
 

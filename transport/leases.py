@@ -44,6 +44,7 @@ class LeaseEntry:
     state: LeaseState = LeaseState.ACTIVE
     refs: int = 0
     iov: Any = None         # same-host copy addresses of the whole lease, computed on first read
+    ipc: Any = None         # CUDA IPC (regions, run table) of the whole lease, computed on first read
 
 
 class LeaseTable:

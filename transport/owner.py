@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cma
+from . import cma, trace
 from .core import Core
 from .datapath import CancelToken, Receiver, Sender
 from .descs import Descs
@@ -37,7 +37,7 @@ class ServedState(str, Enum):
     GAVE_UP = "gave_up"        # hold time passed without XFER_DONE: the lease is not held any more
 
 
-@dataclass
+@dataclass(eq=False)
 class Served:
     xid: int
     entry: LeaseEntry
@@ -109,18 +109,18 @@ def _acquire(core: Core, s: Session, b: dict, write: bool) -> tuple[LeaseEntry, 
 def _check_one_sided(core: Core, s: Session, descs: Descs, path: DataPath) -> None:
     if not s.peer.same_host:
         raise PathUnavailable(f"{path.value} needs both processes on one host (and PID namespace)")
-    kinds = {r.kind for r in descs.regions}
+    kind = descs.regions[0].kind  # one Descs lives on one device
     if path is DataPath.CMA:
         if not core.config.same_host_copy:
             raise PathUnavailable("same_host_copy is off at the owner")
-        if kinds != {MemoryKind.HOST}:
+        if kind is not MemoryKind.HOST:
             raise PathUnavailable("the lease is not in host memory")
         if len(descs) * 16 > core.config.max_message_bytes // 2:
             raise PathUnavailable("the lease has too many ranges for one message")
     else:
         if not core.config.gpu_ipc:
             raise PathUnavailable("gpu_ipc is off at the owner")
-        if kinds != {MemoryKind.CUDA}:
+        if kind is not MemoryKind.CUDA:
             raise PathUnavailable("the lease is not in CUDA memory")
         reason = core.data.export_unavailable()
         if reason:
@@ -131,6 +131,7 @@ def _check_one_sided(core: Core, s: Session, descs: Descs, path: DataPath) -> No
 
 def serve_transfer(core: Core, s: Session, f: Frame, write: bool) -> None:
     b = f.body
+    trace.mark(("owner", b["xid"]), "request_handled")
     path = parse_path(b["path"])
     entry, descs = _acquire(core, s, b, write)
     loop = asyncio.get_running_loop()
@@ -159,12 +160,20 @@ def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
             if whole:
                 sv.entry.iov = iov
     else:
-        ipc, table = core.data.ipc_offer(s, sv.descs)
+        whole = f.body.get("ranges") is None
+        if whole and sv.entry.ipc is not None:
+            regions, table = sv.entry.ipc
+        else:
+            regions, table = core.data.ipc_table(sv.descs)
+            if whole:
+                sv.entry.ipc = (regions, table)
+        ipc = core.data.ipc_offer(s, regions, table)
     s.served[sv.xid] = sv
     sv.timer = asyncio.get_running_loop().call_later(hold, _hold_passed, core, s, sv)
     reply = Msg.WRITE_ACK if sv.write else Msg.READ_ACK
     extra = {"tag": 0} if sv.write else {}
     s.conn.send(reply, f.rid, xid=sv.xid, hold_ms=hold * 1000.0, iov=iov, ipc=ipc, table=table, **extra)
+    trace.mark(("owner", sv.xid), "reply_sent")
 
 
 def _hold_passed(core: Core, s: Session, sv: Served) -> None:

@@ -48,7 +48,7 @@ class PeerInfo:
         return state not in (b"Z", b"X")
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     conn: Conn
     peer: PeerInfo

@@ -54,11 +54,13 @@ class Transfer:
         return self._fut.exception() if self._fut.done() else None
 
     def wait(self, timeout: float | None = None) -> None:
-        done, _ = concurrent.futures.wait([self._fut], timeout)
-        if not done:
+        try:
+            self._fut.result(timeout)  # the transfer's own typed error, if it failed
+        except TimeoutError:
+            if self._fut.done():
+                raise  # the transfer's own deadline (TransferTimeout is a TimeoutError)
             raise TransferTimeout(f"transfer not finished after {timeout}s (it keeps running; "
-                                  "wait again or cancel it)")
-        self._fut.result()  # the transfer's own typed error, if it failed
+                                  "wait again or cancel it)") from None
 
     def cancel(self) -> None:
         """Ask the transfer to stop; it then fails with TransferCancelled (unless it finished)."""

@@ -179,9 +179,9 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
 
         setattr(mod, name, dying)
 
-    def mapped_regions() -> int:
-        """CUDA IPC mappings this agent holds (all sessions); test introspection."""
-        return sum(len(s.ipc_maps) for s in agent._core.sessions.all())
+    def mapped_regions(peer_name: str) -> int:
+        """CUDA IPC mappings this agent holds of `peer_name`'s regions; test introspection."""
+        return sum(len(s.ipc_maps) for s in agent._core.sessions.all() if s.name == peer_name)
 
     def expose_runs(key, offsets, lengths, writable=False, ttl=60.0):
         from transport import Descs

@@ -190,7 +190,7 @@ def test_owner_killed_while_reader_maps_its_memory(reader):
         lease = doomed.call("expose", ko, ids)
         res = reader.call("read", doomed.address, kr, ids, lease, 20.0, timeout=60)
         assert res["error"] is None, res
-        assert reader.call("mapped_regions") >= 2
+        assert reader.call("mapped_regions", "doomed-owner") >= 2
         lease2 = doomed.call("expose", ko, ids)
         reader.send_nowait("read", doomed.address, kr, ids, lease2, 20.0)
         doomed.send_nowait("die")
@@ -202,7 +202,7 @@ def test_owner_killed_while_reader_maps_its_memory(reader):
             assert reader.call("verify", kr, ids, spec_s, ids)["bad"] == 0
         doomed.proc.join(10)
         assert not doomed.proc.is_alive()
-        _wait(lambda: reader.call("mapped_regions") == 0, 20, "the dead owner's mappings closed")
+        _wait(lambda: reader.call("mapped_regions", "doomed-owner") == 0, 20, "the dead owner's mappings closed")
         reader.call("forget_peer", doomed.address)
         reader.call("drop", kr)
         # the dead owner's 512 MiB come back to the device once no process maps them
@@ -283,4 +283,5 @@ def test_owner_restarted_at_the_same_address_never_uses_stale_mappings(reader):
         finally:
             o.close()
         reader.call("forget_peer", f"127.0.0.1:{port}")
-        _wait(lambda: reader.call("mapped_regions") == 0, 20, "mappings of the closed owner dropped")
+        _wait(lambda: reader.call("mapped_regions", f"restart-owner-{seed}") == 0, 20,
+              "mappings of the closed owner dropped")

@@ -76,3 +76,23 @@ def test_grid_choice():
     assert copy_plan.grid_for(np.full(70000, 4096), 8192) is None                # too many pairs
     assert copy_plan.word_bytes(np.array([8, 16]), np.array([0]), np.array([24])) == 8
     assert copy_plan.word_bytes(np.array([8, 16]), np.array([0]), np.array([1000 + 4])) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 40), st.integers(1, 1 << 20)), min_size=1,
+                max_size=40), st.booleans())
+def test_run_table_roundtrip(rows, uniform):
+    slot = np.array([r[0] for r in rows], np.int64)
+    off = np.array([r[1] for r in rows], np.int64)
+    ln = np.array([rows[0][2] if uniform else r[2] for r in rows], np.int64)
+    s, o, n = copy_plan.decode_runs(copy_plan.encode_runs(slot, off, ln))
+    assert np.array_equal(s, slot) and np.array_equal(o, off) and np.array_equal(n, ln)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\0" * 23, np.array([0, 0, 0], "<i8").tobytes(),
+                                 np.array([2, 8, 0], "<i8").tobytes() + b"\0" * 32,
+                                 np.array([2, 1, 4], "<i8").tobytes() + b"\0" * 15,
+                                 np.array([1 << 40, 1, 4], "<i8").tobytes()])
+def test_malformed_run_tables_are_rejected(raw):
+    with pytest.raises(ValueError):
+        copy_plan.decode_runs(raw)

@@ -1,0 +1,97 @@
+"""Where the time of one small read goes: owner and reader in two processes on this host, the
+same small lease read repeatedly through the public API, every hop timestamped
+(transport.trace; perf_counter is CLOCK_MONOTONIC, comparable across the two processes).
+
+    python3 scripts/latency_breakdown.py [--blocks 64] [--block-bytes 32768] [--reps 400] [--json F]
+
+Prints the median time of each hop and the median end to end (read() called -> wait() returned).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+
+import numpy as np
+
+
+def _owner(n, bb, q_in, q_out):
+    from transport import Agent, AgentConfig, Descs, trace
+    a = Agent("lat-owner", AgentConfig())
+    pool = np.random.default_rng(1).integers(0, 255, (4096, bb), dtype=np.uint8)
+    lease = a.expose(Descs.from_blocks(a.register(pool), np.random.default_rng(2).permutation(4096)[:n], bb),
+                     ttl_s=3600)
+    trace.enable()
+    q_out.put((a.address, lease.id))
+    q_in.get()
+    q_out.put([(str(t), p, ts) for t, p, ts in trace.disable()])
+    a.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=64)
+    ap.add_argument("--block-bytes", type=int, default=32768)
+    ap.add_argument("--reps", type=int, default=400)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    qi, qo = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_owner, args=(args.blocks, args.block_bytes, qi, qo), daemon=True)
+    p.start()
+    addr, lid = qo.get(timeout=120)
+    from transport import Agent, AgentConfig, Descs, trace
+    b = Agent("lat-reader", AgentConfig())
+    dst = np.zeros((4096, args.block_bytes), np.uint8)
+    local = Descs.from_blocks(b.register(dst), np.arange(args.blocks), args.block_bytes)
+    peer = b.connect(addr)
+    for _ in range(50):  # warm-up
+        b.read(peer, local, lid).wait(10)
+    trace.enable()
+    woke = []
+    for _ in range(args.reps):
+        t = b.read(peer, local, lid)
+        t.wait(10)
+        woke.append((t, time.perf_counter()))
+    mine = trace.disable()
+    qi.put("done")
+    theirs = qo.get(timeout=60)
+    p.join(30)
+    b.close()
+    by_x: dict[int, dict[str, float]] = {}
+    for tag, point, ts in mine:
+        by_x.setdefault(id(tag), {})[point] = ts
+    own = sorted((ts, point) for _, point, ts in theirs)
+    steps = ["called", "loop_start", "request_sent", "owner_data_received", "owner_request_handled",
+             "owner_reply_sent", "reply_handled", "copied", "settled", "woken"]
+    rows = []
+    for t, w in woke:
+        m = dict(by_x.get(id(t), {}))
+        m["woken"] = w
+        if not all(k in m for k in ("called", "request_sent", "reply_handled", "settled")):
+            continue
+        win = [(ts, pt) for ts, pt in own if m["request_sent"] <= ts <= m["reply_handled"]]
+        for ts, pt in win:
+            key = "owner_" + pt
+            if key in steps and key not in m:
+                m[key] = ts
+        if all(k in m for k in steps):
+            rows.append([m[k] for k in steps])
+    a = np.array(rows)
+    hops = {f"{steps[i]} -> {steps[i + 1]}": float(np.median(a[:, i + 1] - a[:, i]) * 1e6) for i in range(len(steps) - 1)}
+    total = a[:, -1] - a[:, 0]
+    out = {"blocks": args.blocks, "block_bytes": args.block_bytes, "reps": len(rows),
+           "hops_us_median": hops, "end_to_end_ms": {"median": float(np.median(total) * 1e3),
+                                                     "p90": float(np.percentile(total, 90) * 1e3)}}
+    for k, v in hops.items():
+        print(f"{v:9.1f} us  {k}")
+    print(f"end to end: median {out['end_to_end_ms']['median']:.3f} ms, p90 {out['end_to_end_ms']['p90']:.3f} ms "
+          f"({len(rows)} reads of {args.blocks} x {args.block_bytes} B)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

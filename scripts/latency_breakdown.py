@@ -16,11 +16,24 @@ import time
 import numpy as np
 
 
-def _owner(n, bb, q_in, q_out):
+def _pool(bb, device):
+    if device == "cpu":
+        return np.random.default_rng(1).integers(0, 255, (POOL, bb), dtype=np.uint8)
+    import torch
+
+    t = torch.randint(0, 255, (POOL, bb), dtype=torch.uint8, device=device)
+    torch.cuda.synchronize()
+    return t
+
+
+POOL = 16384
+
+
+def _owner(n, bb, device, q_in, q_out):
     from transport import Agent, AgentConfig, Descs, trace
     a = Agent("lat-owner", AgentConfig())
-    pool = np.random.default_rng(1).integers(0, 255, (4096, bb), dtype=np.uint8)
-    lease = a.expose(Descs.from_blocks(a.register(pool), np.random.default_rng(2).permutation(4096)[:n], bb),
+    pool = _pool(bb, device)
+    lease = a.expose(Descs.from_blocks(a.register(pool), np.random.default_rng(2).permutation(POOL)[:n], bb),
                      ttl_s=3600)
     trace.enable()
     q_out.put((a.address, lease.id))
@@ -35,15 +48,16 @@ def main() -> None:
     ap.add_argument("--block-bytes", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda:0 (both processes on it)")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     qi, qo = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_owner, args=(args.blocks, args.block_bytes, qi, qo), daemon=True)
+    p = ctx.Process(target=_owner, args=(args.blocks, args.block_bytes, args.device, qi, qo), daemon=True)
     p.start()
     addr, lid = qo.get(timeout=120)
     from transport import Agent, AgentConfig, Descs, trace
     b = Agent("lat-reader", AgentConfig())
-    dst = np.zeros((4096, args.block_bytes), np.uint8)
+    dst = _pool(args.block_bytes, args.device)
     local = Descs.from_blocks(b.register(dst), np.arange(args.blocks), args.block_bytes)
     peer = b.connect(addr)
     for _ in range(50):  # warm-up
@@ -55,6 +69,7 @@ def main() -> None:
         t.wait(10)
         woke.append((t, time.perf_counter()))
     mine = trace.disable()
+    ipc = [(p, ts) for tag, p, ts in mine if tag == "ipc"]
     qi.put("done")
     theirs = qo.get(timeout=60)
     p.join(30)
@@ -78,6 +93,13 @@ def main() -> None:
                 m[key] = ts
         if all(k in m for k in steps):
             rows.append([m[k] for k in steps])
+    if ipc:  # the CUDA IPC path's own steps, between reply_handled and copied
+        pts = ["mapped", "checked", "paired", "prepared", "uploaded", "launched", "synced"]
+        seq = [ts for p, ts in ipc]
+        k = len(pts)
+        arr = np.array(seq[: len(seq) // k * k]).reshape(-1, k)
+        for i in range(k - 1):
+            print(f"{np.median(arr[:, i + 1] - arr[:, i]) * 1e6:9.1f} us    ipc {pts[i]} -> {pts[i + 1]}")
     a = np.array(rows)
     hops = {f"{steps[i]} -> {steps[i + 1]}": float(np.median(a[:, i + 1] - a[:, i]) * 1e6) for i in range(len(steps) - 1)}
     total = a[:, -1] - a[:, 0]

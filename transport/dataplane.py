@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import copy_plan, cuda_ipc, gpu_copy
+from . import copy_plan, cuda_ipc, gpu_copy, trace
 from . import handshake as hs
 from .config import AgentConfig
 from .datapath import CancelToken, StagingPool
@@ -151,6 +151,7 @@ class DataPlane:
                 raise BadMessage("IPC region size changed")
             bases.append(m.ptr)
             sizes.append(m.nbytes)
+        trace.mark("ipc", "mapped")
         try:
             slot, off, ln = copy_plan.decode_runs(table)
         except ValueError as e:
@@ -165,6 +166,7 @@ class DataPlane:
             raise BadMessage("the owner's IPC table points outside the shared regions")
         if int(ln.sum()) != nbytes:
             raise BadMessage("the owner's IPC table does not add up to the transfer size")
+        trace.mark("ipc", "checked")
         remote = copy_plan.run_addresses(np.asarray(bases, dtype=np.int64), slot, off)
         ld = local.coalesced()
         lbases = np.array([r.flat.data_ptr() for r in ld.regions], dtype=np.int64)
@@ -173,7 +175,10 @@ class DataPlane:
             s_, d_, n_ = copy_plan.pair_streams(laddr, ld.length, remote, ln)
         else:
             s_, d_, n_ = copy_plan.pair_streams(remote, ln, laddr, ld.length)
-        return gpu_copy.launch(s_, d_, n_, device, self.stream(device))
+        trace.mark("ipc", "paired")
+        out = gpu_copy.launch(s_, d_, n_, device, self.stream(device))
+        trace.mark("ipc", "launched")
+        return out
 
     def drop_mappings(self, s: Session, uid: int | None = None) -> None:
         if uid is None:

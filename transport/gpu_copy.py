@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import copy_plan
+from . import copy_plan, trace
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +91,37 @@ def launch(src: np.ndarray, dst: np.ndarray, length: np.ndarray, device: Any, st
     even = bool((length % PIECE_BYTES == 0).all())
     align16 = word == 8 and copy_plan.word_bytes(src // 2, dst // 2, length // 2) == 8  # all % 16 == 0
     keep = []
+    trace.mark("ipc", "prepared")
     with torch.cuda.stream(stream):
         for a in range(0, len(length), MAX_GRID_Y if grid is None else len(length)):
             b = min(a + (MAX_GRID_Y if grid is None else len(length)), len(length))
             # the table itself serves as the base pointer (an int64 / uint8 tensor on the device)
+            host = torch.empty((3, b - a), dtype=torch.int64, pin_memory=_pinned_ok())
             t = torch.empty((3, b - a), dtype=torch.int64, device=device)
-            base = t if word == 8 else t.view(torch.uint8)
             base_addr = t.data_ptr()
-            table = np.stack([(src[a:b] - base_addr) // word, (dst[a:b] - base_addr) // word, length[a:b] // word])
-            t.copy_(torch.from_numpy(table))
+            h = host.numpy()
+            np.floor_divide(src[a:b] - base_addr, word, out=h[0])
+            np.floor_divide(dst[a:b] - base_addr, word, out=h[1])
+            np.floor_divide(length[a:b], word, out=h[2])
+            t.copy_(host, non_blocking=True)
+            trace.mark("ipc", "uploaded")
+            base = t if word == 8 else t.view(torch.uint8)
             per = grid[0] if grid is not None else 1
             _run((per, b - a), base, t, PIECE_BYTES // word, even, 2 if align16 else 1)
-            keep.append(t)
+            keep.append((t, host))
         ev = torch.cuda.Event()
         ev.record(stream)
     return ev, keep
+
+
+@functools.lru_cache(maxsize=1)
+def _pinned_ok() -> bool:
+    """Page-locked staging for the run table (an asynchronous upload); plain memory if the
+    process cannot pin."""
+    import torch
+
+    try:
+        torch.empty(1, pin_memory=True)
+        return True
+    except Exception:
+        return False

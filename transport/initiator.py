@@ -35,7 +35,7 @@ from .wire import DataPath, Frame, Msg
 log = logging.getLogger(__name__)
 
 HOLD_MARGIN_S = 0.002
-GPU_INLINE_BYTES = 64 << 20
+GPU_INLINE_BYTES = 2 << 30   # kernels this large end within ~2 ms: wait on the loop, no thread hop
 
 
 class XState(str, Enum):
@@ -319,6 +319,7 @@ def _start_ipc(x: Initiated, f: Frame) -> None:
         return
     if x.local.nbytes <= GPU_INLINE_BYTES:
         ev.synchronize()
+        trace.mark("ipc", "synced")
         _copied(x)
         return
     x.task = asyncio.get_running_loop().create_task(_wait_event(x, ev, keep))

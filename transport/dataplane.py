@@ -2,6 +2,7 @@
 a session, and the CUDA IPC offer (owner) / fused-kernel copy (initiator)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import Executor
 from typing import Any
@@ -14,7 +15,7 @@ from . import handshake as hs
 from .config import AgentConfig
 from .datapath import CancelToken, StagingPool
 from .descs import Descs
-from .errors import BadMessage, PeerLost
+from .errors import BadMessage, PeerLost, TransferError, TransferTimeout
 from .plan import StreamPlan
 from .session import Session
 from .stats import AgentStats
@@ -59,15 +60,32 @@ class DataPlane:
     # -- UCX ----------------------------------------------------------------------------------
     async def run_stream(self, kind, s: Session, descs: Descs, tag: int, deadline: float,
                          tok: CancelToken) -> None:
+        """Move one transfer's chunks. Every failure reaches the caller as a TransferError (an
+        unexpected exception is logged and wrapped), so its clean-up always runs."""
+        try:
+            await self._run_stream(kind, s, descs, tag, deadline, tok)
+        except (TransferError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("%s: UCX data path to %s failed", self.name, s.name)
+            raise TransferError(f"UCX data path failed: {type(e).__name__}: {str(e)[:300]}") from None
+
+    async def _run_stream(self, kind, s: Session, descs: Descs, tag: int, deadline: float,
+                          tok: CancelToken) -> None:
         if s.ucx is None or s.lost is not None:
             raise PeerLost(f"no UCX link to {s.name}")
         device = descs.regions[0].device if descs.regions else torch.device("cpu")
         if device.type == "cuda":
             self._warn_staged_cuda(s)
         chunk = min(self.config.chunk_bytes, s.peer.chunk)
+        plan = StreamPlan(descs, chunk)   # before borrowing: a plan that fails leaks no endpoint
         eps = s.ucx.endpoints
-        ep = await eps.borrow()
-        io = kind(ep, StreamPlan(descs, chunk), self.pool(device), self.executor, tag, self.stream(device))
+        loop = asyncio.get_running_loop()
+        try:
+            ep = await asyncio.wait_for(eps.borrow(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"no UCX endpoint to {s.name} before the transfer's deadline") from None
+        io = kind(ep, plan, self.pool(device), self.executor, tag, self.stream(device))
         try:
             await io.run(descs, deadline, tok)
         finally:

@@ -66,7 +66,9 @@ async def server_handshake(core: Core, conn: Conn, handler) -> Session:
     if auth.type is not Msg.AUTH:
         raise BadMessage("expected auth")
     if not hs.proofs_equal(hs.proof(key, b"client", th), auth.body["mac"]):
-        raise Unauthorized(f"peer {peer.name!r} failed to authenticate (wrong or missing key)")
+        # the reply names nothing the peer sent (its claimed name goes to our log only)
+        log.warning("%s: a peer claiming the name %r failed to authenticate", core.name, peer.name)
+        raise Unauthorized("peer failed to authenticate (wrong or missing key)")
     hs.check_compat(dict(cfg.compat), hello.body["compat"])
     session = Session(conn, peer, inbound=True, address=None, secret=hs.session_secret(key, th))
     await admit(core, session, dl)

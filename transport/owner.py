@@ -365,13 +365,19 @@ def serve_call(core: Core, s: Session, f: Frame) -> None:
 
 
 def serve_ucx_hello(core: Core, s: Session, f: Frame) -> None:
-    from .ucx_link import UcxLink
+    from .ucx_link import UcxLink, check_worker_address
 
     async def run() -> None:
         try:
             ours = await core.runtime.ensure_ucx()
         except Exception as e:
             s.conn.send_error(f.rid, PathUnavailable(f"UCX cannot start here: {type(e).__name__}: {e}"))
+            return
+        try:
+            check_worker_address(f.body["worker"], ours)
+        except BadMessage as e:
+            log.warning("%s: %s sent an unusable UCX worker address: %s", core.name, s.name, e)
+            s.conn.send_error(f.rid, e)
             return
         s.ucx = UcxLink(f.body["worker"], error_handling=not s.peer.same_host)
         s.conn.send_quiet(Msg.UCX_ACK, f.rid, worker=ours)

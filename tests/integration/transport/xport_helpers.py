@@ -216,6 +216,132 @@ class _Child:
         name_, done, err, left = asyncio.run(main())
         return name_, done, repr(err), left
 
+    # -- fault injection (tests/faults): stall points inside this process
+    def install_stall(self, target, after=0):
+        """From the call after `after` successful calls on, `target` ("cma": the same-host copy
+        syscall wrapper, "pack" / "unpack": UCX staging of one chunk) signals `stalled()` and
+        blocks until `release_stall()`; then it runs normally. Deterministic "mid-transfer"."""
+        import threading
+
+        import transport.cma as cma
+        import transport.packing as packing
+
+        mod, attr = {"cma": (cma, "copy_batch"), "pack": (packing, "pack"), "unpack": (packing, "unpack")}[target]
+        real = getattr(mod, attr)
+        st = self._stall = {"count": 0, "reached": threading.Event(), "gate": threading.Event(),
+                            "restore": (mod, attr, real), "lock": threading.Lock()}
+
+        def wrapper(*a, **kw):
+            with st["lock"]:
+                st["count"] += 1
+                n = st["count"]
+            if n > after:
+                st["reached"].set()
+                st["gate"].wait()
+            return real(*a, **kw)
+
+        setattr(mod, attr, wrapper)
+
+    def stalled(self):
+        st = getattr(self, "_stall", None)
+        return bool(st and st["reached"].is_set())
+
+    def release_stall(self, restore=True):
+        st = getattr(self, "_stall", None)
+        if st is None:
+            return
+        if restore:
+            mod, attr, real = st["restore"]
+            setattr(mod, attr, real)
+            self._stall = None
+        st["gate"].set()
+
+    # -- logs of this process (WARNING and above), for "rejected and logged" checks
+    def capture_logs(self):
+        import logging
+
+        if getattr(self, "_logs", None) is None:
+            self._logs = []
+            logs = self._logs
+
+            class H(logging.Handler):
+                def emit(self, record):
+                    try:
+                        logs.append((record.levelname, record.name, record.getMessage()))
+                    except Exception:
+                        pass
+            h = H(logging.INFO)
+            logging.getLogger("transport").addHandler(h)
+            logging.getLogger("transport").setLevel(logging.INFO)
+
+    def logs(self, clear=True):
+        out = list(getattr(self, "_logs", None) or [])
+        if clear and getattr(self, "_logs", None) is not None:
+            del self._logs[:]
+        return out
+
+    # -- memory of this process (confused-deputy tests)
+    def pool_address(self, name):
+        st = self.agents[name]
+        return int(st.pool.ctypes.data), int(st.pool.nbytes)
+
+    def agent_attr(self, name, path):
+        """Read a (dotted) attribute of an agent, e.g. "_core.instance"."""
+        obj = self.agents[name].agent
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    # -- many concurrent transfers (load runs)
+    def read_many(self, name, address, jobs, timeout=60.0, verify_seed=None, src_block_bytes=None):
+        """Start every (local_ids, lease_id, src_ids) read at once, wait for all; returns
+        (seconds, bytes, bad blocks). `src_ids` (with `verify_seed`) checks every byte."""
+        a = self.agents[name].agent
+        st = self.agents[name]
+        peer = self._peer(name, address)
+        t0 = time.monotonic()
+        ts = [a.read(peer, self._descs(name, ids), lid, timeout=timeout) for ids, lid, _ in jobs]
+        errors = []
+        for t in ts:
+            try:
+                t.wait(timeout + 10)
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+        dt = time.monotonic() - t0
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(ts)} reads failed: {errors[:3]}")
+        bad = 0
+        if verify_seed is not None:
+            for ids, _, src in jobs:
+                bad += self.bad_blocks(name, ids, src, verify_seed, src_block_bytes)
+        return dt, sum(len(ids) for ids, _, _ in jobs) * st.block_bytes, bad
+
+    def set_nofile(self, n):
+        """Lower this process's open-file limit (soft)."""
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+        return n
+
+    def dump_stacks(self):
+        """Python stacks of every thread and of every task on the transport loop (diagnosis)."""
+        import asyncio
+        import io
+        import sys
+
+        from transport.runtime import Runtime
+
+        out = io.StringIO()
+        for tid, frame in sys._current_frames().items():
+            out.write(f"--- thread {tid}\n" + "".join(traceback.format_stack(frame)))
+        rt = Runtime._instance
+        if rt is not None:
+            for t in asyncio.all_tasks(rt.loop):
+                out.write(f"--- task {t.get_name()}\n")
+                t.print_stack(file=out)
+        return out.getvalue()
+
     # -- misc
     def set_protocol_version(self, v):
         import transport.wire as wire
@@ -315,6 +441,20 @@ class Node:
         self._conn.send((cmd, args, kw))
         if not self._conn.poll(call_timeout):
             raise TimeoutError(f"node {self.label} did not answer {cmd!r} within {call_timeout}s")
+        r = self._conn.recv()
+        if r[0] == "ok":
+            return r[1]
+        raise RemoteError(*r[1:])
+
+    def send_call(self, cmd: str, *args, **kw) -> None:
+        """Start `cmd` in the node without waiting; collect it with `result()` (lets the test
+        drive several nodes at once)."""
+        self.wait_ready()
+        self._conn.send((cmd, args, kw))
+
+    def result(self, call_timeout: float = 90.0):
+        if not self._conn.poll(call_timeout):
+            raise TimeoutError(f"node {self.label} did not answer within {call_timeout}s")
         r = self._conn.recv()
         if r[0] == "ok":
             return r[1]

@@ -78,7 +78,8 @@ def main() -> None:
     for tag, point, ts in mine:
         by_x.setdefault(id(tag), {})[point] = ts
     own = sorted((ts, point) for _, point, ts in theirs)
-    steps = ["called", "loop_start", "request_sent", "owner_data_received", "owner_request_handled",
+    lane = not any(p == "loop_start" for _, p, _ in mine)
+    steps = ["called"] + ([] if lane else ["loop_start"]) + ["request_sent", "owner_data_received", "owner_request_handled",
              "owner_reply_sent", "reply_handled", "copied", "settled", "woken"]
     rows = []
     for t, w in woke:

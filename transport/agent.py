@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import dispatch, initiator, owner, trace
+from . import dispatch, initiator, lanes, owner, trace
 from . import handshake as hs
 from .config import AgentConfig, parse_hostport
 from .conn import Conn
@@ -72,6 +72,7 @@ class Agent:
         self._sweeper: asyncio.Task | None = None
         self._host, port = parse_hostport(self.config.listen)
         self._listener = Listener(core, self._handle, self._adopt)
+        self._lanes = lanes.LanePool(core)
         try:
             self._rt.call(self._listen(port), self.config.timeout_s)
         except BaseException:
@@ -97,6 +98,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        self._lanes.close()
         try:
             self._rt.call(self._aclose(), 15.0)
         finally:
@@ -105,6 +107,7 @@ class Agent:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._lanes.close()
             await self._rt.acall(self._aclose())
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -301,6 +304,9 @@ class Agent:
             raise PeerLost(f"agent {self.name} is closed")
         xfer = Transfer(local.nbytes, self._rt.call_soon)
         trace.mark(xfer, "called")
+        if not write and not self._rt.in_loop() and self._lanes.try_read(
+                peer, local, lease_id, ranges, notify, timeout or self.config.timeout_s, xfer):
+            return xfer
         self._rt.call_soon(initiator.start, self._core, peer, local, lease_id, ranges,
                            bytes(notify) if notify is not None else None, timeout or self.config.timeout_s,
                            write, xfer)

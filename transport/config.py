@@ -84,6 +84,9 @@ class AgentConfig:
         kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
     inline_copy_bytes: same-host copies up to this size run on the transport's loop thread
         (no thread hand-off); larger ones are spread over worker threads.
+    direct_lanes: a read of at most `inline_copy_bytes` of host memory from a peer on this host,
+        called from an ordinary thread, runs entirely on that thread over a connection of its
+        own (lane.py): no hand-off to the transport's loop and back.
     keepalive_s: idle seconds before TCP keepalive probes a silent control connection.
     ucx_options: extra UCX settings (names without the UCX_ prefix) for the process's UCX
         context; like `transports`, the first agent of a process decides them.
@@ -108,6 +111,7 @@ class AgentConfig:
     same_host_copy: bool = True
     gpu_ipc: bool = True
     inline_copy_bytes: int = 4 << 20
+    direct_lanes: bool = True
     keepalive_s: float = 5.0
     ucx_options: dict[str, str] = field(default_factory=dict)
 

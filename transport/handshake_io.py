@@ -31,7 +31,8 @@ def _peer_info(body: dict) -> PeerInfo:
     if len(body["instance"]) != hs.INSTANCE_BYTES or len(body["nonce"]) != hs.NONCE_BYTES:
         raise BadMessage("bad instance id or nonce length")
     serves = frozenset(DataPath(p) for p in body["paths"] if p in DataPath._value2member_map_)
-    return PeerInfo(name, body["instance"], body["host"][:200], body["pid"], body["chunk"], serves)
+    return PeerInfo(name, body["instance"], body["host"][:200], body["pid"], body["chunk"], serves,
+                    bool(body.get("lane", False)))
 
 
 class Deadline:
@@ -82,7 +83,7 @@ async def server_handshake(core: Core, conn: Conn, handler) -> Session:
 async def client_handshake(core: Core, conn: Conn, address: str, timeout: float, handler) -> Session:
     cfg = core.config
     dl = Deadline(timeout)
-    hello = dict(core.hello_fields(), nonce=hs.new_nonce(), compat=dict(cfg.compat))
+    hello = dict(core.hello_fields(), nonce=hs.new_nonce(), compat=dict(cfg.compat), lane=False)
     conn.send(Msg.HELLO, 1, **hello)
     ack = await conn.recv_frame(dl.left())
     raise_if_error(ack, Msg.HELLO_ACK)

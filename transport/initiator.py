@@ -82,9 +82,9 @@ def find_session(core: Core, peer: Peer | str) -> Session:
         s = core.sessions.by_addr.get(peer.address)
         if s is not None and s.lost is None:
             return s
-        cands = core.sessions.live(peer.name)
+        cands = [s for s in core.sessions.live(peer.name) if not s.peer.lane]
     elif isinstance(peer, str):
-        cands = core.sessions.live(peer)
+        cands = [s for s in core.sessions.live(peer) if not s.peer.lane]
         if not cands:
             s = core.sessions.by_addr.get(peer)
             cands = [s] if s is not None and s.lost is None else []

@@ -31,6 +31,7 @@ class PeerInfo:
     pid: int
     chunk: int
     serves: frozenset[DataPath]
+    lane: bool = False      # a direct lane (lane.py): only answers its own thread's reads
 
     @property
     def same_host(self) -> bool:

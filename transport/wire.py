@@ -63,7 +63,7 @@ _OPT_B = (bytes, type(None))
 _OPT_L = (list, type(None))
 SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
     Msg.HELLO: {"name": _S, "instance": _B, "nonce": _B, "compat": (dict,), "host": _S, "pid": _I,
-                "chunk": _I, "paths": (list,)},
+                "chunk": _I, "paths": (list,), "lane": _BOOL},
     Msg.HELLO_ACK: {"name": _S, "instance": _B, "nonce": _B, "host": _S, "pid": _I, "chunk": _I,
                     "paths": (list,), "mac": _B},
     Msg.AUTH: {"mac": _B},

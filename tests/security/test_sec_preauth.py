@@ -164,7 +164,7 @@ def _slowloris(address: str, n: int, secs: float) -> list[float]:
     """`n` connections each sending a valid HELLO one byte per second; returns when each was
     closed by the agent (seconds after connecting), inf for those still open after `secs`."""
     hello = _frame(wire.encode(Msg.HELLO, 1, name="slow", instance=hs.new_instance(), host="h", pid=1,
-                               chunk=1 << 20, paths=[], nonce=hs.new_nonce(), compat={}))
+                               chunk=1 << 20, paths=[], nonce=hs.new_nonce(), compat={}, lane=False))
     sel = selectors.DefaultSelector()
     socks = []
     t0 = time.monotonic()

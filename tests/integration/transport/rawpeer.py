@@ -81,7 +81,7 @@ class RawPeer:
         self.hello = {"name": name, "instance": instance or hs.new_instance(), "host": host_key() if host is None
                       else host, "pid": os.getpid() if pid is None else pid, "chunk": chunk,
                       "paths": ["cma"] if paths is None else paths, "nonce": hs.new_nonce(),
-                      "compat": dict(compat or {})}
+                      "compat": dict(compat or {}), "lane": False}
         self.decoder = framing.FrameDecoder(64 << 10)
         self.mac: framing.FrameMac | None = None
         self.pending: list[Frame] = []

@@ -1,0 +1,91 @@
+"""Which reads take a direct lane (lane.py), and the lanes of each calling thread."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from . import trace
+from .core import Core
+from .descs import Descs
+from .errors import PeerLost, TransferError
+from .lane import DirectLane, LaneFallback
+from .region import MemoryKind
+from .transfer import Peer, Transfer
+from .wire import DataPath
+
+log = logging.getLogger(__name__)
+
+
+class LanePool:
+    def __init__(self, core: Core):
+        self.core = core
+        self._local = threading.local()
+        self._all: list[DirectLane] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _eligible(self, peer: Any, local: Descs):
+        cfg = self.core.config
+        if (self._closed or not cfg.direct_lanes or not cfg.same_host_copy or not isinstance(peer, Peer)
+                or local.nbytes > cfg.inline_copy_bytes or local.regions[0].kind is not MemoryKind.HOST):
+            return None
+        s = self.core.sessions.by_addr.get(peer.address)
+        if (s is None or s.lost is not None or not s.peer.same_host or DataPath.CMA not in s.peer.serves
+                or DataPath.CMA in s.off):
+            return None
+        return s
+
+    def try_read(self, peer: Any, local: Descs, lease_id: str, ranges: bytes | None, notify: bytes | None,
+                 timeout: float, xfer: Transfer) -> bool:
+        """Run the read on this thread if it qualifies; True when `xfer` is settled."""
+        s = self._eligible(peer, local)
+        if s is None:
+            return False
+        lanes: dict[str, DirectLane] = self._local.__dict__.setdefault("by_addr", {})
+        lane = lanes.get(peer.address)
+        t0 = time.monotonic()
+        try:
+            if lane is None or lane.broken:
+                lane = DirectLane(self.core, peer.address, timeout)
+                lanes[peer.address] = lane
+                with self._lock:
+                    self._all.append(lane)
+            lane.read(s.peer.pid, local, lease_id, ranges, notify, timeout, xfer)
+        except LaneFallback as e:
+            s.off[DataPath.CMA] = str(e)
+            self.core.fallback(DataPath.CMA, str(e), s.name)
+            return False
+        except PeerLost as e:
+            if lane is not None:
+                self._drop(lanes, lane)
+            log.debug("lane to %s unusable (%s); using the loop", peer.address, e)
+            return False  # the normal path decides whether the peer is really gone
+        except TransferError as e:
+            if lane is not None and lane.broken:
+                self._drop(lanes, lane)
+            with self.core.lock:
+                self.core.stats.transfers_failed += 1
+            xfer._finish(e)
+            return True
+        with self.core.lock:
+            self.core.stats.record_in(local.nbytes, time.monotonic() - t0)
+            self.core.stats.paths[DataPath.CMA.value] += 1
+        trace.mark(xfer, "settled")
+        xfer._finish(None)
+        return True
+
+    def _drop(self, lanes: dict, lane: DirectLane) -> None:
+        lane.close()
+        lanes.pop(lane.address, None)
+        with self._lock:
+            if lane in self._all:
+                self._all.remove(lane)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            lanes, self._all = self._all, []
+        for lane in lanes:
+            lane.close()

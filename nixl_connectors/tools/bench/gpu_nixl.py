@@ -50,6 +50,25 @@ def request_rows(w: Workload, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return (layers + s).reshape(-1).astype(np.int32), (layers + d).reshape(-1).astype(np.int32)
 
 
+def _mem(device: str) -> tuple[str, int]:
+    """NIXL memory type and device id of a torch device ("cpu" for the tests on CPU machines)."""
+    return ("VRAM", int(device.split(":")[1]) if ":" in device else 0) if device.startswith("cuda") else ("DRAM", 0)
+
+
+def _use(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def _agent(name: str):
     from .nixl_import import import_nixl
 
@@ -57,19 +76,19 @@ def _agent(name: str):
     return nixl.nixl_agent(name, nixl.nixl_agent_config(backends=["UCX"]))
 
 
-def _owner(wj: dict, device: str, conn) -> None:
+def _owner(w: Workload, device: str, conn) -> None:
     try:
         import torch
 
         from ..blockfill import fill_pool_torch
 
-        torch.cuda.set_device(device)
-        rows = wj["pool_blocks"] * wj["num_layers"]
-        t = torch.empty((rows, wj["block_bytes"]), dtype=torch.uint8, device=device)
-        fill_pool_torch(t, wj["block_bytes"], SEED)
-        torch.cuda.synchronize(device)
+        _use(device)
+        mem, dev_id = _mem(device)
+        t = torch.empty((w.pool_blocks * w.num_layers, w.block_bytes), dtype=torch.uint8, device=device)
+        fill_pool_torch(t, w.block_bytes, SEED)
+        _sync(device)
         agent = _agent("nixl-owner")
-        agent.register_memory([(t.data_ptr(), t.numel(), t.device.index, "")], "VRAM")
+        agent.register_memory([(t.data_ptr(), t.numel(), dev_id, "")], mem)
         conn.send(("ready", agent.get_agent_metadata(), t.data_ptr()))
         conn.poll(3600)  # until the parent says stop (or goes away)
     except Exception:
@@ -82,15 +101,16 @@ def _reader(w: Workload, device: str, meta: bytes, rbase: int, remote_dev: int, 
 
         from ..blockfill import mismatched_blocks_torch
 
-        torch.cuda.set_device(device)
+        _use(device)
+        mem, dev_id = _mem(device)
         rows, bb = w.pool_blocks * w.num_layers, w.block_bytes
         t = torch.zeros((rows, bb), dtype=torch.uint8, device=device)
-        torch.cuda.synchronize(device)
+        _sync(device)
         agent = _agent("nixl-reader")
-        agent.register_memory([(t.data_ptr(), t.numel(), t.device.index, "")], "VRAM")
+        agent.register_memory([(t.data_ptr(), t.numel(), dev_id, "")], mem)
         remote = agent.add_remote_agent(meta)
-        local_prep = agent.prep_xfer_dlist(LOCAL_AGENT, vram_descs(t.data_ptr(), rows, bb, t.device.index), "VRAM")
-        remote_prep = agent.prep_xfer_dlist(remote, vram_descs(rbase, rows, bb, remote_dev), "VRAM")
+        local_prep = agent.prep_xfer_dlist(LOCAL_AGENT, vram_descs(t.data_ptr(), rows, bb, dev_id), mem)
+        remote_prep = agent.prep_xfer_dlist(remote, vram_descs(rbase, rows, bb, remote_dev), mem)
         try:
             agent.make_connection(remote)
         except Exception:  # older NIXL: the connection is made on first transfer
@@ -104,7 +124,7 @@ def _reader(w: Workload, device: str, meta: bytes, rbase: int, remote_dev: int, 
                 l_idx = torch.as_tensor(l_ids.astype(np.int64), device=device)
                 r_idx = torch.as_tensor(r_ids.astype(np.int64), device=device)
             t.index_fill_(0, l_idx, 0)
-            torch.cuda.synchronize(device)
+            _sync(device)
             t0 = time.perf_counter()
             h = agent.make_prepped_xfer("READ", local_prep, l_ids, remote_prep, r_ids, notif_msg=f"rep-{rep}".encode())
             state = agent.transfer(h)
@@ -112,7 +132,7 @@ def _reader(w: Workload, device: str, meta: bytes, rbase: int, remote_dev: int, 
                 if time.monotonic() > deadline:
                     raise TimeoutError("NIXL transfer did not finish before the deadline")
                 state = agent.check_xfer_state(h)
-            torch.cuda.synchronize(device)  # as for ours: a no-op once DONE means the bytes are there
+            _sync(device)  # as for ours: a no-op once DONE means the bytes are there
             dt = time.perf_counter() - t0
             if state != "DONE":
                 raise RuntimeError(f"NIXL transfer ended in state {state}")
@@ -146,11 +166,11 @@ def nixl_vram(w: Workload, devices: Devices, timeout_s: float = 240.0) -> dict[s
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     r1, r2 = ctx.Pipe()
-    procs = [ctx.Process(target=_owner, args=(w.to_json(), devices.owner, b), daemon=True)]
+    procs = [ctx.Process(target=_owner, args=(w, devices.owner, b), daemon=True)]
     try:
         procs[0].start()
         _, meta, base = _recv(a, 120, "NIXL owner")
-        procs.append(ctx.Process(target=_reader, args=(w, devices.reader, meta, base, devices.owner_index,
+        procs.append(ctx.Process(target=_reader, args=(w, devices.reader, meta, base, _mem(devices.owner)[1],
                                                        timeout_s, r2), daemon=True))
         procs[1].start()
         _, res = _recv(r1, timeout_s + 120, "NIXL reader")

@@ -59,12 +59,14 @@ def nixl_entry(w: Workload, devices: Devices) -> dict[str, Any]:
 
 
 def run_cuda_suite(workloads: list[Workload], with_nixl: bool, force_one_gpu: bool = False,
-                   chunk: int | None = None, out: Callable[[str], Any] = print) -> tuple[list[dict], dict]:
+                   chunk: int | None = None, out: Callable[[str], Any] = print,
+                   devices: Devices | None = None) -> tuple[list[dict], dict]:
+    """``devices`` overrides the detected GPUs (the tests run the suite's code on CPU devices)."""
     from .sweep import run_ours_safely
 
     info: dict[str, Any] = {"gpu": gpu_info()}
     try:
-        devices = detect_gpu_devices(force_one_gpu)
+        devices = devices or detect_gpu_devices(force_one_gpu)
     except Exception as e:
         out(f"no CUDA run: {type(e).__name__}: {e}")
         info["error"] = f"{type(e).__name__}: {e}"

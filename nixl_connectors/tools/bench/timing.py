@@ -81,7 +81,8 @@ def fmt_entry(label: str, entry: Mapping[str, Any] | None, ours: Mapping[str, An
     0.402 ms p90, 6.77 GB/s  ours/this 1.20x``."""
     if not entry or not entry.get("gbps"):
         why = (entry or {}).get("reason") or (entry or {}).get("error") or "not run"
-        return f"   {label:44s} -- ({str(why).splitlines()[0][:120]})"
+        lines = [x.strip() for x in str(why).splitlines() if x.strip()]
+        return f"   {label:44s} -- ({(lines[-1] if lines else '?')[:160]})"  # a traceback's last line
     mine, theirs = speed(ours, latency), speed(entry, latency)
     ratio = f"  ours/this {mine / theirs:.2f}x" if mine and theirs and entry is not ours else ""
     if latency:

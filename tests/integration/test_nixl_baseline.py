@@ -117,12 +117,25 @@ def test_ours_throughput_and_latency_policies():
     assert lat["p90_ms"] >= lat["median_ms"] > 0 and lat["timing"] == "read() to wait()"
 
 
-def test_ours_isolated_reader_reports_owner_failure():
+def test_ours_reports_owner_failure():
     from nixl_connectors.tools.bench.ours import run_ours
 
     bad = Workload("bad", 4096, 4, num_layers=1, kv_shape=(3, 3), reps=1)  # kv_shape does not match the block
     with pytest.raises(RuntimeError, match="kv_shape"):
-        run_ours(bad, timeout_s=30.0, isolated=True)
+        run_ours(bad, timeout_s=30.0)
+
+
+def test_ours_reader_is_the_owners_sibling():
+    """Owner and reader are both children of the bench process: the reader is not the owner's
+    ancestor (under Yama ptrace_scope 1 that alone would allow process_vm_readv where a
+    deployment's separately started processes cannot)."""
+    import os
+
+    from nixl_connectors.tools.bench.ours import run_ours
+
+    r = run_ours(Workload("s", 4096, 4, reps=1), timeout_s=30.0)
+    (reader, reader_parent), (owner, owner_parent) = r["processes"]["reader"], r["processes"]["owner"]
+    assert reader_parent == owner_parent == os.getpid() and len({reader, owner, os.getpid()}) == 3
 
 
 def test_cuda_suite_code_on_cpu_devices():

@@ -1,5 +1,5 @@
-"""Our transport on a Workload, through the public API only: the owner is a child process that
-exposes leases, the reader (this process, or a fresh spawned one) times ``read()`` to ``wait()``.
+"""Our transport on a Workload, through the public API only: an owner process exposes leases, a
+reader process (its sibling) times ``read()`` to ``wait()``.
 
 Per rep, outside the timing: expose (NEW_EACH_REP policy), zero the destination blocks; after
 it: check every byte of the rep. CUDA reps also synchronize the reader's device inside the
@@ -14,9 +14,9 @@ import time
 import numpy as np
 
 from .gpu_workloads import Devices
-from .owner_proc import OwnerProcess, OwnerSpec, layer_seed
+from .owner_proc import OwnerClient, OwnerProcess, OwnerSpec, layer_seed
 from .timing import Timings
-from .workloads import BlockPolicy, Memory, Workload
+from .workloads import BlockPolicy, Workload
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ def bench_ucx_options() -> dict[str, str]:
 
 
 class _Dest:
-    """The reader's pools (one per layer), zeroed and checked per rep."""
+    """The reader's pools (one per layer), zeroed and checked per rep: with numpy on the host
+    (single-threaded, as the NIXL reader does it: no torch worker threads left spinning next to a
+    timed transfer on a 2-core machine), with torch on the device for CUDA pools."""
 
     def __init__(self, w: Workload, device: str, owner_seed: int):
         import torch
@@ -58,9 +60,14 @@ class _Dest:
         self.seeds = [layer_seed(owner_seed, layer) for layer in range(w.num_layers)]
         self.pools = [torch.zeros((w.pool_blocks, w.block_bytes), dtype=torch.uint8, device=device)
                       for _ in range(w.num_layers)]
+        self._host = [] if self.cuda else [p.numpy() for p in self.pools]
         self._expected: list | None = None
 
     def zero(self, d_ids: np.ndarray) -> None:
+        if not self.cuda:
+            for h in self._host:
+                h[d_ids] = 0
+            return
         import torch
 
         idx = torch.as_tensor(d_ids, dtype=torch.int64, device=self.device)
@@ -76,78 +83,93 @@ class _Dest:
 
     def bad_blocks(self, s_ids: np.ndarray, d_ids: np.ndarray) -> int:
         """Blocks of this rep (all layers) whose bytes differ from the owner's pattern."""
+        same = self.w.policy is BlockPolicy.SAME_EVERY_REP  # one block set read again and again
+        if not self.cuda:
+            from ..blockfill import block_pattern, mismatched_blocks
+
+            if not same:
+                return sum(mismatched_blocks(h[d_ids], s_ids, self.w.block_bytes, s)
+                           for h, s in zip(self._host, self.seeds))
+            if self._expected is None:
+                self._expected = [block_pattern(s_ids, self.w.block_bytes, s) for s in self.seeds]
+            return sum(int(np.count_nonzero((h[d_ids] != e).any(axis=1))) for h, e in zip(self._host, self._expected))
         import torch
 
         from ..blockfill import block_pattern_torch, mismatched_blocks_torch
 
         src = torch.as_tensor(s_ids, dtype=torch.int64, device=self.device)
         idx = torch.as_tensor(d_ids, dtype=torch.int64, device=self.device)
-        if self.w.policy is not BlockPolicy.SAME_EVERY_REP:  # a new block set every rep: chunked
+        if not same:  # chunked: bounded temporaries
             return sum(mismatched_blocks_torch(p.index_select(0, idx), src, self.w.block_bytes, s)
                        for p, s in zip(self.pools, self.seeds))
-        if self._expected is None:  # one block set read again and again: compute it once
+        if self._expected is None:
             self._expected = [block_pattern_torch(src, self.w.block_bytes, s) for s in self.seeds]
         return sum(int((p.index_select(0, idx) != e).any(dim=1).sum().item())
                    for p, e in zip(self.pools, self._expected))
 
 
-def _isolated_child(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk: int | None, conn) -> None:
+def _reader_main(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk: int, owner: OwnerClient,
+                 conn) -> None:
     try:
-        conn.send(("ok", run_ours(w, devices, seed, timeout_s, chunk, isolated=False)))
+        conn.send(("ok", _read_reps(w, devices, seed, timeout_s, chunk, owner)))
     except BaseException as e:  # report, never hang the parent
         conn.send(("err", f"{type(e).__name__}: {e}"))
 
 
-def _run_isolated(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk: int | None) -> dict:
+def run_ours(w: Workload, devices: Devices | None = None, seed: int = 0, timeout_s: float = 120.0,
+             chunk_bytes: int | None = None) -> dict:
+    """Read ``w`` from an owner process, ``w.warmup + w.reps`` times; returns the timings
+    (``Timings.to_json``) plus verification, the data paths taken and every fallback.
+
+    Owner and reader are two processes started by this one (siblings, as prefill and decode
+    workers started by a launcher are: under Yama ptrace_scope 1 a parent could read its child's
+    memory where a deployment cannot), each workload with fresh ones, so every workload starts
+    from a fresh UCX context and CUDA state, and one workload's failure cannot poison the next.
+    """
     import multiprocessing as mp
 
+    devices = devices or Devices()
+    chunk = ucx_chunk_bytes(chunk_bytes)
+    spec = OwnerSpec(w.pool_blocks, w.block_bytes, seed=seed + 1, num_layers=w.num_layers, kv_shape=w.kv_shape,
+                     device=devices.owner, timeout_s=timeout_s, chunk_bytes=chunk, ucx_options=bench_ucx_options())
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_isolated_child, args=(w, devices, seed, timeout_s, chunk, child))
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(120 + timeout_s * (w.reps + w.warmup + 2)):
-            raise TimeoutError(f"bench reader for {w.name} did not finish")
-        tag, val = parent.recv()
-    except EOFError:
-        raise RuntimeError(f"bench reader for {w.name} died (exit code {proc.exitcode})") from None
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+    with OwnerProcess(spec) as owner:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_reader_main, args=(w, devices, seed, timeout_s, chunk, owner.client, child))
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(120 + timeout_s * (w.reps + w.warmup + 2)):
+                raise TimeoutError(f"bench reader for {w.name} did not finish")
+            tag, val = parent.recv()
+        except EOFError:
+            raise RuntimeError(f"bench reader for {w.name} died (exit code {proc.exitcode})") from None
+        finally:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
     if tag != "ok":
         raise RuntimeError(val)
     return val
 
 
-def run_ours(w: Workload, devices: Devices | None = None, seed: int = 0, timeout_s: float = 120.0,
-             chunk_bytes: int | None = None, isolated: bool | None = None) -> dict:
-    """Read ``w`` from an owner child process, ``w.warmup + w.reps`` times; returns the timings
-    (``Timings.to_json``) plus verification, the data paths taken and every fallback.
-
-    isolated (default: for CUDA workloads) runs the reader in a fresh spawned process, so every
-    workload starts from a fresh UCX context and CUDA state, as separate serving processes
-    would (and one workload's failure cannot poison the next).
-    """
-    devices = devices or Devices()
-    if isolated is None:
-        isolated = w.memory is Memory.CUDA
-    if isolated:
-        return _run_isolated(w, devices, seed, timeout_s, chunk_bytes)
+def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk: int, owner: OwnerClient) -> dict:
     from transport import Agent, AgentConfig, Descs
 
+    import torch
+
+    if devices.reader.startswith("cuda"):
+        torch.cuda.set_device(devices.reader)  # as a decode worker pinned to its GPU
+    else:
+        torch.set_num_threads(1)  # no torch worker threads spinning beside the timed reads
     rng = np.random.default_rng(seed)
-    chunk = ucx_chunk_bytes(chunk_bytes)
-    spec = OwnerSpec(w.pool_blocks, w.block_bytes, seed=seed + 1, num_layers=w.num_layers, kv_shape=w.kv_shape,
-                     device=devices.owner, timeout_s=timeout_s, chunk_bytes=chunk, ucx_options=bench_ucx_options())
-    dest = _Dest(w, devices.reader, spec.seed)
+    dest = _Dest(w, devices.reader, seed + 1)
     cfg = AgentConfig(timeout_s=timeout_s, chunk_bytes=chunk, staging_bytes=max(64 << 20, 4 * chunk),
                       ucx_options=bench_ucx_options())
     times: list[float] = []
     bad = 0
-    with OwnerProcess(spec) as owner, Agent("reader", cfg) as agent:
+    with Agent("reader", cfg) as agent:
         regions = [agent.register(p) for p in dest.pools]
         peer = agent.connect(owner.address)
         lease = None
@@ -170,9 +192,11 @@ def run_ours(w: Workload, devices: Devices | None = None, seed: int = 0, timeout
             owner.call("release", lease)
         mine = agent.snapshot()
         theirs = owner.call("snapshot")
+        owner_pids = owner.call("pids")
     return {"impl": "nixl_connectors", **Timings.of(times, w.nbytes).to_json(),
             "bad_blocks": bad, "verified_reps": w.warmup + w.reps, "devices": devices.to_json(),
             "paths": dict(mine.get("paths", {})), "fallbacks": dict(mine.get("fallbacks", {})),
             "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
             "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
-            "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options()}
+            "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
+            "processes": {"reader": [os.getpid(), os.getppid()], "owner": list(owner_pids)}}

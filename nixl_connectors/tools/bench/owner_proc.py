@@ -3,12 +3,14 @@ exposes requested block lists under leases and reports back over a multiprocessi
 
 Commands on the pipe (tuples, local IPC only): ("expose", block_ids ndarray) -> lease id;
 ("release", lease id) -> bool; ("freed",) -> list of freed lease ids; ("notifs",) ->
-notifications; ("snapshot",) -> ``Agent.snapshot()`` (data paths served, fallbacks); ("stop",).
+notifications; ("snapshot",) -> ``Agent.snapshot()`` (data paths served, fallbacks); ("pids",) ->
+(pid, parent pid); ("stop",).
 CUDA pools are allocated and filled on their device (``blockfill.fill_pool_torch``).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +57,8 @@ def _serve(spec: OwnerSpec, conn) -> None:
     cfg = AgentConfig(auth_key=spec.auth_key, transports=TransportSet(spec.transports),
                       chunk_bytes=spec.chunk_bytes, staging_bytes=max(64 << 20, 4 * spec.chunk_bytes),
                       timeout_s=spec.timeout_s, ucx_options=dict(spec.ucx_options or {}))
+    if spec.device.startswith("cuda"):
+        torch.cuda.set_device(spec.device)  # as a prefill worker pinned to its GPU
     tensors = []
     for layer in range(spec.num_layers):
         shape = (spec.num_blocks, *spec.kv_shape) if spec.kv_shape is not None else (spec.num_blocks, spec.block_bytes)
@@ -89,9 +93,32 @@ def _serve(spec: OwnerSpec, conn) -> None:
                 conn.send(agent.release(cmd[1]))
             elif cmd[0] == "snapshot":
                 conn.send(agent.snapshot())
+            elif cmd[0] == "pids":
+                conn.send((os.getpid(), os.getppid()))
             elif cmd[0] == "stop":
                 break
     conn.send(("stopped",))
+
+
+class OwnerClient:
+    """Commands to an owner process over its pipe; picklable, so a reader process started as the
+    owner's sibling can drive it (``OwnerProcess.client``)."""
+
+    def __init__(self, conn, address: str):
+        self.conn = conn
+        self.address = address
+
+    def call(self, *cmd, timeout_s: float = 60.0):
+        self.conn.send(cmd)
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"owner did not answer {cmd[0]!r}")
+        reply = self.conn.recv()
+        if isinstance(reply, tuple) and reply and reply[0] == "error":
+            raise RuntimeError(f"owner failed: {reply[1]}")
+        return reply
+
+    def expose(self, block_ids: np.ndarray) -> str:
+        return self.call("expose", np.asarray(block_ids, dtype=np.int64))
 
 
 class OwnerProcess:
@@ -110,18 +137,13 @@ class OwnerProcess:
             self.close()
             raise RuntimeError(f"owner process failed to start: {msg[1]}")
         self.address: str = msg[1]
+        self.client = OwnerClient(self._conn, self.address)
 
     def call(self, *cmd, timeout_s: float = 60.0):
-        self._conn.send(cmd)
-        if not self._conn.poll(timeout_s):
-            raise TimeoutError(f"owner did not answer {cmd[0]!r}")
-        reply = self._conn.recv()
-        if isinstance(reply, tuple) and reply and reply[0] == "error":
-            raise RuntimeError(f"owner failed: {reply[1]}")
-        return reply
+        return self.client.call(*cmd, timeout_s=timeout_s)
 
     def expose(self, block_ids: np.ndarray) -> str:
-        return self.call("expose", np.asarray(block_ids, dtype=np.int64))
+        return self.client.expose(block_ids)
 
     def close(self) -> None:
         if self.proc.is_alive():

@@ -76,7 +76,7 @@ def _agent(name: str):
     return nixl.nixl_agent(name, nixl.nixl_agent_config(backends=["UCX"]))
 
 
-def _owner(w: Workload, device: str, conn) -> None:
+def _owner(w: Workload, device: str, deadline_s: float, conn) -> None:
     try:
         import torch
 
@@ -90,7 +90,7 @@ def _owner(w: Workload, device: str, conn) -> None:
         agent = _agent("nixl-owner")
         agent.register_memory([(t.data_ptr(), t.numel(), dev_id, "")], mem)
         conn.send(("ready", agent.get_agent_metadata(), t.data_ptr()))
-        conn.poll(3600)  # until the parent says stop (or goes away)
+        conn.poll(deadline_s)  # until the parent says stop, goes away, or the run's deadline passes
     except Exception:
         conn.send(("error", traceback.format_exc()))
 
@@ -166,7 +166,7 @@ def nixl_vram(w: Workload, devices: Devices, timeout_s: float = 240.0) -> dict[s
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     r1, r2 = ctx.Pipe()
-    procs = [ctx.Process(target=_owner, args=(w, devices.owner, b), daemon=True)]
+    procs = [ctx.Process(target=_owner, args=(w, devices.owner, timeout_s + 300, b), daemon=True)]
     try:
         procs[0].start()
         _, meta, base = _recv(a, 120, "NIXL owner")

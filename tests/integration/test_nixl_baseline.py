@@ -177,6 +177,20 @@ def test_bench_command_writes_json_and_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_cuda_suite_without_a_gpu_fails_cleanly(tmp_path):
+    import json
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the suite would run")
+    from nixl_connectors.tools.cli import main
+
+    out = tmp_path / "g.json"
+    assert main(["bench", "--suite", "cuda", "--json", str(out), "--plot", str(tmp_path / "g.png")]) == 1
+    doc = json.loads(out.read_text())
+    assert doc["results"] == [] and "no CUDA device" in doc["error"] and not (tmp_path / "g.png").exists()
+
+
 def test_demo_small_verifies_and_reports_the_limit():
     from nixl_connectors.tools.demo import DemoConfig, run_demo
 

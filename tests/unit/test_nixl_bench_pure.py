@@ -302,6 +302,8 @@ def test_plot_series_and_png(tmp_path):
     out = tmp_path / "b.png"
     plot(rows, str(out), "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        plot([], str(tmp_path / "empty.png"))
 
 
 # ---------------------------------------------------------------------------------- references

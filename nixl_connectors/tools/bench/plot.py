@@ -32,6 +32,8 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str, title: str = "") -> None:
 
     panels = [(lat, *series(rows, lat)) for lat in (False, True)]
     panels = [p for p in panels if p[1]]
+    if not panels:
+        raise ValueError("no rows to plot")
     labels = list(dict.fromkeys(label for p in panels for label in p[2]))
     color = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}  # same colour in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.2), squeeze=False)

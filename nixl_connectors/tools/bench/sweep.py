@@ -117,7 +117,9 @@ def main(args: argparse.Namespace) -> int:
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=2, default=str)
     print(f"results written to {args.json}")
-    if args.plot:
+    if args.plot and not rows:
+        print("nothing ran: no plot")
+    elif args.plot:
         try:
             from .plot import plot
 
@@ -125,4 +127,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"plot written to {args.plot}")
         except ImportError:
             print("matplotlib not installed: no plot (pip install 'nixl-connectors[plot]')")
+        except Exception as e:  # the JSON is written already; a chart must not fail the run
+            log.warning("plot failed: %s", e)
+            print(f"no plot: {type(e).__name__}: {e}")
     return 0 if rows and all(bad_blocks(r) == 0 for r in rows) else 1

@@ -34,16 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nixl-connectors", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="prefill/decode KV transfer between two local processes, verified")
+    d = sub.add_parser("demo", help="prefill/decode KV transfer between two local processes, verified, against "
+                                    "the contiguous-copy limit of this machine")
     d.add_argument("--layers", type=int, default=8)
     d.add_argument("--blocks", type=int, default=1024, help="blocks per layer on each side")
     d.add_argument("--requests", type=int, default=16)
     d.add_argument("--rounds", type=int, default=3)
     d.set_defaults(fn=_demo)
-    doc = sub.add_parser("doctor", help="UCX transports, CUDA peer access, RDMA, NIXL")
+    doc = sub.add_parser("doctor", help="data paths this machine can use (same-host copy, CUDA IPC, UCX), "
+                                        "UCX transports, CUDA peer access, RDMA, NIXL, and why a slower path")
     doc.add_argument("--json", action="store_true")
     doc.set_defaults(fn=_doctor)
-    b = sub.add_parser("bench", help="workload sweep, side by side with NIXL and the local copy limit")
+    b = sub.add_parser("bench", help="workloads through ours, NIXL and the one-process copies of the same bytes "
+                                     "(contiguous: the limit; scattered: a reference), ratios from one run")
     from .bench.sweep import add_arguments
 
     add_arguments(b)

@@ -1,7 +1,8 @@
 """``nixl-connectors doctor``: what this machine offers the transport, and why a slow path is chosen.
 
 ``run_doctor()`` collects the facts (UCX in child processes, /sys/class/infiniband, torch/CUDA,
-NIXL) and returns a dict; ``main()`` prints it. Diagnosis and formatting are pure functions in
+NIXL, the data paths: ptrace scope and a process_vm_readv probe between two sibling processes,
+CUDA IPC prerequisites) and returns a dict; ``main()`` prints it. Diagnosis and formatting are pure functions in
 ``nixl_connectors.tools.doctor_report``. Nothing here changes this process's environment.
 """
 
@@ -11,12 +12,14 @@ import argparse
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 from nixl_connectors.tools.bench.nixl_import import find_nixl
+from nixl_connectors.tools.doctor_paths import UCX_NET_DEVICES, CmaProbe, DataPaths, IpcInfo
 from nixl_connectors.tools.doctor_report import (
     PREFER_SYSTEM_UCX,
     CudaInfo,
@@ -31,8 +34,10 @@ from nixl_connectors.tools.doctor_report import (
 logger = logging.getLogger(__name__)
 
 PROBE_MODULE = "nixl_connectors.tools.doctor_probe"
+CMA_PROBE_MODULE = "nixl_connectors.tools.doctor_cma_probe"
 INFINIBAND_SYSFS = Path("/sys/class/infiniband")
-_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PTRACE_SCOPE = Path("/proc/sys/kernel/yama/ptrace_scope")
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding nixl_connectors/
 
 
 def _probe_env(overrides: Mapping[str, str | None]) -> dict[str, str]:
@@ -118,6 +123,73 @@ def collect_cuda() -> CudaInfo:
     return info
 
 
+def read_ptrace_scope(path: Path = PTRACE_SCOPE) -> int | None:
+    """Yama's ptrace scope (0-3), or None when there is no Yama (classic ptrace rules)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def probe_cma(timeout_s: float = 30.0) -> CmaProbe:
+    """process_vm_readv between two sibling child processes (see doctor_cma_probe.py)."""
+    env = _probe_env({})
+    cmd = [sys.executable, "-m", CMA_PROBE_MODULE]
+    try:
+        holder = subprocess.Popen(cmd + ["hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, env=env)
+    except OSError as exc:
+        return CmaProbe(error=f"could not start the probe: {exc}")
+    try:
+        if not select.select([holder.stdout], [], [], timeout_s)[0]:
+            return CmaProbe(error=f"probe holder did not start within {timeout_s:.0f}s")
+        info = json.loads(holder.stdout.readline())
+        proc = subprocess.run(cmd + ["read", str(info["pid"]), str(info["addr"]), str(info["len"])],
+                              capture_output=True, timeout=timeout_s, env=env)
+        res = json.loads(proc.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+        return CmaProbe(ran=True, ok=bool(res["ok"]), errno=res.get("errno"), error=res.get("error"))
+    except (subprocess.TimeoutExpired, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        return CmaProbe(error=f"probe failed: {type(exc).__name__}: {exc}")
+    finally:
+        try:
+            holder.stdin.close()
+            holder.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            holder.kill()
+            holder.wait(timeout=5)
+
+
+def collect_ipc() -> IpcInfo:
+    """Can this process run the CUDA IPC path (torch CUDA, Triton, no MIG)?"""
+    info = IpcInfo()
+    try:
+        import torch
+
+        info.cuda_available = bool(torch.cuda.is_available())
+        info.device_count = torch.cuda.device_count() if info.cuda_available else 0
+        info.mig = any("MIG" in torch.cuda.get_device_name(i) for i in range(info.device_count))
+    except Exception as exc:  # torch missing or the driver refusing: no GPU path
+        info.unavailable = f"torch/CUDA: {type(exc).__name__}: {exc}"
+        return info
+    try:
+        import triton
+
+        info.triton = str(getattr(triton, "__version__", "?"))
+    except Exception as exc:
+        info.triton_error = f"{type(exc).__name__}: {exc}"[:200]
+    if info.cuda_available:
+        from transport.cuda_ipc import unavailable
+
+        info.unavailable = unavailable()
+    return info
+
+
+def collect_paths(ucx: UcxProbe, timeout_s: float = 30.0) -> DataPaths:
+    return DataPaths(ptrace_scope=read_ptrace_scope(), cma=probe_cma(timeout_s), ipc=collect_ipc(),
+                     net_devices=os.environ.get(UCX_NET_DEVICES),
+                     ucx_devices=[f"{t}/{d}" for t, d in ucx.resources])
+
+
 def collect_env() -> dict[str, str]:
     """The user's settings that change which UCX is loaded and which transports it uses."""
     return {k: v for k, v in os.environ.items() if k == PREFER_SYSTEM_UCX or k.startswith("UCX_")}
@@ -135,6 +207,7 @@ def build_report(timeout_s: float = 60.0) -> DoctorReport:
         cuda=collect_cuda(),
         rdma_devices=collect_rdma(),
         nixl=NixlInfo(available=nixl.available, module=nixl.module, version=nixl.version, reason=nixl.reason),
+        paths=collect_paths(ucx_default, min(timeout_s, 30.0)),
     )
     report.findings = diagnose(report)
     return report

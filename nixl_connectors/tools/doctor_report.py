@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .doctor_paths import DataPaths
 
 
 class TransportClass(str, enum.Enum):
@@ -128,6 +131,7 @@ class DoctorReport:
     rdma_devices: list[RdmaDevice]
     nixl: NixlInfo
     findings: list[Finding] = field(default_factory=list)
+    paths: "DataPaths | None" = None  # which data paths this machine can use (doctor_paths.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DoctorReport":
@@ -148,6 +152,7 @@ class DoctorReport:
             rdma_devices=[RdmaDevice(name=str(r["name"]), ports=dict(r.get("ports", {}))) for r in d.get("rdma_devices", [])],
             nixl=NixlInfo(**{k: (d.get("nixl") or {}).get(k) for k in ("available", "module", "version", "reason")}),
             findings=[Finding(Severity(f["severity"]), str(f["topic"]), str(f["message"])) for f in d.get("findings", [])],
+            paths=_paths_from(d.get("paths")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +161,14 @@ class DoctorReport:
             f["severity"] = Severity(f["severity"]).value
         d["capabilities"] = {c.value: (c in self.ucx.classes()) for c in TransportClass if c is not TransportClass.OTHER}
         return d
+
+
+def _paths_from(d: dict[str, Any] | None) -> "DataPaths | None":
+    if d is None:
+        return None
+    from .doctor_paths import DataPaths
+
+    return DataPaths.from_json(d)
 
 
 PREFER_SYSTEM_UCX = "RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY"
@@ -196,6 +209,10 @@ def diagnose(report: DoctorReport) -> list[Finding]:
     ucx = report.ucx
     if not ucx.ok:
         f.append(Finding(Severity.ERROR, "ucx", f"could not start UCX: {ucx.error}"))
+        if report.paths is not None:  # the same-host paths do not need UCX
+            from .doctor_paths import path_findings
+
+            f.extend(path_findings(report.paths))
         return f
     classes = ucx.classes()
     f.append(Finding(Severity.OK, "ucx", f"UCX {ucx.ucx_version} live transports: {', '.join(ucx.active_transports)}"))
@@ -253,6 +270,10 @@ def diagnose(report: DoctorReport) -> list[Finding]:
     elif report.ucx_user is not None:
         f.append(Finding(Severity.ERROR, "ucx", f"UCX does not start with UCX_TLS={report.ucx_user.ucx_tls}: {report.ucx_user.error}"))
 
+    if report.paths is not None:
+        from .doctor_paths import path_findings
+
+        f.extend(path_findings(report.paths))
     f.append(Finding(Severity.INFO, "errors", ERROR_HANDLING_NOTE))
     if report.nixl.available:
         f.append(Finding(Severity.OK, "nixl", f"NIXL {report.nixl.version or ''} importable as {report.nixl.module}: "
@@ -307,6 +328,10 @@ def format_report(report: DoctorReport | dict[str, Any]) -> str:
         lines.append("RDMA devices   none")
     n = report.nixl
     lines.append(f"NIXL           {'yes: ' + str(n.module) + ' ' + str(n.version or '') if n.available else 'no'}")
+    if report.paths is not None:
+        from .doctor_paths import format_paths
+
+        lines.extend(format_paths(report.paths))
     lines.append("")
     for finding in report.findings:
         lines.append(f"{_MARK[finding.severity]} {finding.topic}: {finding.message}")

@@ -26,3 +26,18 @@ def test_probe_honours_ucx_tls_in_child_only():
     assert p.ok, p.error
     assert set(p.active_transports) <= {"tcp", "self"}
     assert os.environ.get("UCX_TLS") != "tcp,self"
+
+
+def test_run_doctor_reports_data_paths():
+    from nixl_connectors.tools.doctor import probe_cma, read_ptrace_scope
+
+    d = run_doctor(timeout_s=60.0)
+    p = d["paths"]
+    assert p["ptrace_scope"] == read_ptrace_scope()
+    assert p["cma"]["ran"], p["cma"]
+    assert p["cma"]["ok"] or p["cma"]["errno"]     # a failure names its errno
+    assert any(dev.startswith("tcp/") for dev in p["ucx_devices"])
+    assert "data paths" in format_report(d)
+    assert any(f["topic"] == "paths" for f in d["findings"])
+    again = probe_cma(30.0)                          # the probe is repeatable
+    assert again.ran and again.ok == p["cma"]["ok"]

@@ -218,3 +218,98 @@ def test_collect_rdma_from_fake_sysfs(tmp_path: Path):
     devs = collect_rdma(tmp_path)
     assert devs == [RdmaDevice("mlx5_0", {"1": "ACTIVE (InfiniBand)"}), RdmaDevice("mlx5_1", {})]
     assert collect_rdma(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------------------------- data paths
+from nixl_connectors.tools.doctor import read_ptrace_scope  # noqa: E402
+from nixl_connectors.tools.doctor_cma_probe import expected_bytes, read_remote  # noqa: E402
+from nixl_connectors.tools.doctor_paths import CmaProbe, DataPaths, IpcInfo, format_paths, path_findings  # noqa: E402
+
+GPU_OK = IpcInfo(cuda_available=True, device_count=1, triton="3.6.0")
+
+
+def _paths_report(paths: DataPaths) -> DoctorReport:
+    r = _report()
+    r.paths = paths
+    r.findings = diagnose(r)
+    return r
+
+
+def test_paths_cpu_machine_cma_ok():
+    p = DataPaths(ptrace_scope=None, cma=CmaProbe(ran=True, ok=True), ucx_devices=["tcp/eth0", "sysv/memory"])
+    r = _paths_report(p)
+    ok = _messages(r, "paths", Severity.OK)
+    assert len(ok) == 1 and "process_vm_readv" in ok[0]
+    assert any("no CUDA device" in m for m in _messages(r, "paths", Severity.INFO))
+    assert not _messages(r, "paths", Severity.WARN)
+    text = format_report(r)
+    assert "process_vm_readv: yes" in text and "tcp/eth0" in text and "sysv/memory" not in text
+
+
+@pytest.mark.parametrize("scope,needle", [(1, "ptrace_scope=0"), (2, "ptrace_scope is 2"), (0, "CAP_SYS_PTRACE"),
+                                          (None, "different users")])
+def test_paths_cma_denied_says_why(scope, needle):
+    r = _paths_report(DataPaths(ptrace_scope=scope, cma=CmaProbe(ran=True, ok=False, errno="EPERM", error="x")))
+    warn = _messages(r, "paths", Severity.WARN)
+    assert len(warn) == 1 and needle in warn[0] and "fall back to UCX" in warn[0]
+
+
+def test_paths_cma_not_probed_and_enosys():
+    r = _paths_report(DataPaths(cma=CmaProbe(ran=False, error="probe holder did not start")))
+    assert any("did not start" in m for m in _messages(r, "paths", Severity.INFO))
+    r = _paths_report(DataPaths(cma=CmaProbe(ran=True, ok=False, errno="ENOSYS")))
+    assert any("seccomp" in m for m in _messages(r, "paths", Severity.WARN))
+
+
+def test_paths_cuda_ipc():
+    r = _paths_report(DataPaths(cma=CmaProbe(ran=True, ok=True), ipc=GPU_OK))
+    assert any("CUDA IPC + one fused Triton kernel" in m and "one GPU" in m for m in _messages(r, "paths", Severity.OK))
+    assert "CUDA IPC + fused kernel: yes" in format_report(r)
+    no_triton = IpcInfo(cuda_available=True, device_count=2, triton=None, triton_error="ImportError: x")
+    r = _paths_report(DataPaths(cma=CmaProbe(ran=True, ok=True), ipc=no_triton))
+    assert any("Triton is not importable" in m for m in _messages(r, "paths", Severity.WARN))
+    mig = IpcInfo(cuda_available=True, device_count=1, triton="3.6.0", mig=True)
+    assert any("MIG" in m for m in _messages(_paths_report(DataPaths(ipc=mig)), "paths", Severity.WARN))
+    refused = IpcInfo(cuda_available=True, device_count=1, triton="3.6.0", unavailable="no CUDA device in this process")
+    assert any("no CUDA device in this process" in m
+               for m in _messages(_paths_report(DataPaths(ipc=refused)), "paths", Severity.WARN))
+
+
+def test_paths_net_devices_and_roundtrip():
+    p = DataPaths(ptrace_scope=1, cma=CmaProbe(ran=True, ok=True), ipc=GPU_OK, net_devices="mlx5_0:1",
+                  ucx_devices=["rc_mlx5/mlx5_0:1", "tcp/ib0"])
+    r = _paths_report(p)
+    assert any("UCX_NET_DEVICES=mlx5_0:1" in m for m in _messages(r, "paths", Severity.INFO))
+    assert any("ptrace_scope 1, yet allowed" in m for m in _messages(r, "paths", Severity.OK))
+    d = json.loads(json.dumps(r.to_dict()))
+    assert DoctorReport.from_dict(d) == r
+    assert format_report(d) == format_report(r)
+    assert format_paths(p)[0] == "data paths"
+
+
+def test_paths_without_ucx_still_reported():
+    r = DoctorReport(ucx=UcxProbe(ok=False, error="boom"), ucx_user=None, env={}, cuda=CudaInfo(), rdma_devices=[],
+                     nixl=NixlInfo(available=False), paths=DataPaths(cma=CmaProbe(ran=True, ok=True)))
+    r.findings = diagnose(r)
+    assert r.findings[0].severity is Severity.ERROR and _messages(r, "paths", Severity.OK)
+
+
+def test_read_ptrace_scope(tmp_path: Path):
+    f = tmp_path / "ptrace_scope"
+    f.write_text("1\n")
+    assert read_ptrace_scope(f) == 1
+    f.write_text("garbage")
+    assert read_ptrace_scope(f) is None
+    assert read_ptrace_scope(tmp_path / "missing") is None
+
+
+def test_cma_read_of_own_memory_and_bad_address():
+    import ctypes
+    import os
+
+    buf = ctypes.create_string_buffer(expected_bytes(256), 256)
+    assert read_remote(os.getpid(), ctypes.addressof(buf), 256) == {"ok": True, "errno": None, "error": None}
+    buf[3] = b"\x00" if buf.raw[3:4] != b"\x00" else b"\x01"
+    assert read_remote(os.getpid(), ctypes.addressof(buf), 256)["ok"] is False
+    bad = read_remote(os.getpid(), 8, 256)  # unmapped page
+    assert bad["ok"] is False and bad["errno"] == "EFAULT"

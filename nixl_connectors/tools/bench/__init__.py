@@ -1,10 +1,13 @@
-"""Benchmarks: the NIXL baseline and the local copy limit the transport is compared with."""
+"""Benchmarks: our transport next to NIXL and the copy limits of this machine."""
 
-from nixl_connectors.tools.bench.copy_limit import local_copy_limit
+from nixl_connectors.tools.bench.limits import host_contiguous_copy, host_scattered_copy
 from nixl_connectors.tools.bench.nixl_baseline import (
+    COMPARE_PROFILES,
     DEFAULT_PROFILES,
+    LATENCY_PROFILES,
     NixlBenchError,
     NixlProfile,
+    compare_entry,
     measure_nixl_read,
     profile_config,
     run_nixl_read,
@@ -13,15 +16,19 @@ from nixl_connectors.tools.bench.nixl_import import NixlAvailability, find_nixl
 from nixl_connectors.tools.bench.nixl_types import NixlReadConfig, NixlReadResult, UcxErrorHandling
 
 __all__ = [
+    "COMPARE_PROFILES",
     "DEFAULT_PROFILES",
+    "LATENCY_PROFILES",
     "NixlAvailability",
     "NixlBenchError",
     "NixlProfile",
     "NixlReadConfig",
     "NixlReadResult",
     "UcxErrorHandling",
+    "compare_entry",
     "find_nixl",
-    "local_copy_limit",
+    "host_contiguous_copy",
+    "host_scattered_copy",
     "measure_nixl_read",
     "profile_config",
     "run_nixl_read",

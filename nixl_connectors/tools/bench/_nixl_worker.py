@@ -21,7 +21,7 @@ import numpy as np
 from nixl_connectors.tools.bench.pipe_messages import LineReader, b64decode, b64encode, write_message
 from nixl_connectors.tools.bench.nixl_import import find_nixl, import_nixl
 from nixl_connectors.tools.bench.nixl_types import MsgType, NixlReadConfig, Role, XferState
-from nixl_connectors.tools.blockfill import fill_pool, mismatched_blocks
+from nixl_connectors.tools.blockfill import block_pattern, fill_pool, mismatched_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def run_owner(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: flo
                 # Transfer notifications may trail the reader's RESULT: give them a moment.
                 stop_at = time.monotonic() + float(msg.get("grace_s", 2.0))
         else:
-            if len(notifs) >= cfg.reps or time.monotonic() >= stop_at:
+            if len(notifs) >= cfg.transfers or time.monotonic() >= stop_at:
                 break
             time.sleep(OWNER_POLL_S)
     write_message(out_fd, {"type": MsgType.DONE.value, "notifications": notifs})
@@ -137,12 +137,13 @@ def run_reader(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: fl
     xfer_s: list[float] = []
     prep_s: list[float] = []
     bad = 0
-    for rep in range(cfg.reps):
-        if cfg.scattered:
+    expected: np.ndarray | None = None
+    for rep in range(cfg.transfers):
+        if not cfg.scattered:
+            local_ids = remote_ids = np.arange(cfg.num_blocks, dtype=np.int32)
+        elif rep == 0 or not cfg.same_blocks:
             local_ids = rng.choice(cfg.pool_blocks, cfg.num_blocks, replace=False).astype(np.int32)
             remote_ids = rng.choice(owner_blocks, cfg.num_blocks, replace=False).astype(np.int32)
-        else:
-            local_ids = remote_ids = np.arange(cfg.num_blocks, dtype=np.int32)
         blocks[local_ids] = 0  # so that verification proves this rep's bytes
         t0 = time.perf_counter()
         handle = agent.make_prepped_xfer(
@@ -155,9 +156,15 @@ def run_reader(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: fl
         if state != XferState.DONE.value:
             raise WorkerError(f"NIXL transfer of rep {rep} ended in state {state}")
         agent.release_xfer_handle(handle)
-        prep_s.append(t1 - t0)
-        xfer_s.append(t2 - t1)
-        bad += mismatched_blocks(blocks[local_ids], remote_ids, cfg.block_bytes, cfg.seed)
+        if rep >= cfg.warmup:
+            prep_s.append(t1 - t0)
+            xfer_s.append(t2 - t1)
+        if cfg.same_blocks:  # one block set read again and again: its expected bytes once
+            if expected is None:
+                expected = block_pattern(remote_ids, cfg.block_bytes, cfg.seed)
+            bad += int(np.count_nonzero((blocks[local_ids] != expected).any(axis=1)))
+        else:
+            bad += mismatched_blocks(blocks[local_ids], remote_ids, cfg.block_bytes, cfg.seed)
     write_message(
         out_fd,
         {
@@ -166,6 +173,7 @@ def run_reader(cfg: NixlReadConfig, inbox: LineReader, out_fd: int, deadline: fl
             "prep_s": prep_s,
             "bytes_per_rep": nbytes,
             "mismatched_blocks": bad,
+            "verified_reps": cfg.transfers,
             "backend_params": _effective_params(agent),
         },
     )

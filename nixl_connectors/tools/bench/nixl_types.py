@@ -57,6 +57,8 @@ class NixlReadConfig:
     num_blocks: int = 16_384
     pool_blocks: int = 32_768
     reps: int = 5
+    warmup: int = 0  # transfers run first and discarded
+    same_blocks: bool = False  # True: the same block ids every rep (latency policy), else new random ones
     env: dict[str, str | None] = field(default_factory=dict)
     ucx_error_handling: UcxErrorHandling | None = None
     scattered: bool = True  # False: blocks 0..num_blocks-1 on both sides (NIXL merges them)
@@ -67,14 +69,19 @@ class NixlReadConfig:
 
     def validate(self) -> None:
         check_block_bytes(self.block_bytes)
-        if self.num_blocks <= 0 or self.reps <= 0:
-            raise ValueError("num_blocks and reps must be positive")
+        if self.num_blocks <= 0 or self.reps <= 0 or self.warmup < 0:
+            raise ValueError("num_blocks and reps must be positive, warmup >= 0")
         if self.pool_blocks < self.num_blocks:
             raise ValueError(f"pool_blocks ({self.pool_blocks}) < num_blocks ({self.num_blocks})")
         if self.pool_blocks >= 2**31:
             raise ValueError("pool_blocks must fit NIXL's int32 descriptor indices")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+
+    @property
+    def transfers(self) -> int:
+        """Transfers the reader posts (and notifications the owner should see)."""
+        return self.warmup + self.reps
 
     def backend_params(self) -> dict[str, str]:
         if self.ucx_error_handling is None:
@@ -94,6 +101,8 @@ class NixlReadConfig:
             num_blocks=int(d["num_blocks"]),
             pool_blocks=int(d["pool_blocks"]),
             reps=int(d["reps"]),
+            warmup=int(d.get("warmup", 0)),
+            same_blocks=bool(d.get("same_blocks", False)),
             env={str(k): (None if v is None else str(v)) for k, v in dict(d.get("env", {})).items()},
             ucx_error_handling=None if eh is None else UcxErrorHandling(eh),
             scattered=bool(d.get("scattered", True)),
@@ -108,8 +117,11 @@ class NixlReadConfig:
 
 @dataclass
 class NixlReadResult:
-    """What one run measured. ``gbps`` is the best of ``reps`` (transfer only, 1e9 bytes/s);
-    ``gbps`` is None when the run could not happen or failed, and ``reason`` says why."""
+    """What one run measured (warm-up transfers excluded). Per rep: ``post_to_done_s`` is one
+    transfer request end to end (``make_prepped_xfer`` + ``transfer`` until ``check_xfer_state``
+    says DONE: what the bench compares), ``transfer_s`` the part after ``make_prepped_xfer``.
+    ``gbps`` is the best rep of ``post_to_done_s`` (1e9 bytes/s); None when the run could not
+    happen or failed, and ``reason`` says why."""
 
     label: str
     config: dict[str, Any]
@@ -117,6 +129,7 @@ class NixlReadResult:
     reason: str | None = None
     gbps_per_rep: list[float] = field(default_factory=list)
     transfer_s_per_rep: list[float] = field(default_factory=list)
+    post_to_done_s_per_rep: list[float] = field(default_factory=list)
     prep_s_per_rep: list[float] = field(default_factory=list)
     bytes_per_rep: int = 0
     verified: bool = False

@@ -1,120 +1,202 @@
-"""Our transport on a Workload: owner in a child process, reader here; best-of-reps GB/s."""
+"""Our transport on a Workload, through the public API only: an owner process exposes leases, a
+reader process (its sibling) times ``read()`` to ``wait()``.
+
+Per rep, outside the timing: expose (NEW_EACH_REP policy), zero the destination blocks; after
+it: check every byte of the rep. CUDA reps also synchronize the reader's device inside the
+timing (a no-op when ``wait()`` keeps its contract that the blocks are usable).
+"""
 from __future__ import annotations
 
+import logging
+import os
 import time
 
 import numpy as np
 
-from ..blockfill import mismatched_blocks
-from .owner_proc import OwnerProcess, OwnerSpec
-from .workloads import Memory, Workload
+from .gpu_workloads import Devices
+from .owner_proc import OwnerClient, OwnerProcess, OwnerSpec, layer_seed
+from .timing import Timings
+from .workloads import BlockPolicy, Workload
+
+log = logging.getLogger(__name__)
+
+CHUNK_ENV = "NIXL_CONNECTORS_BENCH_CHUNK"
+UCX_ENV = "NIXL_CONNECTORS_BENCH_UCX"
 
 
 def block_ids(w: Workload, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    pool = w.num_blocks * w.pool_factor
+    """(owner block ids, reader block ids) of one request: random and distinct on each side."""
     if not w.scattered:
         return np.arange(w.num_blocks), np.arange(w.num_blocks)
-    return rng.permutation(pool)[:w.num_blocks], rng.permutation(pool)[:w.num_blocks]
+    return rng.permutation(w.pool_blocks)[:w.num_blocks], rng.permutation(w.pool_blocks)[:w.num_blocks]
 
 
-def default_chunk_bytes(w: Workload) -> int:
-    """Pipelined chunk size: 8 MiB for host memory; larger for CUDA, where each UCX message
-    costs ~0.1 ms of Python/UCX overhead and NVLink moves 32 MiB in ~0.1 ms
-    (NIXL_CONNECTORS_BENCH_CHUNK overrides, for sweeps)."""
-    import os
-
-    env = os.environ.get("NIXL_CONNECTORS_BENCH_CHUNK")
-    if env:
-        return int(env)
-    if w.memory is Memory.CUDA:
-        from .gpu_workloads import CUDA_CHUNK_BYTES
-
-        return CUDA_CHUNK_BYTES
-    return 8 << 20
+def ucx_chunk_bytes(override: int | None = None) -> int:
+    """Chunk size of the UCX data path (pack, send, unpack): other hosts and every fallback. The
+    same-host paths (process_vm_readv, CUDA IPC) do not chunk. ``NIXL_CONNECTORS_BENCH_CHUNK``
+    (bytes) overrides, for sweeps of the UCX path."""
+    if override:
+        return int(override)
+    env = os.environ.get(CHUNK_ENV)
+    return int(env) if env else 8 << 20
 
 
 def bench_ucx_options() -> dict[str, str]:
     """Extra UCX settings for both bench processes, from NIXL_CONNECTORS_BENCH_UCX
     ("RNDV_SCHEME=auto,MAX_RNDV_RAILS=2"), for sweeps of UCX settings."""
-    import os
-
-    env = os.environ.get("NIXL_CONNECTORS_BENCH_UCX", "")
+    env = os.environ.get(UCX_ENV, "")
     return dict(kv.split("=", 1) for kv in env.split(",") if "=" in kv)
 
 
-def _isolated_child(w: Workload, seed: int, timeout_s: float, chunk_bytes: int | None, conn) -> None:
+class _Dest:
+    """The reader's pools (one per layer), zeroed and checked per rep: with numpy on the host
+    (single-threaded, as the NIXL reader does it: no torch worker threads left spinning next to a
+    timed transfer on a 2-core machine), with torch on the device for CUDA pools."""
+
+    def __init__(self, w: Workload, device: str, owner_seed: int):
+        import torch
+
+        self.w, self.device, self.cuda = w, device, device.startswith("cuda")
+        self.seeds = [layer_seed(owner_seed, layer) for layer in range(w.num_layers)]
+        self.pools = [torch.zeros((w.pool_blocks, w.block_bytes), dtype=torch.uint8, device=device)
+                      for _ in range(w.num_layers)]
+        self._host = [] if self.cuda else [p.numpy() for p in self.pools]
+        self._expected: list | None = None
+
+    def zero(self, d_ids: np.ndarray) -> None:
+        if not self.cuda:
+            for h in self._host:
+                h[d_ids] = 0
+            return
+        import torch
+
+        idx = torch.as_tensor(d_ids, dtype=torch.int64, device=self.device)
+        for p in self.pools:
+            p.index_fill_(0, idx, 0)
+        self.sync()
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def bad_blocks(self, s_ids: np.ndarray, d_ids: np.ndarray) -> int:
+        """Blocks of this rep (all layers) whose bytes differ from the owner's pattern."""
+        same = self.w.policy is BlockPolicy.SAME_EVERY_REP  # one block set read again and again
+        if not self.cuda:
+            from ..blockfill import block_pattern, mismatched_blocks
+
+            if not same:
+                return sum(mismatched_blocks(h[d_ids], s_ids, self.w.block_bytes, s)
+                           for h, s in zip(self._host, self.seeds))
+            if self._expected is None:
+                self._expected = [block_pattern(s_ids, self.w.block_bytes, s) for s in self.seeds]
+            return sum(int(np.count_nonzero((h[d_ids] != e).any(axis=1))) for h, e in zip(self._host, self._expected))
+        import torch
+
+        from ..blockfill import block_pattern_torch, mismatched_blocks_torch
+
+        src = torch.as_tensor(s_ids, dtype=torch.int64, device=self.device)
+        idx = torch.as_tensor(d_ids, dtype=torch.int64, device=self.device)
+        if not same:  # chunked: bounded temporaries
+            return sum(mismatched_blocks_torch(p.index_select(0, idx), src, self.w.block_bytes, s)
+                       for p, s in zip(self.pools, self.seeds))
+        if self._expected is None:
+            self._expected = [block_pattern_torch(src, self.w.block_bytes, s) for s in self.seeds]
+        return sum(int((p.index_select(0, idx) != e).any(dim=1).sum().item())
+                   for p, e in zip(self.pools, self._expected))
+
+
+def _reader_main(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk: int, owner: OwnerClient,
+                 conn) -> None:
     try:
-        conn.send(("ok", run_ours(w, seed, timeout_s, chunk_bytes, isolated=False)))
+        conn.send(("ok", _read_reps(w, devices, seed, timeout_s, chunk, owner)))
     except BaseException as e:  # report, never hang the parent
         conn.send(("err", f"{type(e).__name__}: {e}"))
 
 
-def run_ours(w: Workload, seed: int = 0, timeout_s: float = 120.0, chunk_bytes: int | None = None,
-             isolated: bool | None = None) -> dict:
-    """Best-of-reps GB/s of reads of `w` from an owner child process.
+def run_ours(w: Workload, devices: Devices | None = None, seed: int = 0, timeout_s: float = 120.0,
+             chunk_bytes: int | None = None) -> dict:
+    """Read ``w`` from an owner process, ``w.warmup + w.reps`` times; returns the timings
+    (``Timings.to_json``) plus verification, the data paths taken and every fallback.
 
-    isolated (default: for CUDA workloads) runs the reader in a fresh spawned process too, so
-    every workload starts from a fresh UCX context and CUDA state, as separate serving
-    processes would (and one workload's failure cannot poison the next).
+    Owner and reader are two processes started by this one (siblings, as prefill and decode
+    workers started by a launcher are: under Yama ptrace_scope 1 a parent could read its child's
+    memory where a deployment cannot), each workload with fresh ones, so every workload starts
+    from a fresh UCX context and CUDA state, and one workload's failure cannot poison the next.
     """
-    if isolated is None:
-        isolated = w.memory is Memory.CUDA
-    if isolated:
-        import multiprocessing as mp
+    import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
+    devices = devices or Devices()
+    chunk = ucx_chunk_bytes(chunk_bytes)
+    spec = OwnerSpec(w.pool_blocks, w.block_bytes, seed=seed + 1, num_layers=w.num_layers, kv_shape=w.kv_shape,
+                     device=devices.owner, timeout_s=timeout_s, chunk_bytes=chunk, ucx_options=bench_ucx_options())
+    ctx = mp.get_context("spawn")
+    with OwnerProcess(spec) as owner:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_isolated_child, args=(w, seed, timeout_s, chunk_bytes, child))
+        proc = ctx.Process(target=_reader_main, args=(w, devices, seed, timeout_s, chunk, owner.client, child))
         proc.start()
         child.close()
         try:
-            if not parent.poll(timeout_s * (w.reps + 3)):
+            if not parent.poll(120 + timeout_s * (w.reps + w.warmup + 2)):
                 raise TimeoutError(f"bench reader for {w.name} did not finish")
             tag, val = parent.recv()
+        except EOFError:
+            raise RuntimeError(f"bench reader for {w.name} died (exit code {proc.exitcode})") from None
         finally:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
-        if tag != "ok":
-            raise RuntimeError(val)
-        return val
-    import torch
+                proc.join(5)
+    if tag != "ok":
+        raise RuntimeError(val)
+    return val
 
+
+def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk: int, owner: OwnerClient) -> dict:
     from transport import Agent, AgentConfig, Descs
 
-    from .owner_proc import layer_seed
+    import torch
 
+    if devices.reader.startswith("cuda"):
+        torch.cuda.set_device(devices.reader)  # as a decode worker pinned to its GPU
+    else:
+        torch.set_num_threads(1)  # no torch worker threads spinning beside the timed reads
     rng = np.random.default_rng(seed)
-    pool_blocks = w.num_blocks * w.pool_factor
-    layers = int(getattr(w, "num_layers", 1))
-    kv_shape = getattr(w, "kv_shape", None)
-    chunk = chunk_bytes or default_chunk_bytes(w)
-    staging = max(64 << 20, 4 * chunk)
-    dev = "cuda:1" if w.memory is Memory.CUDA else "cpu"
-    spec = OwnerSpec(pool_blocks, w.block_bytes, seed=seed + 1, num_layers=layers,
-                     kv_shape=tuple(kv_shape) if kv_shape else None,
-                     device="cuda:0" if w.memory is Memory.CUDA else "cpu", timeout_s=timeout_s,
-                     chunk_bytes=chunk, ucx_options=bench_ucx_options())
-    dst = [torch.zeros((pool_blocks, w.block_bytes), dtype=torch.uint8, device=dev) for _ in range(layers)]
-    times = []
-    bad = 0
-    cfg = AgentConfig(timeout_s=timeout_s, chunk_bytes=chunk, staging_bytes=staging,
+    dest = _Dest(w, devices.reader, seed + 1)
+    cfg = AgentConfig(timeout_s=timeout_s, chunk_bytes=chunk, staging_bytes=max(64 << 20, 4 * chunk),
                       ucx_options=bench_ucx_options())
-    with OwnerProcess(spec) as owner, Agent("reader", cfg) as agent:
-        regions = [agent.register(d) for d in dst]
+    times: list[float] = []
+    bad = 0
+    with Agent("reader", cfg) as agent:
+        regions = [agent.register(p) for p in dest.pools]
         peer = agent.connect(owner.address)
-        for _ in range(w.reps + 1):  # first round warms registration caches and page tables
-            s_ids, d_ids = block_ids(w, rng)
-            lease = owner.expose(s_ids)
-            local = Descs.concat([Descs.from_blocks(r, d_ids, w.block_bytes) for r in regions])
+        lease = None
+        for rep in range(w.warmup + w.reps):
+            if lease is None or w.policy is BlockPolicy.NEW_EACH_REP:
+                s_ids, d_ids = block_ids(w, rng)
+                lease = owner.expose(s_ids)
+                local = Descs.concat([Descs.from_blocks(r, d_ids, w.block_bytes) for r in regions])
+            dest.zero(d_ids)
             t0 = time.perf_counter()
             agent.read(peer, local, lease).wait(timeout_s)
-            times.append(time.perf_counter() - t0)
+            dest.sync()
+            dt = time.perf_counter() - t0
+            if rep >= w.warmup:
+                times.append(dt)
+            bad += dest.bad_blocks(s_ids, d_ids)
+            if w.policy is BlockPolicy.NEW_EACH_REP:
+                owner.call("release", lease)
+        if w.policy is BlockPolicy.SAME_EVERY_REP:
             owner.call("release", lease)
-        for layer, d in enumerate(dst):
-            host = d.cpu().numpy() if dev != "cpu" else d.numpy()
-            bad += mismatched_blocks(host[d_ids], s_ids, w.block_bytes, layer_seed(spec.seed, layer))
-    best = min(times[1:])
-    return {"impl": "nixl_connectors", "gbps": w.nbytes / best / 1e9, "best_s": best,
-            "median_s": float(np.median(times[1:])), "bad_blocks": bad, "chunk_bytes": chunk,
-            "ucx_options": bench_ucx_options(), "all_s": times[1:]}
+        mine = agent.snapshot()
+        theirs = owner.call("snapshot")
+        owner_pids = owner.call("pids")
+    return {"impl": "nixl_connectors", **Timings.of(times, w.nbytes).to_json(),
+            "bad_blocks": bad, "verified_reps": w.warmup + w.reps, "devices": devices.to_json(),
+            "paths": dict(mine.get("paths", {})), "fallbacks": dict(mine.get("fallbacks", {})),
+            "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
+            "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
+            "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
+            "processes": {"reader": [os.getpid(), os.getppid()], "owner": list(owner_pids)}}

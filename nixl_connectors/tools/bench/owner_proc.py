@@ -2,16 +2,20 @@
 exposes requested block lists under leases and reports back over a multiprocessing pipe.
 
 Commands on the pipe (tuples, local IPC only): ("expose", block_ids ndarray) -> lease id;
-("freed",) -> list of freed lease ids; ("notifs",) -> notifications; ("stop",).
+("release", lease id) -> bool; ("freed",) -> list of freed lease ids; ("notifs",) ->
+notifications; ("snapshot",) -> ``Agent.snapshot()`` (data paths served, fallbacks); ("pids",) ->
+(pid, parent pid); ("stop",).
+CUDA pools are allocated and filled on their device (``blockfill.fill_pool_torch``).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..blockfill import fill_pool
+from ..blockfill import fill_pool, fill_pool_torch
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class OwnerSpec:
     auth_key: bytes | None = None
     transports: str = "auto"
     chunk_bytes: int = 8 << 20
-    ttl_s: float = 60.0
+    ttl_s: float = 600.0
     timeout_s: float = 60.0
     ucx_options: dict | None = None  # extra UCX settings (bench sweeps)
 
@@ -35,32 +39,43 @@ def layer_seed(seed: int, layer: int) -> int:
 
 
 def _owner_main(spec: OwnerSpec, conn) -> None:
+    try:
+        _serve(spec, conn)
+    except BaseException as e:  # tell the parent instead of leaving it waiting
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except (BrokenPipeError, OSError):
+            pass
+        raise
+
+
+def _serve(spec: OwnerSpec, conn) -> None:
     import torch
 
     from transport import Agent, AgentConfig, Descs, TransportSet
 
-    pools, tensors = [], []
-    for layer in range(spec.num_layers):
-        if spec.kv_shape is not None:  # model-shaped bf16 layer [num_blocks, *kv_shape]
-            t = torch.empty((spec.num_blocks, *spec.kv_shape), dtype=torch.bfloat16)
-            pool = t.view(torch.uint8).numpy().reshape(spec.num_blocks, -1)
-            if pool.shape[1] != spec.block_bytes:
-                raise ValueError("kv_shape does not match block_bytes")
-            tensors.append(t)
-        else:
-            pool = np.empty((spec.num_blocks, spec.block_bytes), dtype=np.uint8)
-        fill_pool(pool, spec.block_bytes, layer_seed(spec.seed, layer))
-        pools.append(pool)
     cfg = AgentConfig(auth_key=spec.auth_key, transports=TransportSet(spec.transports),
                       chunk_bytes=spec.chunk_bytes, staging_bytes=max(64 << 20, 4 * spec.chunk_bytes),
                       timeout_s=spec.timeout_s, ucx_options=dict(spec.ucx_options or {}))
-    with Agent("owner", cfg) as agent:
-        if spec.device.startswith("cuda"):
-            gpu = [torch.from_numpy(p).to(spec.device) for p in pools]
-            torch.cuda.synchronize()
-            regions = [agent.register(t) for t in gpu]
+    if spec.device.startswith("cuda"):
+        torch.cuda.set_device(spec.device)  # as a prefill worker pinned to its GPU
+    tensors = []
+    for layer in range(spec.num_layers):
+        shape = (spec.num_blocks, *spec.kv_shape) if spec.kv_shape is not None else (spec.num_blocks, spec.block_bytes)
+        dtype = torch.bfloat16 if spec.kv_shape is not None else torch.uint8  # model-shaped bf16 layers
+        t = torch.empty(shape, dtype=dtype, device=spec.device)
+        raw = t.view(torch.uint8).reshape(spec.num_blocks, -1)
+        if raw.shape[1] != spec.block_bytes:
+            raise ValueError("kv_shape does not match block_bytes")
+        if t.is_cuda:
+            fill_pool_torch(raw, spec.block_bytes, layer_seed(spec.seed, layer))
         else:
-            regions = [agent.register(t) for t in tensors] if tensors else [agent.register(p) for p in pools]
+            fill_pool(raw.numpy(), spec.block_bytes, layer_seed(spec.seed, layer))
+        tensors.append(t)
+    if spec.device.startswith("cuda"):
+        torch.cuda.synchronize(spec.device)  # the engine's writes are complete before expose()
+    with Agent("owner", cfg) as agent:
+        regions = [agent.register(t) for t in tensors]
         conn.send(("ready", agent.address))
         while True:
             if not conn.poll(600):
@@ -76,9 +91,34 @@ def _owner_main(spec: OwnerSpec, conn) -> None:
                 conn.send(agent.notifications())
             elif cmd[0] == "release":
                 conn.send(agent.release(cmd[1]))
+            elif cmd[0] == "snapshot":
+                conn.send(agent.snapshot())
+            elif cmd[0] == "pids":
+                conn.send((os.getpid(), os.getppid()))
             elif cmd[0] == "stop":
                 break
     conn.send(("stopped",))
+
+
+class OwnerClient:
+    """Commands to an owner process over its pipe; picklable, so a reader process started as the
+    owner's sibling can drive it (``OwnerProcess.client``)."""
+
+    def __init__(self, conn, address: str):
+        self.conn = conn
+        self.address = address
+
+    def call(self, *cmd, timeout_s: float = 60.0):
+        self.conn.send(cmd)
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"owner did not answer {cmd[0]!r}")
+        reply = self.conn.recv()
+        if isinstance(reply, tuple) and reply and reply[0] == "error":
+            raise RuntimeError(f"owner failed: {reply[1]}")
+        return reply
+
+    def expose(self, block_ids: np.ndarray) -> str:
+        return self.call("expose", np.asarray(block_ids, dtype=np.int64))
 
 
 class OwnerProcess:
@@ -93,16 +133,17 @@ class OwnerProcess:
             self.proc.kill()
             raise TimeoutError("owner process did not start in time")
         msg = self._conn.recv()
+        if msg[0] != "ready":
+            self.close()
+            raise RuntimeError(f"owner process failed to start: {msg[1]}")
         self.address: str = msg[1]
+        self.client = OwnerClient(self._conn, self.address)
 
     def call(self, *cmd, timeout_s: float = 60.0):
-        self._conn.send(cmd)
-        if not self._conn.poll(timeout_s):
-            raise TimeoutError(f"owner did not answer {cmd[0]!r}")
-        return self._conn.recv()
+        return self.client.call(*cmd, timeout_s=timeout_s)
 
     def expose(self, block_ids: np.ndarray) -> str:
-        return self.call("expose", np.asarray(block_ids, dtype=np.int64))
+        return self.client.expose(block_ids)
 
     def close(self) -> None:
         if self.proc.is_alive():

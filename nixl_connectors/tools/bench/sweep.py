@@ -1,143 +1,133 @@
 """`nixl-connectors bench`: run workloads through our transport, NIXL (when installed) and the
-one-process copy limit in one run; print ratios; write JSON (and a PNG plot with matplotlib)."""
+one-process references (the contiguous copy of the same bytes: the limit; the scattered copy)
+in ONE run; print ratios side by side; write JSON (and a PNG plot with matplotlib).
+
+Absolute numbers on a shared machine swing between minutes: read the ratios of one run.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import time
+from typing import Any, Callable
 
-from .ours import run_ours
-from .workloads import HEADLINE, HOST_SWEEP, QUICK, Memory, Workload
+from .limits import host_references
+from .report import POLICY_NOTE, bad_blocks, make_row, print_row
+from .workloads import HEADLINE_SUITE, HOST_SWEEP, QUICK, Workload
 
 log = logging.getLogger(__name__)
 
+SUITES = ("headline", "host", "quick", "cuda")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=["headline", "host", "quick", "cuda"], default="headline")
+    p.add_argument("--suite", choices=SUITES, default="headline",
+                   help="headline: 16,384 x 16 KiB + the small-request latencies (host); host: the host "
+                        "sweep; quick: a smoke run; cuda: the GPU workloads (see docs/bench-cuda.md)")
     p.add_argument("--json", default="bench-out/bench.json", help="where to write results")
-    p.add_argument("--plot", default=None, help="PNG path for a bar chart (needs matplotlib)")
+    p.add_argument("--plot", default=None, help="PNG path for a chart (needs matplotlib)")
     p.add_argument("--no-nixl", action="store_true", help="skip the NIXL comparison")
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None, help="timed reps of every workload (warm-up not included)")
+    p.add_argument("--only", default="", help="comma list of workload name substrings to run")
+    p.add_argument("--one-gpu", action="store_true",
+                   help="cuda suite: owner and reader both on cuda:0 even with 2+ GPUs "
+                        "(also NIXL_CONNECTORS_BENCH_ONE_GPU=1; automatic with one GPU)")
+    p.add_argument("--ucx-chunk-mib", type=int, default=None,
+                   help="chunk size of our UCX data path (other hosts and fallbacks only; the same-host "
+                        "paths do not chunk); default 8 MiB or NIXL_CONNECTORS_BENCH_CHUNK (bytes)")
 
 
-def _suite(name: str) -> list[Workload]:
-    if name == "headline":
-        return [HEADLINE]
-    if name == "quick":
-        return QUICK
+def suite_workloads(name: str, reps: int | None = None, only: str = "") -> list[Workload]:
     if name == "cuda":
-        from .gpu_workloads import CUDA_SWEEP
+        from .gpu_workloads import CUDA_SWEEP as chosen
+    else:
+        chosen = {"headline": HEADLINE_SUITE, "quick": QUICK, "host": HOST_SWEEP}[name]
+    picked = [w for w in chosen if not only or any(s and s in w.name for s in only.split(","))]
+    return [dataclasses.replace(w, reps=reps) if reps else w for w in picked]
 
-        return CUDA_SWEEP
-    return HOST_SWEEP
 
+def run_ours_safely(w: Workload, chunk: int | None, devices: Any = None) -> dict[str, Any]:
+    """Our transport on ``w`` (``ours.run_ours``); a failure becomes ``{"error": ...}``."""
+    from .ours import run_ours
 
-def _nixl(w: Workload) -> dict | None:
-    if w.memory is Memory.CUDA:  # NIXL with VRAM registered on both GPUs (gpu_baselines.py)
-        from .gpu_baselines import nixl_vram
-
-        r = nixl_vram(w)
-        if not r.get("available", True) or "error" in r:
-            return {**r, "configs": []}
-        return {"available": True, "version": r.get("version"),
-                "configs": [{"name": "vram-ucx", **r}]}
     try:
-        from . import nixl_baseline
-    except ImportError as e:
-        return {"available": False, "reason": str(e)}
-    return nixl_baseline.compare_entry(w) if hasattr(nixl_baseline, "compare_entry") else None
+        return run_ours(w, devices, chunk_bytes=chunk)
+    except Exception as e:  # a failure of one implementation never stops the others
+        log.warning("ours failed on %s: %s", w.name, e)
+        return {"impl": "nixl_connectors", "error": f"{type(e).__name__}: {e}"}
 
 
-def _limit(w: Workload) -> float | None:
-    if w.memory is Memory.CUDA:  # torch in one process: gather + peer copy + scatter, serial
-        try:
-            import torch
+def _nixl(w: Workload) -> dict[str, Any]:
+    try:
+        from .nixl_baseline import compare_entry
 
-            from .gpu_baselines import torch_peer
-
-            gbps = torch_peer(w)["gather_copy_scatter_gbps"]
-            torch.cuda.empty_cache()
-            return gbps
-        except Exception as e:  # a baseline must not stop the sweep
-            log.warning("no CUDA copy limit for %s: %s", w.name, e)
-            return None
-    if w.memory is not Memory.HOST:
-        return None
-    from .copy_limit import local_copy_limit
-
-    # contiguous workloads are compared with the scattered copy over a pool of exactly their blocks
-    return local_copy_limit(w.block_bytes, w.num_blocks,
-                            pool_blocks=w.num_blocks * (w.pool_factor if w.scattered else 1))
+        return compare_entry(w)
+    except Exception as e:
+        log.warning("NIXL baseline failed on %s: %s", w.name, e)
+        return {"available": False, "reason": f"{type(e).__name__}: {e}", "configs": []}
 
 
-def run_suite(workloads: list[Workload], with_nixl: bool, out=print) -> list[dict]:
+def run_host_suite(workloads: list[Workload], with_nixl: bool, chunk: int | None = None,
+                   out: Callable[[str], Any] = print) -> list[dict]:
     rows = []
     for w in workloads:
-        out(f"== {w.name}: {w.num_blocks} x {w.block_bytes // 1024} KiB "
-            f"({'scattered' if w.scattered else 'contiguous'}, {w.memory.value})")
-        row = {"workload": w.to_json(), "ours": run_ours(w)}
-        row["limit_gbps"] = _limit(w)
-        row["nixl"] = _nixl(w) if with_nixl else None
-        ours = row["ours"]["gbps"]
-        line = f"   ours {ours:7.2f} GB/s"
-        if row["limit_gbps"]:
-            line += f" | local copy limit {row['limit_gbps']:7.2f} GB/s ({ours / row['limit_gbps']:.2f}x)"
-        for cfg in (row["nixl"] or {}).get("configs", []):
-            if cfg.get("gbps"):
-                line += f" | NIXL[{cfg['name']}] {cfg['gbps']:6.2f} GB/s ({ours / cfg['gbps']:.2f}x)"
-        if row["ours"]["bad_blocks"]:
-            line += f"  !! {row['ours']['bad_blocks']} bad blocks"
-        out(line)
+        row = make_row(w, run_ours_safely(w, chunk), host_references(w), _nixl(w) if with_nixl else None)
+        print_row(row, out)
         rows.append(row)
     return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg()}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    names = [r["workload"]["name"] for r in rows]
-    series = {"ours": [r["ours"]["gbps"] for r in rows],
-              "local copy": [r["limit_gbps"] or 0 for r in rows]}
-    best_nixl = []
+def summary_lines(rows: list[dict]) -> list[str]:
+    """The ratios of every row, one line each (what to read from a run)."""
+    out = []
     for r in rows:
-        vals = [c.get("gbps") or 0 for c in (r["nixl"] or {}).get("configs", [])]
-        best_nixl.append(max(vals) if vals else 0)
-    series["NIXL (best cfg)"] = best_nixl
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
-    width = 0.8 / len(series)
-    for i, (label, vals) in enumerate(series.items()):
-        ax.bar([x + i * width for x in range(len(rows))], vals, width, label=label)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], names, rotation=20, ha="right")
-    ax.set_ylabel("GB/s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        rs = ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items())
+        out.append(f"  {r['workload']['name']:34s} {rs or 'no ratios (a side did not run)'}")
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
-    workloads = _suite(args.suite)
-    if args.reps:
-        workloads = [dataclasses.replace(w, reps=args.reps) for w in workloads]  # keeps subclasses
+    workloads = suite_workloads(args.suite, args.reps, args.only)
+    chunk = args.ucx_chunk_mib << 20 if args.ucx_chunk_mib else None
     t0 = time.time()
-    rows = run_suite(workloads, not args.no_nixl)
-    doc = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-           "started": t0, "results": rows}
+    doc: dict[str, Any] = {"suite": args.suite, "machine": machine(), "started": t0, "policy": POLICY_NOTE}
+    if args.suite == "cuda":
+        from .gpu_suite import run_cuda_suite
+
+        rows, info = run_cuda_suite(workloads, not args.no_nixl, args.one_gpu, chunk)
+        doc.update(info)
+    else:
+        rows = run_host_suite(workloads, not args.no_nixl, chunk)
+    doc["results"] = rows
+    doc["machine"]["loadavg_after"] = os.getloadavg()
+    doc["wall_s"] = time.time() - t0
+    print("ratios (ours/x; > 1: ours faster; vs the contiguous copy: fraction of the limit):")
+    for line in summary_lines(rows):
+        print(line)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(doc, f, indent=2)
+        json.dump(doc, f, indent=2, default=str)
     print(f"results written to {args.json}")
-    if args.plot:
+    if args.plot and not rows:
+        print("nothing ran: no plot")
+    elif args.plot:
         try:
-            plot(rows, args.plot)
+            from .plot import plot
+
+            plot(rows, args.plot, f"nixl-connectors bench --suite {args.suite} ({platform.node()})")
             print(f"plot written to {args.plot}")
         except ImportError:
             print("matplotlib not installed: no plot (pip install 'nixl-connectors[plot]')")
-    return 0 if all(r["ours"]["bad_blocks"] == 0 for r in rows) else 1
+        except Exception as e:  # the JSON is written already; a chart must not fail the run
+            log.warning("plot failed: %s", e)
+            print(f"no plot: {type(e).__name__}: {e}")
+    return 0 if rows and all(bad_blocks(r) == 0 for r in rows) else 1

@@ -113,6 +113,14 @@ class Conn(asyncio.Protocol):
                     self.mac = mac
             self._dispatch(frame)
 
+    def eof_received(self) -> bool | None:
+        """The peer will send nothing more. During the handshake keep our direction open so
+        the error reply still reaches it; afterwards the connection is over."""
+        if self._handler is None and self.lost is None:
+            self._early.put_nowait(PeerLost(f"{self.label}: peer closed its side during the handshake"))
+            return True
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._mark_lost(PeerLost(f"{self.label}: connection closed" + (f" ({exc})" if exc else "")))
 

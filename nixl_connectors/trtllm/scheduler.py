@@ -47,7 +47,7 @@ class _Track:
     stage: Stage
     block_ids: list[int] = field(default_factory=list)
     leases: tuple[RankLease, ...] = ()
-    request: Any = None   # the Python request seen in update_state_after_alloc (finish check)
+    request: Any = None   # the Python request of update_state_after_alloc (to see it end)
 
 
 class UcxKvConnectorScheduler(KvCacheConnectorScheduler):
@@ -134,11 +134,12 @@ class UcxKvConnectorScheduler(KvCacheConnectorScheduler):
     def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
         rid = request_id(request)
         t = self._tracks.get(rid)
+        if t is not None:
+            t.request = request   # to notice an end TensorRT-LLM does not report (build)
         if t is None or t.stage is not Stage.CLAIMED:
             return
         try:
             need = t.num_tokens // self._tpb(self._link())
-            t.request = request
             t.stage = Stage.LOADING
             if len(block_ids) < need:
                 raise ValueError(f"{len(block_ids)} blocks allocated for {need} claimed blocks")
@@ -159,11 +160,16 @@ class UcxKvConnectorScheduler(KvCacheConnectorScheduler):
             logger.exception("build_connector_meta could not read the scheduler output")
         abandoned = []
         for rid, t in list(self._tracks.items()):
-            req = t.request
-            if t.stage is Stage.LOADING and req is not None and bool(getattr(req, "is_finished", False)):
-                # Ended while parked, without request_finished (current TensorRT-LLM).
+            if t.request is None or not bool(getattr(t.request, "is_finished", False)):
+                continue
+            # Ended without request_finished (current TensorRT-LLM does not call it for a
+            # cancelled request): a parked load is reported once its pull settles, an announced
+            # context request is dropped.
+            if t.stage is Stage.LOADING:
                 abandoned.append(rid)
-                self._end(rid)
+            elif t.stage is Stage.ANNOUNCED:
+                self._dropped.append(rid)
+            self._end(rid)
         meta = ConnectorMetadata(next(self._seq), tuple(self._saves), tuple(self._loads),
                                  tuple(self._dropped), tuple(abandoned), tuple(self._forget))
         self._saves, self._loads, self._dropped, self._forget = [], [], [], []

@@ -148,7 +148,10 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
             self._ctx = ContextLeg(ProducerBook(agent, ttl_s=ttl), self._directory, self._descs,
                                    self._wait_for_engine_writes)
         else:
-            self._gen = GenerationLeg(agent, ConsumerBook(agent, ttl_s=ttl), self._rank,
+            # One pull thread: ConsumerBook connects outside its lock, and two connects to one
+            # address at once open two connections, the second replacing the first at the peer
+            # (its reads fail). Starting a read only posts it, so one thread is enough.
+            self._gen = GenerationLeg(agent, ConsumerBook(agent, ttl_s=ttl, max_workers=1), self._rank,
                                       self._settings.trtllm.context_agent(self._rank), self._descs,
                                       self._settings.trtllm.probe_timeout_s)
 

@@ -170,7 +170,7 @@ class RankExecutor:
                 req.finish_by_reason("length")
         if self.flavour is Flavour.MAIN:       # _send_kv_async -> request_finished
             for req in prev.requests:
-                if req.is_finished and req.request_id in self.active and req.finish_reason == "length":
+                if req.is_finished and req.request_id in self.active:
                     self.manager.request_finished(req, self.kv.get_cache_indices(req))
         for rid in sorted(self.cancel_ids):    # _handle_canceled_requests
             req = self.active.get(rid)
@@ -212,4 +212,5 @@ class RankExecutor:
         self.kv.free_resources(req)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.active or self.held or self.deferred or self.cancel_ids)
+        # A cancellation alone is no work: TensorRT-LLM applies it with the next batch.
+        return bool(self.waiting or self.active or self.held or self.deferred)

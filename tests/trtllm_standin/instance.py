@@ -230,7 +230,7 @@ class StandinExecutor:
 
     # -- rank 0's view (ranks run in lockstep) ----------------------------------------------------
     def busy(self) -> bool:
-        return bool(self._new or self._cancels) or self.ranks[0].busy()
+        return bool(self._new) or self.ranks[0].busy()
 
     @property
     def rank0(self) -> RankExecutor:

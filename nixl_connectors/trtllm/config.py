@@ -118,6 +118,13 @@ class TrtllmSettings:
     def holds(self) -> bool:
         return self.role is ConnectorRole.CONTEXT
 
+    def check_tp(self, tp_size: int) -> None:
+        """The generation side needs the context instance's agent of every one of its TP ranks."""
+        if self.pulls and len(self.context_agents) != tp_size:
+            raise ConfigError(f"context_agents lists {len(self.context_agents)} address(es) for "
+                              f"tensor_parallel_size={tp_size}: list the context instance's agent of "
+                              "every TP rank (both instances use the same TP size)")
+
     def context_agent(self, rank: int) -> str:
         if not 0 <= rank < len(self.context_agents):
             raise ConfigError(

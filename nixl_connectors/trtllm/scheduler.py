@@ -58,6 +58,7 @@ class UcxKvConnectorScheduler(KvCacheConnectorScheduler):
         self._settings = settings or ConnectorSettings.from_env()
         self._role = self._settings.trtllm.role
         self._shape = engine_shape(llm_args)           # start-up checks (clear error)
+        self._settings.trtllm.check_tp(self._shape.tp_size)
         self._probe = HandoffProbe(self._settings.trtllm, self._shape.tp_size) \
             if self._settings.trtllm.pulls else None
         self._tracks: dict[int, _Track] = {}

@@ -63,6 +63,7 @@ class UcxKvConnectorWorker(KvCacheConnectorWorker):
         super().__init__(llm_args)
         self._settings = settings or ConnectorSettings.from_env()
         self._shape = engine_shape(llm_args)           # start-up checks (clear error)
+        self._settings.trtllm.check_tp(self._shape.tp_size)
         self._rank = engine_rank()
         self._role = self._settings.trtllm.role
         self._leg = Leg.CONTEXT if self._settings.trtllm.holds else Leg.GENERATION

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from fake_agent import FakeAgent, FakeNetwork
-from trtllm_unit_helpers import API  # noqa: F401 - installs the stand-in API first
+import trtllm_unit_helpers  # noqa: F401 - installs the stand-in API first
 from nixl_connectors.trtllm import worker as worker_mod  # noqa: E402
 
 

@@ -152,3 +152,11 @@ def test_mamba_checkpoint_is_rejected(tmp_path):
         engine_shape(args(model=str(tmp_path)))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     engine_shape(args(model=str(tmp_path)))
+
+
+def test_generation_needs_one_context_agent_per_tp_rank():
+    s = ConnectorSettings.from_mapping(GEN)           # two addresses
+    s.trtllm.check_tp(2)
+    with pytest.raises(ConfigError, match="every TP rank"):
+        s.trtllm.check_tp(1)
+    ConnectorSettings.from_mapping({"role": "context"}).trtllm.check_tp(4)   # context side: nothing to list

@@ -186,6 +186,32 @@ def test_context_killed_before_the_pull_computes_locally_and_keeps_serving(insta
     assert_all_blocks_back(gen)
 
 
+def test_context_killed_mid_hand_off_parks_the_request_and_the_engine_keeps_serving(instances):
+    base = free_port_base(1)
+    ctx = instances({"role": "context", "lease_ttl_s": 120.0, "listen_port_base": base})
+    gen = instances({"role": "generation", "context_agents": [f"127.0.0.1:{base}"], "timeout_s": 10.0,
+                     "connect_timeout_s": 30.0, "probe_timeout_s": 30.0})
+    run_handoff(ctx, gen, {0: prompt_of(9, 3)}, max_new=1, tp=1, rid_base=0)   # connection warm
+    p = prompt_of(30, 7)
+    ctx.send(op="add", rid=1, prompt=p, max_new=1, salt="nixl-rt:dies")
+    assert ctx.wait("finished", rid=1)["held"] is True
+    gen.send(op="kill_on_claim", rid=2, pid=ctx.proc.pid)   # dies after the claim, before the pull
+    gen.send(op="add", rid=2, prompt=p, max_new=2, salt="nixl-rt:dies")
+    gen.wait("load_failed")                                  # no hang, no crash, nothing decoded
+    q = prompt_of(11, 8)
+    gen.send(op="add", rid=3, prompt=q, max_new=2)
+    assert gen.wait("finished", rid=3)["tokens"] == reference(q, 2)   # the engine keeps serving
+    # The client gives up on request 2. TensorRT-LLM applies a cancellation with the next batch,
+    # so another request comes along; the blocks come back once the connector let go.
+    gen.send(op="abort", rid=2)
+    gen.send(op="add", rid=6, prompt=prompt_of(5, 9), max_new=4)
+    assert gen.wait("finished", rid=2)["tokens"] == []
+    gen.wait("freed", rid=2)
+    gen.wait("finished", rid=6)
+    assert gen.stats()["failed_pulls"] == 1
+    assert_all_blocks_back(gen)
+
+
 @pytest.mark.parametrize("role", ["context", "generation"])
 def test_block_reuse_off_is_a_clear_start_up_error(instances, role):
     cfg = {"role": role} if role == "context" else {"role": role, "context_agents": ["127.0.0.1:9"]}

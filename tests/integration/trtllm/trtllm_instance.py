@@ -5,10 +5,12 @@ Commands: {"op": "add", "rid", "prompt", "max_new", "salt", "abort": bool (cance
 iteration that schedules it), "abort_at_position": n (cancel once its prompt is computed up to
 n tokens), "when_running": rid (hand it to the engine only while request rid is in the batch,
 so that the next iteration processes a previous batch, where TensorRT-LLM applies
-cancellations)}, {"op": "stats"}, {"op": "quit"}.
+cancellations)}, {"op": "abort", "rid"}, {"op": "kill_on_claim", "rid", "pid"} (SIGKILL process pid right after the
+connector claimed request rid's tokens, before its pull starts), {"op": "stats"}, {"op": "quit"}.
 Events: ready (agent addresses), startup_error, finished (tokens, tokens loaded by the
 connector, held: blocks kept for a transfer), loaded (bytes checked against the fake model),
-freed (a held request's blocks came back), stats, crashed.
+freed (a held request's blocks came back), load_failed (a pull failed after the claim), stats,
+crashed.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 
@@ -75,7 +78,8 @@ def main() -> None:
     reported: set = set()
     abort_at: dict = {}
     held_back: list = []
-    checked: set = set()   # adds waiting for their "when_running" request
+    checked: set = set()
+    failed_pulls = 0   # adds waiting for their "when_running" request
     running = True
     idle = False
     while running:
@@ -88,6 +92,14 @@ def main() -> None:
             op = cmd["op"]
             if op == "add":
                 held_back.append(cmd)
+            elif op == "abort":
+                ex.abort(cmd["rid"])
+            elif op == "kill_on_claim":
+                def kill(rex, rid=cmd["rid"], pid=cmd["pid"]) -> None:
+                    if rid in rex.active and not ex.hooks.get("_killed"):
+                        ex.hooks["_killed"] = True
+                        os.kill(pid, signal.SIGKILL)
+                ex.hooks["after_prepare_resources"] = kill
             elif op == "stats":
                 emit(ev="stats", free_blocks=ex.free_blocks(), busy=ex.busy(), held=sorted(r0.held),
                      deferred=sorted(r0.deferred), iterations=ex.iterations,
@@ -121,6 +133,10 @@ def main() -> None:
             emit(ev="crashed", error=f"{type(e).__name__}: {e}")
             break
         idle = r0.previous is None
+        failed = sum(getattr(w, "failed_pulls", 0) for w in ex.workers)
+        if failed > failed_pulls:
+            failed_pulls = failed
+            emit(ev="load_failed", count=failed)
         for rid, at in list(abort_at.items()):
             req = r0.active.get(rid)
             if req is not None and req.context_current_position >= at:

@@ -1,17 +1,17 @@
 """A small disaggregation proxy for two `trtllm-serve` instances using the UCX KV connector.
 
 For each OpenAI completion / chat completion request it
-1. picks a fresh routing id,
-2. sends the request to the context instance with ``max_tokens=1`` (non-streaming) and
-   ``cache_salt="nixl-rt:ctx:<id>"``: the context instance computes the prompt and holds its
-   KV blocks under a lease for that id;
-3. forwards the original request to the generation instance with
-   ``cache_salt="nixl-rt:gen:<id>"``: its connector pulls the prompt's KV from the context
-   instance and decodes; the answer (streamed or not) goes back to the client.
+1. picks a fresh routing id and makes it the request's ``cache_salt`` (``nixl-rt:<id>``) on
+   both legs (a client's own ``cache_salt`` is replaced: the fresh salt already keeps the
+   request's blocks apart from every other request's);
+2. sends the request to the context instance with ``max_tokens=1`` (non-streaming): the
+   context instance computes the prompt and holds its KV blocks under a lease for that salt;
+3. forwards the original request to the generation instance: its connector finds the lease by
+   the salt's hash (``cache_salt_id``, the only part of the salt TensorRT-LLM hands a
+   connector), pulls the prompt's KV and decodes; the answer (streamed or not) goes back.
 
-With ``--salt-mode shared`` both legs get the same salt ``nixl-rt:<id>``; use it with
-``routing_source: cache_salt_id`` (TensorRT-LLM versions whose requests expose only the salt's
-hash), where each instance's role says which leg it plays.
+If the context leg fails, or the generation instance cannot get the blocks, the generation
+instance computes the prompt itself: the client still gets its answer.
 
 Standard library only; for trying the connector out, not for production routing.
 """
@@ -24,7 +24,6 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -35,30 +34,21 @@ PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_BODY_BYTES = 16 << 20
 
 
-class SaltMode(str, Enum):
-    PER_LEG = "per-leg"   # nixl-rt:ctx:<id> / nixl-rt:gen:<id>  (routing_source: cache_salt)
-    SHARED = "shared"     # nixl-rt:<id> on both legs             (routing_source: cache_salt_id)
-
-
 @dataclass(frozen=True)
 class ProxyConfig:
     context_url: str
     generation_url: str
-    salt_mode: SaltMode = SaltMode.PER_LEG
     timeout_s: float = 600.0
 
 
-def leg_requests(body: dict[str, Any], routing_id: str, mode: SaltMode) -> tuple[dict, dict]:
+def leg_requests(body: dict[str, Any], routing_id: str) -> tuple[dict, dict]:
     """The context-leg and generation-leg request bodies for one client request."""
-    if mode is SaltMode.PER_LEG:
-        ctx_salt, gen_salt = f"{ROUTING_PREFIX}ctx:{routing_id}", f"{ROUTING_PREFIX}gen:{routing_id}"
-    else:
-        ctx_salt = gen_salt = f"{ROUTING_PREFIX}{routing_id}"
-    ctx = dict(body, max_tokens=1, stream=False, cache_salt=ctx_salt)
+    salt = f"{ROUTING_PREFIX}{routing_id}"
+    ctx = dict(body, max_tokens=1, stream=False, cache_salt=salt)
     ctx.pop("stream_options", None)
     if "max_completion_tokens" in ctx:
         ctx["max_completion_tokens"] = 1
-    gen = dict(body, cache_salt=gen_salt)
+    gen = dict(body, cache_salt=salt)
     return ctx, gen
 
 
@@ -96,14 +86,13 @@ def make_handler(cfg: ProxyConfig) -> type[BaseHTTPRequestHandler]:
                 self._reply(400, b'{"error": "body must be an object"}')
                 return
             rid = uuid.uuid4().hex
-            ctx_body, gen_body = leg_requests(body, rid, cfg.salt_mode)
+            ctx_body, gen_body = leg_requests(body, rid)
             try:
                 with _post(cfg.context_url + self.path, ctx_body, cfg.timeout_s) as r:
                     r.read()
             except (urllib.error.URLError, OSError) as e:
-                logger.warning("context leg of %s failed: %s", rid, e)
-                self._reply(502, json.dumps({"error": f"context instance: {e}"}).encode())
-                return
+                # The generation instance finds no lease for this salt and computes the prompt.
+                logger.warning("context leg of %s failed (%s); the generation instance computes it", rid, e)
             try:
                 upstream = _post(cfg.generation_url + self.path, gen_body, cfg.timeout_s)
             except urllib.error.HTTPError as e:
@@ -137,10 +126,9 @@ def main() -> None:
     ap.add_argument("--generation", required=True, help="base URL of the generation instance")
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--salt-mode", choices=[m.value for m in SaltMode], default=SaltMode.PER_LEG.value)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = ProxyConfig(args.context.rstrip("/"), args.generation.rstrip("/"), SaltMode(args.salt_mode))
+    cfg = ProxyConfig(args.context.rstrip("/"), args.generation.rstrip("/"))
     server = ThreadingHTTPServer((args.host, args.port), make_handler(cfg))
     logger.info("proxy on %s:%d -> context %s, generation %s", args.host, args.port,
                 cfg.context_url, cfg.generation_url)

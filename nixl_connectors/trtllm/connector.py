@@ -1,5 +1,5 @@
 """The module named in TensorRT-LLM's ``kv_connector_config.connector_module``."""
 from .scheduler import UcxKvConnectorScheduler
-from .worker import KvLoadError, UcxKvConnectorWorker
+from .worker import UcxKvConnectorWorker
 
-__all__ = ["UcxKvConnectorScheduler", "UcxKvConnectorWorker", "KvLoadError"]
+__all__ = ["UcxKvConnectorScheduler", "UcxKvConnectorWorker"]

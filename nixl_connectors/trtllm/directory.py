@@ -1,10 +1,11 @@
-"""Lease directory messages between a generation worker and a context worker.
+"""Lease directory messages between a generation instance and a context worker (pure).
 
-A generation worker knows a request's routing id but not the lease under which the context
-worker of the same TP rank holds its blocks; it asks, over the transport's authenticated
-notification channel, and the context worker answers by notifying the asker's agent address.
-Messages are msgpack maps behind a magic prefix, with an explicit schema and a size limit
-checked before decoding; anything else is rejected with `DirectoryMessageError`.
+The generation side asks a context worker, with ``Agent.call`` over the transport's
+authenticated channel, under which lease it holds a routing key's blocks (`Lookup` ->
+`Answer`); it gives a lease back early with ``Agent.notify`` (`Release`). Messages are
+msgpack maps behind a magic prefix, with an explicit schema and a size limit checked before
+decoding; anything else is rejected with `DirectoryMessageError`. Read-completion
+notifications (the routing key as bytes) never start with the magic.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Any, Union
 
 import msgpack
 
-MAGIC = b"NXTD\x01"
-MAX_MESSAGE_BYTES = 4096
-MAX_KEY_CHARS = 512
+MAGIC = b"NXTD\x02"
+MAX_MESSAGE_BYTES = 1024
+MAX_KEY_CHARS = 128
+MAX_WAIT_MS = 600_000
 
 
 class DirectoryMessageError(ValueError):
@@ -31,23 +33,22 @@ class Op(str, Enum):
 
 class LeaseStatus(str, Enum):
     READY = "ready"      # lease exposed; lease_id and nbytes are set
-    PENDING = "pending"  # request known, not finished yet: ask again
-    UNKNOWN = "unknown"  # never heard of it (or already freed / aborted)
+    PENDING = "pending"  # request known, not finished yet (after the lookup's wait)
+    UNKNOWN = "unknown"  # never heard of it (or already freed / dropped)
     FAILED = "failed"    # the context side could not expose the blocks
 
 
 @dataclass(frozen=True)
 class Lookup:
     key: str
-    reply_to: str
-    nonce: int
+    wait_ms: int = 0
 
 
 @dataclass(frozen=True)
 class Answer:
     key: str
-    nonce: int
     status: LeaseStatus
+    rank: int = 0
     lease_id: str = ""
     nbytes: int = 0
 
@@ -66,11 +67,10 @@ def is_directory_message(payload: bytes) -> bool:
 
 def encode(msg: Message) -> bytes:
     if isinstance(msg, Lookup):
-        body: dict[str, Any] = {"op": Op.LOOKUP.value, "key": msg.key, "reply_to": msg.reply_to,
-                                "nonce": msg.nonce}
+        body: dict[str, Any] = {"op": Op.LOOKUP.value, "key": msg.key, "wait_ms": msg.wait_ms}
     elif isinstance(msg, Answer):
-        body = {"op": Op.ANSWER.value, "key": msg.key, "nonce": msg.nonce,
-                "status": msg.status.value, "lease_id": msg.lease_id, "nbytes": msg.nbytes}
+        body = {"op": Op.ANSWER.value, "key": msg.key, "status": msg.status.value, "rank": msg.rank,
+                "lease_id": msg.lease_id, "nbytes": msg.nbytes}
     elif isinstance(msg, Release):
         body = {"op": Op.RELEASE.value, "key": msg.key}
     else:
@@ -94,6 +94,13 @@ def _field(body: dict, name: str, kind: type, *, limit: int | None = None) -> An
     return value
 
 
+def _bounded(body: dict, name: str, hi: int) -> int:
+    value = _field(body, name, int)
+    if not 0 <= value <= hi:
+        raise DirectoryMessageError(f"field {name!r} out of range [0, {hi}]")
+    return value
+
+
 def decode(payload: bytes) -> Message:
     if not is_directory_message(payload):
         raise DirectoryMessageError("missing directory magic")
@@ -102,8 +109,8 @@ def decode(payload: bytes) -> Message:
     try:
         body = msgpack.unpackb(bytes(payload[len(MAGIC):]), raw=False, strict_map_key=True,
                                max_str_len=MAX_MESSAGE_BYTES, max_bin_len=0,
-                               max_array_len=0, max_map_len=16)
-    except Exception as e:  # msgpack raises several unrelated types on bad input
+                               max_array_len=0, max_map_len=8)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types on bad input
         raise DirectoryMessageError(f"undecodable directory message: {type(e).__name__}: {e}") from None
     if not isinstance(body, dict):
         raise DirectoryMessageError("directory message must be a map")
@@ -113,8 +120,10 @@ def decode(payload: bytes) -> Message:
     except ValueError:
         raise DirectoryMessageError(f"unknown op {op_raw!r}") from None
     key = _field(body, "key", str, limit=MAX_KEY_CHARS)
+    if not key:
+        raise DirectoryMessageError("empty key")
     if op is Op.LOOKUP:
-        return Lookup(key, _field(body, "reply_to", str, limit=256), _field(body, "nonce", int))
+        return Lookup(key, _bounded(body, "wait_ms", MAX_WAIT_MS))
     if op is Op.RELEASE:
         return Release(key)
     status_raw = _field(body, "status", str, limit=16)
@@ -122,8 +131,5 @@ def decode(payload: bytes) -> Message:
         status = LeaseStatus(status_raw)
     except ValueError:
         raise DirectoryMessageError(f"unknown status {status_raw!r}") from None
-    nbytes = _field(body, "nbytes", int)
-    if nbytes < 0:
-        raise DirectoryMessageError("nbytes must be >= 0")
-    return Answer(key, _field(body, "nonce", int), status,
-                  _field(body, "lease_id", str, limit=128), nbytes)
+    return Answer(key, status, _bounded(body, "rank", 1 << 20), _field(body, "lease_id", str, limit=128),
+                  _bounded(body, "nbytes", (1 << 63) - 1))

@@ -1,11 +1,15 @@
-"""Which TensorRT-LLM requests take part in a hand-off, and under which routing id.
+"""Which TensorRT-LLM requests take part in a hand-off, and under which routing key.
 
 TensorRT-LLM's connector manager rejects ``generation_only`` disaggregated requests, so both
 instances receive ordinary requests and the identity that ties the context instance's request
-to the generation instance's must come from our side. The example proxy puts a fresh routing id
-into the OpenAI request's ``cache_salt`` on both instances (``"nixl-rt:ctx:<id>"`` and
-``"nixl-rt:gen:<id>"``); a unique salt also keeps the request's blocks out of prefix reuse,
-which is what a hand-off wants.
+to the generation instance's comes from the request's ``cache_salt``: the example proxy gives
+both legs of one client request the same fresh salt. The OpenAI layer turns the salt into
+``cache_salt_id`` (an unsigned 64-bit hash of it); that integer is what the C++ ``LlmRequest``
+handed to ``get_num_new_matched_tokens`` carries, so it is the routing key. A unique salt also
+keeps the request's blocks out of prefix reuse across requests, which a hand-off wants.
+
+Only attributes bound on the C++ ``LlmRequest`` (``nanobind/batch_manager/bindings.cpp``) are
+read here: ``request_id``, ``prompt_len``, ``get_tokens``, ``cache_salt_id``.
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .config import ConnectorRole, RoutingSource
+from .config import ConnectorRole
 
-MAX_KEY_CHARS = 256
+MAX_SALT_ID = (1 << 64) - 1
 
 
 class Leg(str, Enum):
@@ -31,58 +35,38 @@ class Routing:
     key: str
 
 
-def make_salt(prefix: str, leg: Leg, key: str) -> str:
-    """The ``cache_salt`` a proxy sends for one leg of a hand-off (see `routing_of`)."""
-    return f"{prefix}{leg.value}:{key}"
+def salt_key(salt_id: int) -> str:
+    """The routing key of a ``cache_salt_id`` (a string: it names leases and notifications)."""
+    return f"salt-id:{salt_id:016x}"
 
 
-def routing_of(request: Any, role: ConnectorRole, source: RoutingSource,
-               prefix: str) -> Routing | None:
-    """The request's leg and routing id on this instance, or None when it does not take part.
-
-    With ``RoutingSource.CACHE_SALT`` the salt reads ``<prefix><leg>:<routing id>``, e.g.
-    ``nixl-rt:ctx:5f0c...`` on the context instance and ``nixl-rt:gen:5f0c...`` on the
-    generation instance, so one instance can play either leg (role ``both``). A leg the
-    instance's role does not play is ignored (the request runs as an ordinary one).
-    With ``RoutingSource.CACHE_SALT_ID`` the leg is the instance's role (which must not be
-    ``both``) and the id is the salt's hash.
-    """
-    if source is RoutingSource.CACHE_SALT:
-        salt = getattr(request, "cache_salt", None)
-        if not isinstance(salt, str) or not salt.startswith(prefix):
-            return None
-        leg_s, sep, key = salt[len(prefix):].partition(":")
-        if not sep or not key or len(key) > MAX_KEY_CHARS:
-            return None
-        try:
-            leg = Leg(leg_s)
-        except ValueError:
-            return None
-    else:
-        salt_id = getattr(request, "cache_salt_id", None)
-        if salt_id is None or int(salt_id) == 0 or role is ConnectorRole.BOTH:
-            return None
-        leg = Leg.CONTEXT if role is ConnectorRole.CONTEXT else Leg.GENERATION
-        key = f"salt-id:{int(salt_id)}"
-    if leg is Leg.CONTEXT and role is ConnectorRole.GENERATION:
+def routing_of(request: Any, role: ConnectorRole) -> Routing | None:
+    """The request's leg and routing key on this instance, or None when it does not take part
+    (no salt). The leg is the instance's role: every salted request takes part."""
+    salt_id = getattr(request, "cache_salt_id", None)
+    if salt_id is None or isinstance(salt_id, bool):
         return None
-    if leg is Leg.GENERATION and role is ConnectorRole.CONTEXT:
+    try:
+        value = int(salt_id)
+    except (TypeError, ValueError):
         return None
-    return Routing(leg, key)
-
-
-def prompt_length(request: Any) -> int:
-    """Prompt length of a TensorRT-LLM request (python wrapper or C++ binding)."""
-    for name in ("py_prompt_len", "prompt_len", "orig_prompt_len"):
-        value = getattr(request, name, None)
-        if value is not None:
-            return int(value)
-    return len(request.get_tokens(0))
+    if not 0 <= value <= MAX_SALT_ID:
+        return None
+    leg = Leg.CONTEXT if role is ConnectorRole.CONTEXT else Leg.GENERATION
+    return Routing(leg, salt_key(value))
 
 
 def request_id(request: Any) -> int:
-    value = getattr(request, "request_id", None)
-    return int(value if value is not None else request.py_request_id)
+    """The id TensorRT-LLM keys connector calls by (bound as ``request_id`` on the C++ request)."""
+    return int(request.request_id)
+
+
+def prompt_length(request: Any) -> int:
+    """Prompt length, from the C++ binding (``prompt_len``), else the tokens."""
+    value = getattr(request, "prompt_len", None)
+    if value is not None:
+        return int(value)
+    return len(request.get_tokens(0))
 
 
 def num_tokens(request: Any) -> int:

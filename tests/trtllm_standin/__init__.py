@@ -1,22 +1,20 @@
-"""A stand-in for the part of TensorRT-LLM 1.2 that a KV cache connector touches.
+"""A stand-in for the part of TensorRT-LLM that a KV cache connector touches.
 
 TensorRT-LLM cannot be installed on the machines this project is developed and tested on, so
-the connector is exercised against this stand-in. It reproduces, in our own code, what
-TensorRT-LLM 1.2 documents and does (read from its source,
-``tensorrt_llm/_torch/pyexecutor/kv_cache_connector.py`` and ``py_executor.py``):
+the connector is exercised against this stand-in, our own code written from TensorRT-LLM's
+source (the 1.2-era ``_torch/pyexecutor/kv_cache_connector.py`` and main's
+``_torch/pyexecutor/connectors/``, ``py_executor.py``, ``py_executor_creator.py``,
+``resource_manager.py``, the C++ ``kvCacheManager.cpp`` and the nanobind request bindings):
 
-* the connector base classes and their method signatures (`kv_cache_connector`);
-* the request data handed to ``build_connector_meta`` (`RequestData`, `SchedulerOutput`);
-* the connector manager's bookkeeping (`manager`): scheduler on rank 0 only with its results
-  broadcast (pickled) to every rank; async loads/saves tracked per rank; a request counts as
-  finished only once *every* rank has reported it from ``get_finished``;
-* the executor loop's per-iteration order (`executor`): schedule (``get_num_new_matched_tokens``,
-  block allocation, ``update_state_after_alloc``) -> ``build_connector_meta`` + bind ->
-  ``start_load_kv`` -> forward with per-layer ``wait_for_layer_load`` / ``save_kv_layer`` hooks
-  -> ``wait_for_save`` -> sampling, ``request_finished`` for finished requests ->
-  ``get_finished``; the KV pool tensor ``[num_blocks, num_layers, kv_factor, per_block]`` given
-  once to ``register_kv_caches``.
+* `kv_cache_connector`: the connector base classes, ``RequestData``, ``SchedulerOutput``;
+* `llm_request`: the Python request and the C++-shaped request ``get_num_new_matched_tokens``
+  really receives (only bound attributes; ``cache_salt_id``, never a ``cache_salt`` string);
+* `kv_manager`: blocks, and the connector asked only with block reuse on;
+* `manager`: the connector manager's bookkeeping (rank-0 scheduler, broadcast, all-gather);
+* `executor`: one rank's overlap executor loop; `instance`: the creator (concurrent
+  construction, start-up rejections), rank threads, crash and hang detection;
+* `mpi`: ranks as threads with blocking collectives; `fake_model`: deterministic KV and tokens.
 
-It is not TensorRT-LLM: there is no model, no CUDA graph, no MPI (ranks are objects in one
-process), and the KV values come from a deterministic fake model (`fake_model`).
+docs/trtllm-notes.md has the table of each behaviour, the TensorRT-LLM function it follows, and
+what is not modelled.
 """

@@ -56,25 +56,33 @@ def write_kv(pool: torch.Tensor, block_ids: Sequence[int], tokens: Sequence[int]
         view[blocks, layer, kv, :, slots, :] = vals
 
 
+def partial_score(pool: torch.Tensor, block_ids: Sequence[int], n: int, heads: int, head_dim: int,
+                  tokens_per_block: int) -> float:
+    """One rank's share of the next-token score: the sum of its stored KV of ``n`` positions."""
+    nblocks = (n + tokens_per_block - 1) // tokens_per_block
+    idx = torch.as_tensor(list(block_ids[:nblocks]), dtype=torch.long, device=pool.device)
+    blk = pool.index_select(0, idx).double()
+    v = blk.view(nblocks, pool.shape[1], pool.shape[2], heads, tokens_per_block, head_dim)
+    v = v.permute(0, 4, 1, 2, 3, 5).reshape(nblocks * tokens_per_block, -1)[:n]
+    return float(v.sum())
+
+
+def token_from(tokens: Sequence[int], score: float) -> int:
+    """Next token from the all-reduced score (garbage KV -> a different token)."""
+    h = int(prefix_hashes(tokens)[-1])
+    if not np.isfinite(score):
+        return (h + 1) % VOCAB
+    return (h + int(round(score * 1000))) % VOCAB
+
+
 def sample(pools: Sequence[torch.Tensor], block_ids: Sequence[int], tokens: Sequence[int],
            heads: int, head_dim: int, tokens_per_block: int) -> int:
-    """Next token: a function of the request's whole stored KV (every rank's shard).
-
-    Garbage in any stored position (NaN from a missed transfer, wrong bytes) changes the token.
-    """
-    n = len(tokens)
-    nblocks = (n + tokens_per_block - 1) // tokens_per_block
+    """Next token: a function of the request's whole stored KV (every rank's shard, summed in
+    rank order, as an all-reduce would)."""
     acc = 0.0
     for pool in pools:
-        idx = torch.as_tensor(list(block_ids[:nblocks]), dtype=torch.long, device=pool.device)
-        blk = pool.index_select(0, idx).double()
-        v = blk.view(nblocks, pool.shape[1], pool.shape[2], heads, tokens_per_block, head_dim)
-        v = v.permute(0, 4, 1, 2, 3, 5).reshape(nblocks * tokens_per_block, -1)[:n]
-        acc += float(v.sum())
-    h = int(prefix_hashes(tokens)[-1])
-    if not np.isfinite(acc):
-        return (h + 1) % VOCAB
-    return (h + int(round(acc * 1000))) % VOCAB
+        acc += partial_score(pool, block_ids, len(tokens), heads, head_dim, tokens_per_block)
+    return token_from(tokens, acc)
 
 
 def reference_generate(prompt: Sequence[int], max_new_tokens: int, *, num_layers: int,

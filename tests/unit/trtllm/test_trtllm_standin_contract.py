@@ -1,27 +1,22 @@
-"""The stand-in drives a connector in TensorRT-LLM 1.2's documented order and rules.
+"""The stand-in behaves like the TensorRT-LLM engine a connector runs in (recording connector).
 
-A recording connector (no transport) checks: the per-iteration call order, the scheduler on
-rank 0 only, per-layer hooks on every rank, and that a request counts as finished only once
-every rank has reported it.
+Checks what docs/trtllm-notes.md's table lists: construction (scheduler on rank 0 only, built
+concurrently with the worker), the C++-shaped request, the connector skipped without block
+reuse, the overlap loop, get_finished every iteration with the all-ranks rule, exceptions as
+engine crashes (and a hang of the other ranks, caught by a deadline), the start-up rejections.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import threading
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[2]
-
-from trtllm_standin import install  # noqa: E402
+from trtllm_standin import install, mpi
+from trtllm_standin.instance import (EngineCrashed, EngineHung, KvCacheConfig, KvCacheConnectorConfig, LlmArgs,
+                                     ModelShape, StandinExecutor)
+from trtllm_standin.manager import Flavour
 
 API = install.ensure()
-
-from trtllm_standin import mpi  # noqa: E402
-from trtllm_standin.executor import (KvCacheConfig, KvCacheConnectorConfig, LlmArgs,  # noqa: E402
-                                     ModelShape, StandinExecutor)
-from trtllm_standin.llm_request import LlmRequest  # noqa: E402
-from trtllm_standin.manager import ConnectorContractError  # noqa: E402
-
 LOG: list = []
 SETTINGS: dict = {}
 
@@ -30,15 +25,18 @@ class RecordingScheduler(API.KvCacheConnectorScheduler):
     def __init__(self, llm_args):
         super().__init__(llm_args)
         self.rank = mpi.mpi_rank()
-        LOG.append(("scheduler_init", self.rank))
+        LOG.append(("scheduler_init", self.rank, threading.current_thread().name))
+        if "meet" in SETTINGS:
+            SETTINGS["meet"].wait()    # returns only if the worker is being built at the same time
 
     def build_connector_meta(self, scheduler_output):
         LOG.append(("build_connector_meta", [r.request_id for r in scheduler_output.new_requests],
                     [r.request_id for r in scheduler_output.cached_requests]))
-        return {"iteration": len(LOG)}
+        return {"n": len(LOG)}
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
-        LOG.append(("get_num_new_matched_tokens", request.request_id))
+        LOG.append(("get_num_new_matched_tokens", request.request_id, type(request).__name__,
+                    hasattr(request, "py_request_id"), hasattr(request, "cache_salt"), request.cache_salt_id))
         n = SETTINGS.get("load", {}).get(request.request_id, 0)
         return n, n > 0
 
@@ -57,6 +55,8 @@ class RecordingWorker(API.KvCacheConnectorWorker):
         self.saving: dict = {}
         self.loading: dict = {}
         self.calls = 0
+        if "meet" in SETTINGS and self.rank == 0:
+            SETTINGS["meet"].wait()
 
     def _log(self, *what):
         LOG.append((what[0], self.rank) + what[1:])
@@ -65,7 +65,7 @@ class RecordingWorker(API.KvCacheConnectorWorker):
         self._log("register_kv_caches", tuple(kv_cache_tensor.shape))
 
     def start_load_kv(self, stream):
-        self._log("start_load_kv", self.get_connector_meta() is not None)
+        self._log("start_load_kv")
 
     def wait_for_layer_load(self, layer_idx, stream):
         self._log("wait_for_layer_load", layer_idx)
@@ -79,6 +79,8 @@ class RecordingWorker(API.KvCacheConnectorWorker):
     def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
         self.calls += 1
         self._log("get_finished", tuple(finished_gen_req_ids), tuple(started_loading_req_ids))
+        if self.rank in SETTINGS.get("raise_on_rank", ()):
+            raise RuntimeError(f"connector bug on rank {self.rank}")
         lag = SETTINGS.get("lag", {}).get(self.rank, 0)
         for rid in finished_gen_req_ids:
             self.saving[rid] = self.calls + lag
@@ -93,106 +95,175 @@ class RecordingWorker(API.KvCacheConnectorWorker):
         return done_s + SETTINGS.get("bogus", []), done_l
 
 
-def make(tp=1, layers=2):
+def make(tp=1, flavour=Flavour.MAIN, reuse=True, step_timeout_s=60.0, **kw):
     LOG.clear()
     cc = KvCacheConnectorConfig(__name__, "RecordingScheduler", "RecordingWorker")
-    args = LlmArgs("m", cc, tensor_parallel_size=tp, kv_cache_config=KvCacheConfig(tokens_per_block=4))
-    return StandinExecutor(args, ModelShape(num_layers=layers, num_kv_heads=2), API)
+    args = LlmArgs("m", cc, tensor_parallel_size=tp,
+                   kv_cache_config=KvCacheConfig(tokens_per_block=4, enable_block_reuse=reuse), **kw)
+    return StandinExecutor(args, ModelShape(num_layers=2, num_kv_heads=2), API, flavour=flavour,
+                           step_timeout_s=step_timeout_s)
 
 
 @pytest.fixture(autouse=True)
 def _reset():
     SETTINGS.clear()
-    yield
+    made: list = []
+    yield made
     SETTINGS.clear()
 
 
-def names(log, rank=None):
-    return [e[0] for e in log if rank is None or len(e) < 2 or e[1] == rank or e[0] in (
-        "build_connector_meta", "get_num_new_matched_tokens", "request_finished",
-        "update_state_after_alloc")]
+def names(rank=0):
+    return [e[0] for e in LOG if e[0] in ("build_connector_meta", "get_num_new_matched_tokens",
+                                          "request_finished", "update_state_after_alloc")
+            or (e[0] not in ("scheduler_init", "register_kv_caches") and len(e) > 1 and e[1] == rank)]
 
 
-def test_construction_scheduler_on_rank0_only_and_pool_given_once():
+def test_scheduler_on_rank0_only_built_concurrently_with_the_worker_and_pool_given_once():
+    SETTINGS["meet"] = threading.Barrier(2, timeout=60)   # breaks unless both are built at once
     ex = make(tp=2)
-    assert [e for e in LOG if e[0] == "scheduler_init"] == [("scheduler_init", 0)]
-    regs = [e for e in LOG if e[0] == "register_kv_caches"]
-    assert [r[1] for r in regs] == [0, 1]
-    assert regs[0][2] == (64, 2, 2, 1 * 8 * 4)   # [blocks, layers, kv_factor, heads/tp*head_dim*tpb]
-    assert ex.workers[1].rank == 1
+    try:
+        assert [e[:2] for e in LOG if e[0] == "scheduler_init"] == [("scheduler_init", 0)]
+        assert [e[1] for e in LOG if e[0] == "register_kv_caches"] == [0, 1]
+    finally:
+        ex.close()
 
 
-def test_iteration_order():
-    ex = make(tp=1, layers=2)
-    ex.add_request(LlmRequest(1, list(range(10)), 1))
-    LOG.clear()
-    ex.step()
-    assert names(LOG) == [
-        "get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
-        "start_load_kv", "wait_for_layer_load", "save_kv_layer", "wait_for_layer_load",
-        "save_kv_layer", "wait_for_save", "request_finished", "get_finished"]
-    start = [e for e in LOG if e[0] == "start_load_kv"][0]
-    assert start[2] is True   # metadata bound before start_load_kv
-    bcm = [e for e in LOG if e[0] == "build_connector_meta"][0]
-    assert bcm[1] == [1]
-
-
-def test_saved_request_keeps_blocks_until_every_rank_reports():
-    ex = make(tp=2)
-    SETTINGS.update(save={1}, lag={1: 2})   # rank 1 reports two get_finished calls later
-    ex.add_request(LlmRequest(1, list(range(10)), 1))
-    ex.step()
-    assert 1 in ex.saving and len(ex.free_blocks) < 64
-    ex.step()
-    assert 1 in ex.saving, "freed before rank 1 reported"
-    ex.step()                                 # rank 1's third get_finished reports it
-    assert 1 not in ex.saving and len(ex.free_blocks) == 64
-
-
-def test_async_load_waits_outside_the_batch_until_every_rank_reports():
-    ex = make(tp=2)
-    SETTINGS.update(load={1: 8}, lag={0: 1})
-    ex.add_request(LlmRequest(1, list(range(10)), 2))
-    ex.step()
-    assert 1 in ex.loading
-    bcm = [e for e in LOG if e[0] == "build_connector_meta"]
-    assert bcm[-1][1] == []          # a loading request is not in the scheduler output
-    ex.step()
-    assert 1 in ex.active and ex.active[1].context_current_position == 8
-    ex.run()
-    assert ex.finished[1] and len(ex.free_blocks) == 64
-
-
-def test_unannounced_ids_break_the_contract():
+def test_connector_sees_the_cpp_request_and_only_with_block_reuse_on():
     ex = make()
-    SETTINGS.update(bogus=[99])
-    ex.add_request(LlmRequest(1, list(range(5)), 1))
-    with pytest.raises(ConnectorContractError):
-        ex.step()
+    try:
+        ex.add_request(1, list(range(10)), 1, salt="s")
+        ex.run()
+        (match,) = [e for e in LOG if e[0] == "get_num_new_matched_tokens"]
+        assert match[2] == "CppLlmRequest" and match[3:5] == (False, False) and isinstance(match[5], int)
+    finally:
+        ex.close()
+    ex = make(reuse=False)
+    try:
+        ex.add_request(1, list(range(10)), 1, salt="s")
+        ex.run()
+        assert not [e for e in LOG if e[0] == "get_num_new_matched_tokens"]
+        assert [e[:2] for e in LOG if e[0] == "update_state_after_alloc"] == [("update_state_after_alloc", 1)]
+        assert ex.finished[1]          # the engine ran the request; the connector was never asked
+    finally:
+        ex.close()
 
 
-def test_generation_only_requests_are_rejected():
+def test_overlap_loop_order_and_results_one_iteration_later():
     ex = make()
-    ex.add_request(LlmRequest(1, list(range(5)), 1, is_generation_only_request=True))
-    with pytest.raises(RuntimeError):
+    try:
+        ex.add_request(1, list(range(10)), 2)
+        ex.step()   # context forward, first token sampled on the device
+        assert names() == ["get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+                           "start_load_kv", "wait_for_layer_load", "save_kv_layer", "wait_for_layer_load",
+                           "save_kv_layer", "wait_for_save", "get_finished"]
+        assert ex.rank0.active[1].committed == 0           # not visible before the next iteration
         ex.step()
+        assert ex.rank0.active[1].committed == 1
+        ex.step()   # 2nd token processed: the request finishes, after a forward that included it
+        assert ex.finished[1] and "request_finished" in names()
+    finally:
+        ex.close()
 
 
-def test_pipeline_parallel_and_evicting_policy_are_rejected():
+def test_get_finished_every_iteration_and_a_request_finishes_only_when_every_rank_says_so():
+    ex = make(tp=2)
+    try:
+        SETTINGS.update(save={1}, lag={1: 3})
+        ex.add_request(1, list(range(10)), 1)
+        ex.run(until=lambda: 1 in ex.rank0.held)
+        free_before = ex.free_blocks()
+        for _ in range(2):
+            LOG.clear()
+            ex.step()     # empty batch: only get_finished; rank 1 has not finished saving yet
+            assert [e[0] for e in LOG] == ["get_finished", "get_finished"] and 1 in ex.rank0.held
+        ex.run(until=lambda: 1 not in ex.rank0.held)
+        assert ex.free_blocks() > free_before
+    finally:
+        ex.close()
+
+
+def test_async_load_leaves_the_batch_until_every_rank_reports_it():
+    ex = make(tp=2)
+    try:
+        SETTINGS.update(load={1: 8}, lag={0: 2})
+        ex.add_request(1, list(range(10)), 1)
+        ex.step()
+        assert 1 in ex.rank0.active and ex.rank0.active[1].state.name == "DISAGG_GENERATION_TRANS_IN_PROGRESS"
+        assert "wait_for_layer_load" not in names()
+        ex.run()
+        assert ex.loaded_tokens[1] == 8 and ex.finished[1]
+    finally:
+        ex.close()
+
+
+@pytest.mark.parametrize("flavour", [Flavour.MAIN, Flavour.V1_2])
+def test_cancelling_a_loading_request_keeps_its_blocks_until_the_load_settles(flavour):
+    ex = make(flavour=flavour)
+    try:
+        # 1.2 frees a terminated request's blocks unless request_finished says a transfer runs
+        SETTINGS.update(load={2: 8}, lag={0: 4}, save={2} if flavour is Flavour.V1_2 else set())
+        ex.add_request(1, list(range(8)), 30)        # keeps a batch running (cancels need one)
+        ex.step()
+        ex.add_request(2, list(range(10)), 1)
+        ex.abort(2)
+        ex.step()
+        assert ex.finished[2] == []
+        holding = ex.rank0.deferred if flavour is Flavour.MAIN else ex.rank0.held
+        assert 2 in holding and ex.rank0.manager.has_pending_transfers(2)
+        ex.run(until=lambda: 2 not in holding)
+        assert not ex.rank0.manager.has_pending_transfers(2) and 2 not in ex.rank0.kv.blocks
+        calls = [e for e in LOG if e[:2] == ("request_finished", 2)]
+        assert len(calls) == (1 if flavour is Flavour.V1_2 else 0)   # main does not tell the connector
+    finally:
+        ex.close()
+
+
+def test_a_connector_exception_ends_the_executor_loop():
+    ex = make()
+    try:
+        SETTINGS.update(raise_on_rank={0})
+        ex.add_request(1, list(range(10)), 1)
+        with pytest.raises(EngineCrashed, match="connector bug"):
+            ex.step()
+        with pytest.raises(EngineCrashed):
+            ex.step()     # dead for good
+    finally:
+        ex.close()
+
+
+def test_one_rank_raising_leaves_the_others_hanging_in_the_gather():
+    ex = make(tp=2, step_timeout_s=3.0)
+    try:
+        SETTINGS.update(raise_on_rank={1})
+        with pytest.raises(EngineHung, match=r"ranks \[0\]"):
+            ex.step()
+    finally:
+        ex.close()
+
+
+def test_returning_an_id_that_is_not_outstanding_crashes_the_engine():
+    ex = make()
+    try:
+        SETTINGS.update(bogus=[99])
+        with pytest.raises(EngineCrashed, match="99"):
+            ex.step()
+    finally:
+        ex.close()
+
+
+@pytest.mark.parametrize("kw", [dict(pipeline_parallel_size=2), dict(context_parallel_size=2),
+                                dict(max_beam_width=2), dict(enable_attention_dp=True)])
+def test_start_up_rejections(kw):
+    with pytest.raises(NotImplementedError):
+        make(**kw)
+
+
+def test_start_up_rejections_of_the_kv_cache_config():
     cc = KvCacheConnectorConfig(__name__, "RecordingScheduler", "RecordingWorker")
-    with pytest.raises(ValueError):
-        StandinExecutor(LlmArgs("m", cc, pipeline_parallel_size=2), ModelShape(), API)
+    for kv in (KvCacheConfig(host_cache_size=1 << 20), KvCacheConfig(max_attention_window=[8, 16])):
+        with pytest.raises(NotImplementedError):
+            StandinExecutor(LlmArgs("m", cc, kv_cache_config=kv), ModelShape(), API)
     args = LlmArgs("m", cc)
     args.scheduler_config.capacity_scheduler_policy = "MAX_UTILIZATION"
-    with pytest.raises(ValueError):
+    with pytest.raises(NotImplementedError, match="no evict"):
         StandinExecutor(args, ModelShape(), API)
-
-
-def test_empty_batch_still_calls_get_finished_only():
-    ex = make(tp=1)
-    SETTINGS.update(save={1}, lag={0: 5})
-    ex.add_request(LlmRequest(1, list(range(10)), 1))
-    ex.step()
-    LOG.clear()
-    ex.step()   # nothing scheduled: request 1 only waits for its save
-    assert names(LOG) == ["get_finished"]

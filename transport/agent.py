@@ -73,6 +73,7 @@ class Agent:
         self._host, port = parse_hostport(self.config.listen)
         self._listener = Listener(core, self._handle, self._adopt)
         self._lanes = lanes.LanePool(core)
+        self._dialing: dict[str, asyncio.Task] = {}
         try:
             self._rt.call(self._listen(port), self.config.timeout_s)
         except BaseException:
@@ -249,10 +250,19 @@ class Agent:
         return await self._rt.acall(self._aconnect(address, timeout or self.config.timeout_s))
 
     async def _aconnect(self, address: str, timeout: float) -> Peer:
-        core = self._core
-        old = core.sessions.by_addr.get(address)
+        """Concurrent connects to one address share one dial (and one connection)."""
+        old = self._core.sessions.by_addr.get(address)
         if old is not None and old.lost is None:
             return Peer(old.name, address)
+        dialing = self._dialing.get(address)
+        if dialing is None:
+            dialing = asyncio.get_running_loop().create_task(self._dial(address, timeout))
+            self._dialing[address] = dialing
+            dialing.add_done_callback(lambda _: self._dialing.pop(address, None))
+        return await asyncio.wait_for(asyncio.shield(dialing), timeout + 1.0)
+
+    async def _dial(self, address: str, timeout: float) -> Peer:
+        core = self._core
         host, port = parse_hostport(address)
         loop = asyncio.get_running_loop()
         try:

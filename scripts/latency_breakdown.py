@@ -95,7 +95,7 @@ def main() -> None:
         if all(k in m for k in steps):
             rows.append([m[k] for k in steps])
     if ipc:  # the CUDA IPC path's own steps, between reply_handled and copied
-        pts = ["mapped", "checked", "paired", "prepared", "uploaded", "launched", "synced"]
+        pts = ["mapped", "checked", "uploaded", "launched", "synced"]
         seq = [ts for p, ts in ipc]
         k = len(pts)
         arr = np.array(seq[: len(seq) // k * k]).reshape(-1, k)

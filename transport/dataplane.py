@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import copy_plan, cuda_ipc, gpu_copy, trace
+from . import copy_plan, cuda_ipc, gpu_copy, gpu_runs, trace
 from . import handshake as hs
 from .config import AgentConfig
 from .datapath import CancelToken, StagingPool
@@ -21,6 +21,9 @@ from .session import Session
 from .stats import AgentStats
 
 log = logging.getLogger(__name__)
+
+
+MAX_UNCOALESCED = 1 << 20
 
 
 def _ipc_label(uid: int) -> bytes:
@@ -122,8 +125,9 @@ class DataPlane:
     @staticmethod
     def ipc_table(descs: Descs) -> tuple[tuple, bytes]:
         """The regions a transfer touches and its encoded (slot, offset, length) run table
-        (pure; an owner caches it per lease)."""
-        d = descs.coalesced()
+        (pure; an owner caches it per lease). Runs are sent as exposed, not coalesced, so a
+        reader whose blocks have the same sizes pairs them one to one (gpu_runs.py)."""
+        d = descs if len(descs) <= MAX_UNCOALESCED else descs.coalesced()
         if len(d.regions) == 1:
             return (d.regions[0],), copy_plan.encode_runs(np.zeros(len(d), np.int64), d.offset, d.length)
         used = np.unique(d.region_idx)
@@ -185,6 +189,16 @@ class DataPlane:
         if int(ln.sum()) != nbytes:
             raise BadMessage("the owner's IPC table does not add up to the transfer size")
         trace.mark("ipc", "checked")
+        stream = self.stream(device)
+        if gpu_runs.paired(ln, local.length):
+            rside = gpu_runs.RunSide(np.asarray(bases, dtype=np.int64), slot if len(bases) > 1 else None, off)
+            lbases = np.array([r.flat.data_ptr() for r in local.regions], dtype=np.int64)
+            lside = gpu_runs.RunSide(lbases, local.region_idx.astype(np.int64) if len(lbases) > 1 else None,
+                                     local.offset)
+            out = gpu_runs.launch(lside, rside, ln, device, stream) if write else \
+                gpu_runs.launch(rside, lside, ln, device, stream)
+            trace.mark("ipc", "launched")
+            return out
         remote = copy_plan.run_addresses(np.asarray(bases, dtype=np.int64), slot, off)
         ld = local.coalesced()
         lbases = np.array([r.flat.data_ptr() for r in ld.regions], dtype=np.int64)
@@ -194,7 +208,7 @@ class DataPlane:
         else:
             s_, d_, n_ = copy_plan.pair_streams(remote, ln, laddr, ld.length)
         trace.mark("ipc", "paired")
-        out = gpu_copy.launch(s_, d_, n_, device, self.stream(device))
+        out = gpu_copy.launch(s_, d_, n_, device, stream)
         trace.mark("ipc", "launched")
         return out
 

@@ -155,7 +155,7 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         if cuda:
             torch.cuda.synchronize(device)
     from transport import Agent, AgentConfig, TransferError
-    from transport import gpu_copy, packing
+    from transport import gpu_copy, gpu_runs, packing
 
     agent = Agent(name, AgentConfig(**cfg))
     bufs: dict[str, Bufs] = {}
@@ -165,19 +165,20 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         """Die (SIGKILL) in the middle of the data path: in the UCX path's pack/unpack of chunk
         `after`+1, or ("kernel") right after launching the `after`+1-th fused copy kernel, while
         it still reads or writes the peer's memory."""
-        mod = gpu_copy if where == "kernel" else packing
+        mods = (gpu_copy, gpu_runs) if where == "kernel" else (packing,)
         name = "launch" if where == "kernel" else where
-        orig = getattr(mod, name)
         count = [0]
+        for mod in mods:
+            orig = getattr(mod, name)
 
-        def dying(*a, **kw):
-            count[0] += 1
-            out = orig(*a, **kw)
-            if count[0] > after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
+            def dying(*a, _orig=orig, **kw):
+                count[0] += 1
+                out = _orig(*a, **kw)
+                if count[0] > after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return out
 
-        setattr(mod, name, dying)
+            setattr(mod, name, dying)
 
     def mapped_regions(peer_name: str) -> int:
         """CUDA IPC mappings this agent holds of `peer_name`'s regions; test introspection."""

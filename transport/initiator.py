@@ -375,8 +375,11 @@ def on_write_done(s: Session, f: Frame) -> None:
 
 def on_owner_abort(s: Session, f: Frame) -> None:
     x = s.initiated.get(f.body["xid"])
-    if x is not None:
-        abort(x, TransferError(f"owner aborted the transfer: {f.body['reason'][:200]}"))
+    if x is None:  # finished here already, or not one of this connection's: no effect
+        log.info("%s: owner abort for transfer %d, not in flight on this connection: ignored", s.name,
+                 f.body["xid"])
+        return
+    abort(x, TransferError(f"owner aborted the transfer: {f.body['reason'][:200]}"))
 
 
 # ---------------------------------------------------------------------------------- ending

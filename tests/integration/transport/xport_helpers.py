@@ -90,6 +90,9 @@ class _Child:
         g = st.guard
         return bool((st.whole[:g] == 0xA5).all() and (st.whole[g + len(st.pool):] == 0xA5).all())
 
+    def control_addresses(self):
+        return [st.agent.address for st in self.agents.values()]
+
     def has_field(self, field):
         from transport import AgentConfig
 

@@ -13,6 +13,9 @@ import errno
 import functools
 import logging
 import os
+import socket
+import struct
+
 import numpy as np
 
 from .descs import Descs
@@ -36,6 +39,76 @@ def host_key() -> str:
     except OSError:
         return ""
     return f"{boot}/{ns}"
+
+
+def _diag_inode(ours, theirs) -> int | None:
+    """Inode of the socket at the other end of our TCP connection, looked up by its exact address
+    pair through NETLINK_SOCK_DIAG (tens of microseconds; /proc/net/tcp walks the whole hash
+    table, tens of milliseconds). None if it is not in our network namespace."""
+    fam = socket.AF_INET6 if ":" in theirs[0] else socket.AF_INET
+
+    def ip(a: str) -> bytes:
+        b = socket.inet_pton(fam, a.split("%")[0])
+        return b + b"\0" * (16 - len(b))
+
+    sockid = (struct.pack(">HH", theirs[1], ours[1]) + ip(theirs[0]) + ip(ours[0])
+              + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))        # any interface, no cookie
+    req = struct.pack("=BBBBI", fam, socket.IPPROTO_TCP, 0, 0, 0xFFF) + sockid
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # NETLINK_SOCK_DIAG
+        nl.settimeout(1.0)
+        nl.send(struct.pack("=IHHII", 16 + len(req), 20, 1, 1, 0) + req)  # SOCK_DIAG_BY_FAMILY, REQUEST
+        data = nl.recv(4096)
+    if len(data) < 16 + 72 or struct.unpack_from("=H", data, 4)[0] != 20:
+        return None
+    return struct.unpack_from("=I", data, 16 + 68)[0]                    # inet_diag_msg.idiag_inode
+
+
+def _proc_inodes(pid: int, ours, theirs) -> set[int]:
+    """The same from the peer's own /proc/<pid>/net/tcp{,6} (another network namespace)."""
+    def forms(addr) -> set[str]:
+        port = "%04X" % addr[1]
+        out = set()
+        try:
+            packed = socket.inet_pton(socket.AF_INET, addr[0])
+            out.add(packed[::-1].hex().upper() + ":" + port)
+            packed6 = b"\0" * 10 + b"\xff\xff" + packed
+        except OSError:
+            packed6 = socket.inet_pton(socket.AF_INET6, addr[0].split("%")[0])
+        out.add("".join(packed6[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4)) + ":" + port)
+        return out
+
+    local, remote, found = forms(theirs), forms(ours), set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                for line in f.read().splitlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[1] in local and fields[2] in remote:
+                        found.add(int(fields[9]))
+        except OSError:
+            continue
+    return found
+
+
+def pid_holds_connection(pid: int, ours, theirs) -> bool:
+    """Does process `pid` hold the other end of our TCP connection (`ours`: our socket's address,
+    `theirs`: the peer's)? A peer's pid is only its claim, and the same-host copy runs with OUR
+    ptrace rights against that pid: it is used only with a peer that passes this check (the
+    /proc reads need the rights process_vm_readv needs anyway)."""
+    try:
+        inode = _diag_inode(ours, theirs)
+        inodes = {inode} if inode else _proc_inodes(pid, ours, theirs)
+        fds = sorted((int(fd) for fd in os.listdir(f"/proc/{pid}/fd")), reverse=True)  # newest first
+    except (OSError, TypeError, ValueError, IndexError, struct.error):
+        return False
+    want = {f"socket:[{i}]" for i in inodes if i}
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in want:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @functools.lru_cache(maxsize=2)

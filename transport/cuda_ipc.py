@@ -34,6 +34,11 @@ class Mapping:
     keep: Any = None    # the storage holding the IPC mapping open
 
 
+# (pointer, size) of every region this process exported: the only memory a blob claiming this
+# very process may point at (a lying owner could otherwise claim our pid and hand us any pointer)
+_exported_here: set[tuple[int, int]] = set()
+
+
 class Exporter:
     """Owner side: a share blob per region, made on first use."""
 
@@ -49,10 +54,12 @@ class Exporter:
             b = msgpack.packb([os.getpid(), flat.data_ptr(), region.nbytes, flat.storage_offset(), share],
                               use_bin_type=True)
             self._blobs[region.uid] = b
+            _exported_here.add((flat.data_ptr(), region.nbytes))
         return b
 
     def forget(self, region: Region) -> None:
-        self._blobs.pop(region.uid, None)
+        if self._blobs.pop(region.uid, None) is not None:
+            _exported_here.discard((region.flat.data_ptr(), region.nbytes))
 
 
 def open_blob(blob: bytes, device_index: int) -> Mapping:
@@ -67,6 +74,8 @@ def open_blob(blob: bytes, device_index: int) -> Mapping:
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (pid, ptr, nbytes, offset)):
         raise ValueError("malformed IPC blob")
     if pid == os.getpid():  # the owner is this very process: its pointer is valid here
+        if (ptr, nbytes) not in _exported_here:
+            raise ValueError("IPC blob claims memory of this process that it never exported")
         return Mapping(ptr, nbytes)
     if not isinstance(share, list) or len(share) != 8:
         raise ValueError("malformed IPC share tuple")

@@ -180,7 +180,7 @@ class DataPlane:
             raise BadMessage(f"malformed IPC table: {e}") from None
         sizes_a = np.asarray(sizes, dtype=np.int64)
         if len(bases) == 1:
-            bad = off.min() < 0 or ln.min() <= 0 or bool((off > sizes_a[0] - ln).any())
+            bad = off.min() < 0 or ln.min() <= 0 or bool(slot.any()) or bool((off > sizes_a[0] - ln).any())
         else:
             bad = (slot.min() < 0 or slot.max() >= len(bases) or off.min() < 0 or ln.min() <= 0
                    or bool((off > sizes_a[slot] - ln).any()))

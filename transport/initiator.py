@@ -120,6 +120,8 @@ def _choose_and_go(x: Initiated, force_ucx: bool) -> None:
     if force_ucx:
         path = DataPath.UCX
     else:
+        if kind is MemoryKind.HOST and s.peer.same_host and not s.pid_checked:
+            _check_peer_pid(s)
         ipc_on = core.config.gpu_ipc and core.data.ipc_unavailable() is None
         path, why = choose_path(PathInputs(kind, s.peer.same_host, s.peer.serves, core.config.same_host_copy,
                                            ipc_on, s.off))
@@ -133,6 +135,18 @@ def _choose_and_go(x: Initiated, force_ucx: bool) -> None:
         x.task = asyncio.get_running_loop().create_task(_link_then_request(x))
     else:
         _request(x)
+
+
+def _check_peer_pid(s: Session) -> None:
+    """Once per session, before the first same-host copy: the pid the peer claims must hold the
+    other end of this connection (else a lying peer could aim our process_vm_readv / writev at
+    any process we may ptrace)."""
+    s.pid_checked = True
+    t = s.conn.transport
+    ours = t.get_extra_info("sockname") if t is not None else None
+    theirs = t.get_extra_info("peername") if t is not None else None
+    if not cma.pid_holds_connection(s.peer.pid, ours, theirs):
+        s.off[DataPath.CMA] = "the peer's claimed pid does not hold its end of the connection"
 
 
 async def _link_then_request(x: Initiated) -> None:
@@ -376,8 +390,11 @@ def on_write_done(s: Session, f: Frame) -> None:
 
 def on_owner_abort(s: Session, f: Frame) -> None:
     x = s.initiated.get(f.body["xid"])
-    if x is not None:
-        abort(x, TransferError(f"owner aborted the transfer: {f.body['reason'][:200]}"))
+    if x is None:  # finished here already, or not one of this connection's: no effect
+        log.info("%s: owner abort for transfer %d, not in flight on this connection: ignored", s.name,
+                 f.body["xid"])
+        return
+    abort(x, TransferError(f"owner aborted the transfer: {f.body['reason'][:200]}"))
 
 
 # ---------------------------------------------------------------------------------- ending

@@ -293,8 +293,10 @@ def serve_done(core: Core, s: Session, f: Frame) -> None:
 def serve_abort(core: Core, s: Session, f: Frame) -> None:
     """The initiator stopped: for one-sided paths it no longer touches our memory."""
     sv = s.served.get(f.body["xid"])
-    if sv is None:
-        return  # it may have finished on our side already
+    if sv is None:  # finished on our side already, or not one of this connection's: no effect
+        log.info("%s: abort from %s for transfer %d, not in flight on this connection: ignored",
+                 core.name, s.name, f.body["xid"])
+        return
     err = TransferError(f"peer aborted the transfer: {f.body['reason'][:200]}")
     if sv.path is DataPath.UCX and sv.state is ServedState.ACTIVE:
         sv.token.set(err)  # the UCX task winds down and drops the reference

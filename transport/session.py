@@ -62,6 +62,7 @@ class Session:
     ucx: Any = None                          # ucx_link.UcxLink once worker addresses were exchanged
     ipc_sent: set[int] = field(default_factory=set)           # region uids whose handles went out
     ipc_maps: dict[int, Any] = field(default_factory=dict)    # owner region slot -> mapping
+    pid_checked: bool = False                # the peer's claimed pid was checked against the connection
     _xids: Any = field(default_factory=lambda: itertools.count(1))
 
     @property

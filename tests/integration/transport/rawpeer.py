@@ -275,3 +275,117 @@ class _ServerConn:
             for body in self.decoder.feed(data):
                 self.pending.append(wire.decode(body, 1 << 30))
         return self.pending.pop(0)
+
+
+class Relay:
+    """A man in the middle without any key: accepts connections on 127.0.0.1 and relays each to
+    `target`, frame by frame. `c2s(i, frame, signed)` / `s2c(...)` return the list of frames to
+    forward in place of frame number `i` of that direction (whole frames, header included;
+    `signed`: the frame carries a MAC, i.e. it follows AUTH / WELCOME). Everything seen is kept
+    in `seen` as (direction, frame)."""
+
+    def __init__(self, target: str, c2s=None, s2c=None):
+        import threading
+
+        self.target = target
+        self.c2s = c2s or (lambda i, f, signed: [f])
+        self.s2c = s2c or (lambda i, f, signed: [f])
+        self.seen: list[tuple[str, bytes]] = []
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                a, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                b = dial(self.target)
+            except OSError:
+                a.close()
+                continue
+            a.settimeout(None)
+            b.settimeout(None)
+            self.pairs.append((a, b))
+            state = {"c2s_signed": False, "s2c_signed": False}
+            threading.Thread(target=self._pump, args=(a, b, "c2s", state), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, "s2c", state), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, state: dict) -> None:
+        buf = bytearray()
+        i = 0
+        fn = self.c2s if direction == "c2s" else self.s2c
+        try:
+            while True:
+                data = src.recv(1 << 20)
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= 4:
+                    n = struct.unpack_from("<I", buf)[0]
+                    if len(buf) < 4 + n:
+                        break
+                    frame = bytes(buf[:4 + n])
+                    del buf[:4 + n]
+                    signed = state[f"{direction}_signed"]
+                    with self._lock:
+                        self.seen.append((direction, frame))
+                    if not signed:
+                        try:
+                            t = wire.decode(frame[4:], 1 << 30).type
+                        except TransferError:
+                            t = None
+                        # frames after AUTH (client->server) / WELCOME (server->client) carry MACs
+                        if (direction, t) in (("c2s", Msg.AUTH), ("s2c", Msg.WELCOME)):
+                            state[f"{direction}_signed"] = True
+                    for out in fn(i, frame, signed):
+                        dst.sendall(out)
+                    i += 1
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def frames(self, direction: str) -> list[bytes]:
+        with self._lock:
+            return [f for d, f in self.seen if d == direction]
+
+    def close(self) -> None:
+        try:
+            self.lsock.close()
+        except OSError:
+            pass
+        for a, b in self.pairs:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def rewrite_body(frame: bytes, **changes: Any) -> bytes:
+    """An unsigned frame with some body fields replaced (re-encoded, new length header)."""
+    f = wire.decode(frame[4:], 1 << 30)
+    body = dict(f.body, **changes)
+    out = wire.encode(f.type, f.rid, **body)
+    return struct.pack("<I", len(out)) + out
+
+
+def frame_type(frame: bytes, signed: bool) -> Msg | None:
+    body = frame[4:-framing.MAC_BYTES] if signed else frame[4:]
+    try:
+        return wire.decode(body, 1 << 30).type
+    except TransferError:
+        return None

@@ -71,6 +71,28 @@ class _Child:
         self.agents[name] = _AgentState(a, pool, a.register(pool), block_bytes)
         return a.address
 
+    def agent_guarded(self, name, pool_blocks, block_bytes, guard_blocks, seed=None, **cfg):
+        """Like `agent`, but the registered pool sits between two guard areas of 0xA5 bytes
+        (not registered): `guards_intact` tells whether anything wrote outside the region."""
+        from transport import Agent, AgentConfig, TransportSet
+
+        a = Agent(name, AgentConfig(transports=TransportSet(self.transports), **cfg))
+        whole = np.full((pool_blocks + 2 * guard_blocks, block_bytes), 0xA5, dtype=np.uint8)
+        pool = whole[guard_blocks:guard_blocks + pool_blocks]
+        pool[:] = 0 if seed is None else pattern(np.arange(pool_blocks), block_bytes, seed)
+        self.agents[name] = _AgentState(a, pool, a.register(pool), block_bytes)
+        self.agents[name].whole = whole
+        self.agents[name].guard = guard_blocks
+        return a.address
+
+    def guards_intact(self, name):
+        st = self.agents[name]
+        g = st.guard
+        return bool((st.whole[:g] == 0xA5).all() and (st.whole[g + len(st.pool):] == 0xA5).all())
+
+    def control_addresses(self):
+        return [st.agent.address for st in self.agents.values()]
+
     def has_field(self, field):
         from transport import AgentConfig
 

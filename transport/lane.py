@@ -58,6 +58,7 @@ class DirectLane:
         self._rids = itertools.count(1)
         self._xids = itertools.count(1)
         self.broken = False
+        self.peer_instance = b""
         try:
             self.peer_name = self._handshake(timeout)
         except BaseException:
@@ -106,6 +107,7 @@ class DirectLane:
         ack = self._recv(deadline)
         raise_if_error(ack, Msg.HELLO_ACK)
         name = ack.body["name"]
+        self.peer_instance = ack.body["instance"]
         key = cfg.key_for(name)
         if cfg.keyed and key is None:
             raise Unauthorized(f"{self.address} is {name!r}, for which no key is configured")

@@ -33,8 +33,8 @@ class LanePool:
             return None
         s = self.core.sessions.by_addr.get(peer.address)
         if (s is None or s.lost is not None or not s.peer.same_host or DataPath.CMA not in s.peer.serves
-                or DataPath.CMA in s.off):
-            return None
+                or not s.pid_checked or DataPath.CMA in s.off):
+            return None  # (the first same-host read goes the normal way: it checks the peer's pid)
         return s
 
     def try_read(self, peer: Any, local: Descs, lease_id: str, ranges: bytes | None, notify: bytes | None,
@@ -47,11 +47,16 @@ class LanePool:
         lane = lanes.get(peer.address)
         t0 = time.monotonic()
         try:
-            if lane is None or lane.broken:
+            if lane is None or lane.broken or lane.peer_instance != s.peer.instance:
+                if lane is not None:
+                    self._drop(lanes, lane)
                 lane = DirectLane(self.core, peer.address, timeout)
                 lanes[peer.address] = lane
                 with self._lock:
                     self._all.append(lane)
+                if lane.peer_instance != s.peer.instance:  # not the process the session checked
+                    self._drop(lanes, lane)
+                    return False
             lane.read(s.peer.pid, local, lease_id, ranges, notify, timeout, xfer)
         except LaneFallback as e:
             s.off[DataPath.CMA] = str(e)

@@ -41,6 +41,18 @@ class LaneFallback(Exception):
     """This read cannot use the lane (nothing was copied); use the normal path."""
 
 
+class NotYet(Exception):
+    """No reply yet (a soft wait ran out)."""
+
+
+class Pending:
+    """A lane read whose request is out: what finishing it needs."""
+
+    def __init__(self, pid: int, local: Descs, nbytes: int, xid: int, rid: int, sent: float, xfer: Any):
+        self.pid, self.local, self.nbytes, self.xid, self.rid, self.sent, self.xfer = (
+            pid, local, nbytes, xid, rid, sent, xfer)
+
+
 class DirectLane:
     """One thread's blocking connection to one peer (not thread-safe by design)."""
 
@@ -73,11 +85,15 @@ class DirectLane:
             self.broken = True
             raise PeerLost(f"lane to {self.address}: send failed: {e}") from None
 
-    def _recv(self, deadline: float) -> Frame:
+    def _recv(self, deadline: float, soft: bool = False) -> Frame:
+        """The next frame before `deadline`; with `soft`, NotYet instead of a timeout (the lane
+        stays usable)."""
         pending = getattr(self, "_pending", [])
         while not pending:
             left = deadline - time.monotonic()
             if left <= 0:
+                if soft:
+                    raise NotYet()
                 self.broken = True
                 raise TransferTimeout(f"lane to {self.address}: no reply before the deadline")
             self.sock.settimeout(left)
@@ -126,17 +142,45 @@ class DirectLane:
         return name
 
     # -- reads ---------------------------------------------------------------------------------
-    def read(self, pid: int, local: Descs, lease_id: str, ranges: bytes | None, notify: bytes | None,
-             timeout: float, xfer: Any) -> None:
-        """One same-host read on this thread. Raises LaneFallback (nothing copied, use the
-        normal path) or the read's TransferError."""
-        deadline = time.monotonic() + timeout
+    def request(self, pid: int, local: Descs, lease_id: str, ranges: bytes | None, notify: bytes | None,
+                xfer: Any) -> Pending:
         xid, rid = next(self._xids), next(self._rids)
         sent = time.monotonic()
         self._send(Msg.READ_REQ, rid, xid=xid, lease=lease_id, nbytes=local.nbytes, ranges=ranges,
                    path=DataPath.CMA.value, tag=0, notify=notify)
         trace.mark(xfer, "request_sent")
-        f = self._recv(deadline)
+        return Pending(pid, local, local.nbytes, xid, rid, sent, xfer)
+
+    def poll(self) -> Frame | None:
+        """A frame if one has arrived (never blocks)."""
+        pending = getattr(self, "_pending", [])
+        if not pending:
+            try:
+                data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                self.broken = True
+                raise PeerLost(f"lane to {self.address}: {e}") from None
+            if not data:
+                self.broken = True
+                raise PeerLost(f"lane to {self.address}: connection closed")
+            try:
+                pending = [wire.decode(b, self.decoder.limit) for b in self.decoder.frames(data)]
+            except TransferError:
+                self.broken = True
+                raise
+            if not pending:
+                self._pending = []
+                return None
+        self._pending = pending[1:]
+        return pending[0]
+
+    def finish(self, p: Pending, f: Frame, confirm_deadline: float | None) -> None:
+        """Copy what the reply names and release the owner's hold. A copy that ended after
+        the owner's hold needs its confirmation: waited for until `confirm_deadline`, or, when
+        that is None (on the loop thread, which must not block), reported as a timeout."""
+        xfer, xid, rid, local, pid, sent = p.xfer, p.xid, p.rid, p.local, p.pid, p.sent
         trace.mark(xfer, "reply_handled")
         if f.rid != rid:
             self.broken = True
@@ -168,7 +212,10 @@ class DirectLane:
             return
         crid = next(self._rids)
         self._send(Msg.XFER_DONE, crid, xid=xid)
-        ok = self._recv(deadline + 5.0)
+        if confirm_deadline is None:
+            self.broken = True
+            raise TransferTimeout("the copy ended after the owner's hold time; not confirmed")
+        ok = self._recv(confirm_deadline)
         if ok.rid != crid:
             self.broken = True
             raise BadMessage("lane: unexpected reply to xfer_done")

@@ -9,13 +9,17 @@ from typing import Any
 from . import trace
 from .core import Core
 from .descs import Descs
-from .errors import PeerLost, TransferError
-from .lane import DirectLane, LaneFallback
+from .errors import PeerLost, TransferError, TransferTimeout
+from .lane import DirectLane, LaneFallback, NotYet, Pending
 from .region import MemoryKind
 from .transfer import Peer, Transfer
-from .wire import DataPath
+from .wire import DataPath, Msg
 
 log = logging.getLogger(__name__)
+
+# how long read() itself waits for the owner's reply on a lane; a slower reply is finished by
+# the transport's loop (read() never blocks longer than this plus the copy)
+LANE_WAIT_S = 0.05
 
 
 class LanePool:
@@ -57,7 +61,14 @@ class LanePool:
                 if lane.peer_instance != s.peer.instance:  # not the process the session checked
                     self._drop(lanes, lane)
                     return False
-            lane.read(s.peer.pid, local, lease_id, ranges, notify, timeout, xfer)
+            deadline = time.monotonic() + timeout
+            p = lane.request(s.peer.pid, local, lease_id, ranges, notify, xfer)
+            try:
+                f = lane._recv(min(deadline, time.monotonic() + LANE_WAIT_S), soft=True)
+            except NotYet:
+                self._detach(lanes, lane, p, deadline, t0)
+                return True
+            lane.finish(p, f, deadline + 5.0)
         except LaneFallback as e:
             s.off[DataPath.CMA] = str(e)
             self.core.fallback(DataPath.CMA, str(e), s.name)
@@ -80,6 +91,62 @@ class LanePool:
         trace.mark(xfer, "settled")
         xfer._finish(None)
         return True
+
+    def _detach(self, lanes: dict, lane: DirectLane, p: Pending, deadline: float, t0: float) -> None:
+        """The reply is late: the loop finishes this read (the lane leaves this thread)."""
+        lanes.pop(lane.address, None)
+        loop = self.core.runtime.loop
+        state = {"done": False, "timer": None}
+        fd = lane.sock.fileno()
+
+        def end(err: BaseException | None) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            loop.remove_reader(fd)
+            if state["timer"] is not None:
+                state["timer"].cancel()
+            self._drop({}, lane)
+            if err is None:
+                with self.core.lock:
+                    self.core.stats.record_in(p.nbytes, time.monotonic() - t0)
+                    self.core.stats.paths[DataPath.CMA.value] += 1
+            else:
+                with self.core.lock:
+                    self.core.stats.transfers_failed += 1
+            p.xfer._finish(err)
+
+        def ready() -> None:
+            try:
+                f = lane.poll()
+                if f is None:
+                    return
+                lane.finish(p, f, None)
+            except LaneFallback as e:
+                end(TransferError(f"same-host copy unavailable after the request was sent: {e}"))
+                return
+            except TransferError as e:
+                end(e)
+                return
+            end(None)
+
+        def stop(err: TransferError) -> None:
+            if not state["done"]:
+                try:
+                    lane._send(Msg.XFER_ABORT, xid=p.xid, reason=str(err)[:200], by_owner=False)
+                except TransferError:
+                    pass
+                end(err)
+
+        def start() -> None:
+            lane.sock.setblocking(False)
+            loop.add_reader(fd, ready)
+            state["timer"] = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), stop,
+                                          TransferTimeout(f"transfer did not finish within its deadline "
+                                                          f"({deadline - t0:.1f}s)"))
+            ready()  # the reply may be in already
+        p.xfer._attach(stop)
+        loop.call_soon_threadsafe(start)
 
     def _drop(self, lanes: dict, lane: DirectLane) -> None:
         lane.close()

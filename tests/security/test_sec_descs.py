@@ -20,7 +20,7 @@ from xport_fixtures import agent
 from xport_helpers import RemoteError
 
 from transport import Descs
-from transport import copy_plan, cuda_ipc, gpu_copy
+from transport import copy_plan, cuda_ipc, gpu_copy, gpu_runs
 from transport.agent import _ranges_bytes
 from transport.config import AgentConfig
 from transport.dataplane import DataPlane
@@ -162,6 +162,11 @@ class _FakeMapping:
 def plane(monkeypatch):
     launched = []
     monkeypatch.setattr(gpu_copy, "launch", lambda *a, **kw: launched.append(a) or (None, None))
+
+    def addrs(side):  # gpu_runs addresses runs on the device; the test wants the addresses
+        return side.bases[side.slot if side.slot is not None else 0] + side.offset
+    monkeypatch.setattr(gpu_runs, "launch",
+                        lambda src, dst, n, *a, **kw: launched.append((addrs(src), addrs(dst), n)) or (None, None))
     dp = DataPlane("reader", AgentConfig(), None, AgentStats())
     return dp, launched
 

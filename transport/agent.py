@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import dispatch, initiator, lanes, owner, trace
+from . import dispatch, initiated, initiator, lanes, owner, trace
 from . import handshake as hs
 from .config import AgentConfig, parse_hostport
 from .conn import Conn
@@ -140,7 +140,7 @@ class Agent:
         log.log(logging.WARNING if busy else logging.INFO, "%s: connection to %s ended%s: %s", self.name,
                 s.name, " with transfers in flight" if busy else "", s.lost)
         owner.session_lost(core, s)
-        initiator.session_lost(s)
+        initiated.session_lost(s)
         core.data.drop_mappings(s)
         if s.ucx is not None:
             asyncio.get_running_loop().create_task(s.ucx.close())

@@ -1,7 +1,7 @@
 """Routes a session's incoming (non-reply) frames to the owner or initiator side."""
 from __future__ import annotations
 
-from . import initiator, owner
+from . import initiator_ucx, owner, serve_small
 from .core import Core
 from .errors import BadMessage
 from .session import Session
@@ -18,19 +18,19 @@ def handle(core: Core, s: Session, f: Frame) -> None:
         owner.serve_done(core, s, f)
     elif t is Msg.XFER_ABORT:
         if f.body["by_owner"]:
-            initiator.on_owner_abort(s, f)
+            initiator_ucx.on_owner_abort(s, f)
         else:
             owner.serve_abort(core, s, f)
     elif t is Msg.WRITE_DONE:
-        initiator.on_write_done(s, f)
+        initiator_ucx.on_write_done(s, f)
     elif t is Msg.RENEW:
-        owner.serve_renew(core, s, f)
+        serve_small.serve_renew(core, s, f)
     elif t is Msg.NOTIFY:
-        owner.serve_notify(core, s, f)
+        serve_small.serve_notify(core, s, f)
     elif t is Msg.CALL:
-        owner.serve_call(core, s, f)
+        serve_small.serve_call(core, s, f)
     elif t is Msg.UCX_HELLO:
-        owner.serve_ucx_hello(core, s, f)
+        serve_small.serve_ucx_hello(core, s, f)
     elif t is Msg.REGION_GONE:
         core.data.drop_mappings(s, f.body["slot"])
     elif t is Msg.PING:

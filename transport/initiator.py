@@ -14,66 +14,24 @@ import asyncio
 import functools
 import logging
 import threading
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from . import cma, trace
 from .core import Core
-from .datapath import CancelToken, Receiver, Sender
 from .descs import Descs
-from .errors import (BadMessage, PathUnavailable, PeerLost, TransferCancelled, TransferError,
-                     TransferTimeout, error_from_wire)
+from .errors import BadMessage, PathUnavailable, PeerLost, TransferError, error_from_wire
 from .paths import PathInputs, choose_path
 from .region import MemoryKind
-from .runtime import TAG_CHUNK_BITS
 from .session import Session
+from .initiated import HOLD_MARGIN_S, Initiated, XState, _abort_owner, _on_deadline, _settle, abort
+from .initiator_ucx import _start_ucx
 from .transfer import Peer, Transfer
 from .ucx_link import ensure_link
 from .wire import DataPath, Frame, Msg
 
 log = logging.getLogger(__name__)
 
-HOLD_MARGIN_S = 0.002
 GPU_INLINE_BYTES = 2 << 30   # kernels this large end within ~2 ms: wait on the loop, no thread hop
-
-
-class XState(str, Enum):
-    STARTING = "starting"       # waiting for the UCX link
-    REQUESTED = "requested"     # request sent, no reply yet
-    COPYING = "copying"         # one-sided copy running (threads or GPU kernel)
-    STREAMING = "streaming"     # UCX chunks moving
-    CONFIRMING = "confirming"   # copied after the owner's hold time: waiting for its OK
-    WAIT_OWNER = "wait_owner"   # UCX write sent: waiting for the owner's WRITE_DONE
-    DONE = "done"
-
-
-@dataclass(eq=False)
-class Initiated:
-    core: Core
-    local: Descs
-    lease_id: str
-    ranges: bytes | None
-    notify: bytes | None
-    write: bool
-    xfer: Transfer
-    deadline: float
-    t0: float
-    session: Session | None = None
-    path: DataPath = DataPath.UCX
-    xid: int = 0
-    rid: int = 0
-    tag: int = 0
-    state: XState = XState.STARTING
-    sent_at: float = 0.0
-    hold_until: float = 0.0
-    timer: asyncio.TimerHandle | None = None
-    token: CancelToken | None = None
-    stop: threading.Event | None = None
-    task: asyncio.Task | None = field(default=None, repr=False)
-    pending_error: TransferError | None = None
-    owner_done: bool = False
-    retried: bool = False
 
 
 def find_session(core: Core, peer: Peer | str) -> Session:
@@ -227,10 +185,6 @@ def _fall_back(x: Initiated, reason: str, abort_owner: bool) -> None:
     _choose_and_go(x, force_ucx=True)
 
 
-def _abort_owner(x: Initiated, reason: str) -> None:
-    x.session.conn.send_quiet(Msg.XFER_ABORT, xid=x.xid, reason=reason[:200], by_owner=False)
-
-
 # ---------------------------------------------------------------------------------- same host, host memory
 def _start_cma(x: Initiated, f: Frame) -> None:
     nbytes = x.local.nbytes
@@ -350,104 +304,8 @@ async def _wait_event(x: Initiated, ev: Any, keep: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------- UCX
-def _start_ucx(x: Initiated, f: Frame) -> None:
-    tag = f.body["tag"] if x.write else x.tag
-    if tag <= 0 or tag & ((1 << TAG_CHUNK_BITS) - 1):
-        _abort_owner(x, "bad tag")
-        _settle(x, BadMessage("owner answered with an invalid tag"))
-        return
-    x.state = XState.STREAMING
-    x.token = CancelToken()
-    x.task = asyncio.get_running_loop().create_task(_ucx(x, tag))
-
-
-async def _ucx(x: Initiated, tag: int) -> None:
-    s = x.session
-    try:
-        await x.core.data.run_stream(Sender if x.write else Receiver, s, x.local, tag, x.deadline, x.token)
-    except TransferError as e:
-        _abort_owner(x, str(e))
-        _settle(x, e)
-        return
-    if not x.write:
-        s.conn.send_quiet(Msg.XFER_DONE, 0, xid=x.xid)
-        _settle(x, None)
-    elif x.owner_done:
-        _settle(x, None)
-    else:
-        x.state = XState.WAIT_OWNER
-
-
-def on_write_done(s: Session, f: Frame) -> None:
-    x = s.initiated.get(f.body["xid"])
-    if x is None or not x.write or x.path is not DataPath.UCX:
-        raise BadMessage(f"write_done for transfer {f.body['xid']}, which is not a write of this connection")
-    if x.state is XState.WAIT_OWNER:
-        _settle(x, None)
-    else:
-        x.owner_done = True
-
-
-def on_owner_abort(s: Session, f: Frame) -> None:
-    x = s.initiated.get(f.body["xid"])
-    if x is None:  # finished here already, or not one of this connection's: no effect
-        log.info("%s: owner abort for transfer %d, not in flight on this connection: ignored", s.name,
-                 f.body["xid"])
-        return
-    abort(x, TransferError(f"owner aborted the transfer: {f.body['reason'][:200]}"))
 
 
 # ---------------------------------------------------------------------------------- ending
-def _on_deadline(x: Initiated) -> None:
-    x.timer = None
-    abort(x, TransferTimeout(f"transfer did not finish within its deadline "
-                             f"({x.deadline - x.t0:.1f}s, state {x.state.value})"))
 
 
-def abort(x: Initiated, err: TransferError) -> None:
-    """Stop the transfer (cancel, deadline, peer lost, owner abort). Memory safety first: a copy
-    or kernel that is running is waited for before the transfer reports its error."""
-    st = x.state
-    if st is XState.DONE:
-        return
-    if st is XState.COPYING:
-        x.pending_error = err
-        if x.stop is not None:
-            x.stop.set()
-        return
-    if st is XState.STREAMING:
-        x.token.set(err)
-        return
-    if st in (XState.REQUESTED, XState.WAIT_OWNER) and x.session is not None:
-        _abort_owner(x, str(err))
-    _settle(x, err)
-
-
-def _settle(x: Initiated, err: BaseException | None) -> None:
-    if x.state is XState.DONE:
-        return
-    x.state = XState.DONE
-    if x.timer is not None:
-        x.timer.cancel()
-        x.timer = None
-    s, core = x.session, x.core
-    if s is not None and s.initiated.get(x.xid) is x:
-        del s.initiated[x.xid]
-    dt = asyncio.get_running_loop().time() - x.t0
-    if err is None:
-        (core.stats.record_out if x.write else core.stats.record_in)(x.local.nbytes, dt)
-        core.stats.paths[x.path.value] += 1
-    else:
-        core.stats.transfers_failed += 1
-    trace.mark(x.xfer, "settled")
-    x.xfer._finish(err)
-
-
-def session_lost(s: Session) -> None:
-    err = s.lost if isinstance(s.lost, TransferError) else PeerLost(f"lost {s.name}")
-    for x in list(s.initiated.values()):
-        abort(x, err)
-
-
-def cancelled() -> TransferCancelled:
-    return TransferCancelled("transfer cancelled by caller")

@@ -11,13 +11,14 @@ class TransportSet(str, Enum):
     """Which UCX transports the process may use (maps to UCX_TLS for the UCX context).
 
     AUTO lets UCX pick among everything it has (shared memory, cma, tcp, cuda_ipc, verbs).
-    Every set includes tcp: the listener (control plane) needs a sockaddr-capable transport.
+    UCX carries only data (the control plane is the agent's own TCP connection); every set
+    keeps tcp so that a peer on another host stays reachable.
     """
 
     AUTO = "auto"
     TCP = "tcp"            # tcp only: what crosses hosts without RDMA
-    SHM = "shm"            # shared memory + cma for data, tcp only for the control plane
-    CUDA = "cuda"          # shared memory + cuda_copy/cuda_ipc, tcp for control
+    SHM = "shm"            # shared memory + cma (and tcp for other hosts)
+    CUDA = "cuda"          # shared memory + cuda_copy/cuda_ipc (and tcp for other hosts)
 
     def ucx_tls(self) -> str | None:
         return {

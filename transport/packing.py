@@ -1,7 +1,8 @@
 """Pack / unpack one chunk between regions and a staging buffer with torch index ops.
 
-Runs in worker threads (torch releases the GIL). For CUDA regions the ops run on a side
-stream and the caller receives an event to wait on (see cuda_sync.py).
+The UCX path's staging step. Runs in worker threads (torch releases the GIL); for CUDA regions
+the caller runs it on the agent's side stream and synchronises that stream before UCX touches
+the staging slot (datapath.py).
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ on which stream bytes each chunk carries. Within a side, every range is cut into
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 
@@ -97,7 +96,3 @@ class StreamPlan:
         segs = tuple(Segment(int(reg[a]), int(a), self.uidx[s + a:s + b])
                      for a, b in zip(bounds[:-1], bounds[1:]))
         return ChunkPlan(k, nbytes, None, segs)
-
-
-def common_chunk_bytes(*sizes: int) -> int:
-    return reduce(min, sizes)

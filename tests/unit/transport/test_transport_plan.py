@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from transport import Descs
 from transport import plan as planmod
 from transport.packing import contiguous_view, pack, unpack
-from transport.plan import StreamPlan, common_chunk_bytes, expand_units, unit_size
+from transport.plan import StreamPlan, expand_units, unit_size
 from transport.region import make_region
 
 pytestmark = pytest.mark.timeout(120)
@@ -130,11 +130,6 @@ def test_plan_rejects_too_fine_alignment(monkeypatch):
         StreamPlan(Descs.from_ranges(r, [1], [4000]), 4096)
 
 
-def test_common_chunk_bytes():
-    assert common_chunk_bytes(1 << 20, 1 << 16, 1 << 22) == 1 << 16
-
-
-# ----------------------------------------------------------------------------- pack / unpack
 def test_pack_unpack_roundtrip_simple():
     a, ra = pool(16, 1024, seed=1)
     b, rb = pool(16, 1024)

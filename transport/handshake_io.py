@@ -80,20 +80,26 @@ async def server_handshake(core: Core, conn: Conn, handler) -> Session:
     return session
 
 
+def check_server(core: Core, hello: dict, ack: Frame, address: str) -> tuple[PeerInfo, bytes | None, bytes]:
+    """The client's check of HELLO_ACK: (the server's identity, the key, the transcript hash)."""
+    raise_if_error(ack, Msg.HELLO_ACK)
+    peer = _peer_info(ack.body)
+    key = core.config.key_for(peer.name)
+    if core.config.keyed and key is None:
+        raise Unauthorized(f"{address} is {peer.name!r}, for which no key is configured")
+    th = hs.transcript(hello, ack.body)
+    if not hs.proofs_equal(hs.proof(key, b"server", th), ack.body["mac"]):
+        raise Unauthorized(f"{address} ({peer.name}) failed to authenticate: wrong or missing auth_key")
+    return peer, key, th
+
+
 async def client_handshake(core: Core, conn: Conn, address: str, timeout: float, handler) -> Session:
     cfg = core.config
     dl = Deadline(timeout)
     hello = dict(core.hello_fields(), nonce=hs.new_nonce(), compat=dict(cfg.compat), lane=False)
     conn.send(Msg.HELLO, 1, **hello)
     ack = await conn.recv_frame(dl.left())
-    raise_if_error(ack, Msg.HELLO_ACK)
-    peer = _peer_info(ack.body)
-    key = cfg.key_for(peer.name)
-    if cfg.keyed and key is None:
-        raise Unauthorized(f"{address} is {peer.name!r}, for which no key is configured")
-    th = hs.transcript(hello, ack.body)
-    if not hs.proofs_equal(hs.proof(key, b"server", th), ack.body["mac"]):
-        raise Unauthorized(f"{address} ({peer.name}) failed to authenticate: wrong or missing auth_key")
+    peer, key, th = check_server(core, hello, ack, address)
     macs = hs.frame_macs(key, th, client=True)
     conn.arm(Msg.WELCOME, macs, cfg.max_message_bytes, send_too=True)
     conn.send(Msg.AUTH, 2, mac=hs.proof(key, b"client", th))

@@ -27,9 +27,9 @@ from .config import parse_hostport
 from .conn import HANDSHAKE_FRAME_LIMIT, raise_if_error, tune_socket
 from .core import Core
 from .descs import Descs
-from .errors import (BadMessage, PathUnavailable, PeerLost, TransferError, TransferTimeout,
-                     Unauthorized, error_from_wire)
+from .errors import BadMessage, PathUnavailable, PeerLost, TransferError, TransferTimeout, error_from_wire
 from .framing import FrameDecoder, encode_frame
+from .handshake_io import check_server
 from .wire import DataPath, Frame, Msg
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,19 @@ class DirectLane:
             except OSError as e:
                 self.broken = True
                 raise PeerLost(f"lane to {self.address}: {e}") from None
-            if not data:
-                self.broken = True
-                raise PeerLost(f"lane to {self.address}: connection closed")
-            try:
-                pending = [wire.decode(b, self.decoder.limit) for b in self.decoder.frames(data)]
-            except TransferError:
-                self.broken = True
-                raise
+            pending = self._ingest(data)
         self._pending = pending[1:]
         return pending[0]
+
+    def _ingest(self, data: bytes) -> list[Frame]:
+        if not data:
+            self.broken = True
+            raise PeerLost(f"lane to {self.address}: connection closed")
+        try:
+            return [wire.decode(b, self.decoder.limit) for b in self.decoder.frames(data)]
+        except TransferError:
+            self.broken = True
+            raise
 
     def _handshake(self, timeout: float) -> str:
         core, cfg = self.core, self.core.config
@@ -121,15 +124,8 @@ class DirectLane:
         hello = dict(core.hello_fields(), nonce=hs.new_nonce(), compat=dict(cfg.compat), lane=True)
         self._send(Msg.HELLO, 1, **hello)
         ack = self._recv(deadline)
-        raise_if_error(ack, Msg.HELLO_ACK)
-        name = ack.body["name"]
-        self.peer_instance = ack.body["instance"]
-        key = cfg.key_for(name)
-        if cfg.keyed and key is None:
-            raise Unauthorized(f"{self.address} is {name!r}, for which no key is configured")
-        th = hs.transcript(hello, ack.body)
-        if not hs.proofs_equal(hs.proof(key, b"server", th), ack.body["mac"]):
-            raise Unauthorized(f"{self.address} ({name}) failed to authenticate")
+        peer, key, th = check_server(core, hello, ack, self.address)
+        name, self.peer_instance = peer.name, peer.instance
         macs = hs.frame_macs(key, th, client=True)
         self._send(Msg.AUTH, 2, mac=hs.proof(key, b"client", th))
         # WELCOME is the last unsigned frame: switch the decoder right after it
@@ -162,14 +158,7 @@ class DirectLane:
             except OSError as e:
                 self.broken = True
                 raise PeerLost(f"lane to {self.address}: {e}") from None
-            if not data:
-                self.broken = True
-                raise PeerLost(f"lane to {self.address}: connection closed")
-            try:
-                pending = [wire.decode(b, self.decoder.limit) for b in self.decoder.frames(data)]
-            except TransferError:
-                self.broken = True
-                raise
+            pending = self._ingest(data)
             if not pending:
                 self._pending = []
                 return None

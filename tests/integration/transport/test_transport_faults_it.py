@@ -3,11 +3,11 @@ lease requests, peers killed (SIGKILL) in the
 middle of a transfer, and reconnecting after an orderly close."""
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
+from procinfo import busy_cores
 from xport_helpers import Node, RemoteError, wait_until
 
 from transport import wire
@@ -242,20 +242,7 @@ def test_reader_killed_mid_read(cluster, spares, agents, pair):
 
 def _busy_cores(pid: int, secs: float) -> float:
     """CPU cores the process kept busy over the next `secs` seconds (all its threads)."""
-    def ticks() -> int:
-        total = 0
-        for t in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{t}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])
-        return total
-    before = ticks()
-    time.sleep(secs)
-    return (ticks() - before) / os.sysconf("SC_CLK_TCK") / secs
-
+    return busy_cores([pid], secs)[pid]
 
 def test_reader_killed_with_every_chunk_zero_copy(spares, agents):
     """4096 one-block chunks, all zero-copy sends: the owner keeps only a window of them posted,

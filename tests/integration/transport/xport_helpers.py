@@ -131,6 +131,15 @@ class _Child:
         lease = self.agents[name].agent.expose(self._descs(name, ids), peer=peer, ttl_s=ttl_s, writable=writable)
         return lease.id, lease.nbytes, lease.expires_at
 
+    def expose_many(self, name, id_lists, ttl_s=60.0, peer=None):
+        """One lease per list of block ids; returns the lease ids."""
+        a = self.agents[name].agent
+        return [a.expose(self._descs(name, ids), peer=peer, ttl_s=ttl_s).id for ids in id_lists]
+
+    def release_many(self, name, lids):
+        a = self.agents[name].agent
+        return sum(bool(a.release(lid)) for lid in lids)
+
     def expose_runs(self, name, offsets, lengths, ttl_s=30.0):
         """Lease arbitrary byte runs of the agent's pool (layout-transform tests)."""
         from transport import Descs

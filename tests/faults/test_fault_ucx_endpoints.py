@@ -6,9 +6,10 @@ closed the surplus after a burst of concurrent transfers; closing one endpoint d
 endpoints between the same two workers, and transfers of the next burst failed with
 "UCXXCanceledError: Request canceled" (3 runs of 3, second burst).
 
-Still open (strict xfail): a cancelled (or failed) UCX transfer aborts its endpoint, and that
-breaks the peer pair's other endpoints: later transfers between the same two processes fail
-with "Request canceled", then hang until their deadline.
+Still open (xfail): a cancelled (or failed) UCX transfer aborts its endpoint, and that can
+cancel requests of other transfers between the same two processes ("Request canceled"); with
+surplus endpoints also closed (before the fix), later bursts degraded to transfers hanging until
+their deadline.
 """
 from __future__ import annotations
 
@@ -50,15 +51,18 @@ def test_bursts_of_concurrent_ucx_transfers(pair):
         assert bad == 0, f"burst {burst}: {bad} wrong blocks"
 
 
-@pytest.mark.xfail(strict=True, reason="aborting one UCX data endpoint (cancelled or failed transfer) breaks "
-                   "the other endpoints between the same two workers: later transfers fail or hang")
-def test_cancelled_ucx_transfer_leaves_the_pairs_other_transfers_alone(pair):
+@pytest.mark.xfail(strict=False, reason="aborting one UCX data endpoint (cancelled or failed transfer) can "
+                   "cancel requests of other endpoints between the same two workers (seen in 5 of 5 "
+                   "bursts after the first: 1-3 of 24 concurrent transfers failed with 'Request canceled')")
+def test_cancelled_ucx_transfers_leave_the_pairs_other_transfers_alone(pair):
+    """Bursts of 32 concurrent reads with every 4th cancelled right away: the other 24 of each
+    burst must complete with correct bytes."""
     o, r, owner, oaddr, rd = _setup(pair, "cancel", 8.0)
     rng = np.random.default_rng(2)
-    cancelled, others, bad = r.read_many_cancel_some(rd, oaddr, _jobs(o, owner, rd, rng), 4, timeout=8.0,
-                                                      verify_seed=121)
-    assert bad == 0
-    assert all(e is None for e in others), [e for e in others if e][:3]
-    for burst in range(2):
-        dt, nbytes, bad = r.read_many(rd, oaddr, _jobs(o, owner, rd, rng), timeout=8.0, verify_seed=121)
-        assert bad == 0
+    failed = []
+    for burst in range(4):
+        cancelled, others, bad = r.read_many_cancel_some(rd, oaddr, _jobs(o, owner, rd, rng), 4, timeout=8.0,
+                                                          verify_seed=121)
+        assert bad == 0, "wrong bytes in a completed transfer"
+        failed += [e for e in others if e]
+    assert not failed, f"{len(failed)} transfers failed beside cancelled ones: {failed[:2]}"

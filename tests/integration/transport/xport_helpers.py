@@ -131,6 +131,15 @@ class _Child:
         lease = self.agents[name].agent.expose(self._descs(name, ids), peer=peer, ttl_s=ttl_s, writable=writable)
         return lease.id, lease.nbytes, lease.expires_at
 
+    def expose_many(self, name, id_lists, ttl_s=60.0, peer=None):
+        """One lease per list of block ids; returns the lease ids."""
+        a = self.agents[name].agent
+        return [a.expose(self._descs(name, ids), peer=peer, ttl_s=ttl_s).id for ids in id_lists]
+
+    def release_many(self, name, lids):
+        a = self.agents[name].agent
+        return sum(bool(a.release(lid)) for lid in lids)
+
     def expose_runs(self, name, offsets, lengths, ttl_s=30.0):
         """Lease arbitrary byte runs of the agent's pool (layout-transform tests)."""
         from transport import Descs
@@ -363,6 +372,31 @@ class _Child:
                 out.write(f"--- task {t.get_name()}\n")
                 t.print_stack(file=out)
         return out.getvalue()
+
+    def read_many_cancel_some(self, name, address, jobs, cancel_every, timeout=60.0, verify_seed=None):
+        """Like read_many, but cancels every `cancel_every`-th transfer right after starting all;
+        returns (cancelled ones' errors, the others' errors, bad blocks among the others)."""
+        a = self.agents[name].agent
+        peer = self._peer(name, address)
+        ts = [a.read(peer, self._descs(name, ids), lid, timeout=timeout) for ids, lid, _ in jobs]
+        for i, t in enumerate(ts):
+            if i % cancel_every == 0:
+                t.cancel()
+        errs_c, errs_o, bad = [], [], 0
+        for i, t in enumerate(ts):
+            try:
+                t.wait(timeout + 10)
+                err = None
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"
+            if i % cancel_every == 0:
+                errs_c.append(err)
+            else:
+                errs_o.append(err)
+                if err is None and verify_seed is not None:
+                    ids, _, src = jobs[i]
+                    bad += self.bad_blocks(name, ids, src, verify_seed)
+        return errs_c, errs_o, bad
 
     # -- misc
     def set_protocol_version(self, v):

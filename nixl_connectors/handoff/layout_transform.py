@@ -147,3 +147,70 @@ def reader_descs(runs: ReaderRuns, cache, scratch=None):
     else:
         regions = (cache,)
     return Descs(regions, runs.scratch.astype(np.int32), runs.offsets, runs.lengths)
+
+
+@dataclass(frozen=True)
+class PullRuns:
+    """A read of part of a lease of whole owner blocks: `src` are (offset, length) byte ranges
+    into the lease's stream of one segment (its blocks back to back, `src.block_bytes` each),
+    coalesced; `dst_offsets` / `dst_lengths` are the reader's runs, in the same stream order, as
+    byte offsets from the start of the reader's segment (block b at `b * dst_stride`)."""
+
+    src: np.ndarray          # [n, 2] int64 (offset, length) into the segment's lease stream
+    dst_offsets: np.ndarray  # int64
+    dst_lengths: np.ndarray  # int64
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.dst_lengths.sum())
+
+
+def coalesce_ranges(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[n, 2] (offset, length) with neighbours that touch (in order) merged into one range."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if offsets.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], offsets[1:] != offsets[:-1] + lengths[:-1])))
+    return np.stack([offsets[starts], np.add.reduceat(lengths, starts)], axis=1)
+
+
+def pull_runs(src: PagedLayout, src_first_block: int, num_src_blocks: int, dst: PagedLayout,
+              dst_table: np.ndarray, heads: HeadRange, token_start: int, token_end: int,
+              dst_stride: int | None = None) -> PullRuns:
+    """Which bytes of a lease of `num_src_blocks` whole owner blocks a reader pulls, and where
+    they land (pure, vectorised).
+
+    The lease holds the owner's blocks `src_first_block ..` of a request (block i covers tokens
+    `[i * src.block_size, (i+1) * src.block_size)`), every head. The reader takes heads
+    `heads.src_start .. +count` of them into its heads `heads.dst_start ..`, and only tokens
+    `[token_start, token_end)` (the ones it lacks: `token_start` past its own prefix-cache hit).
+    `dst_table[k]` is the reader's block for tokens `[k * dst.block_size, ...)`, or -1 where the
+    reader keeps no block (null blocks of sliding-window groups): those tokens are not read.
+    Tokens move in pieces of `min(src.block_size, dst.block_size)`, so `token_start` must be a
+    multiple of it; a piece that starts before `token_end` is taken whole."""
+    _check(src, dst, heads)
+    piece = min(src.block_size, dst.block_size)
+    if token_start % piece:
+        raise ValueError(f"token_start {token_start} is not a multiple of {piece}")
+    if src_first_block < 0 or num_src_blocks < 0:
+        raise ValueError("negative block index or count")
+    dst_table = np.asarray(dst_table, dtype=np.int64)
+    stride = dst.block_bytes if dst_stride is None else int(dst_stride)
+    per_block = src.block_size // piece
+    b, h, j = np.meshgrid(np.arange(num_src_blocks, dtype=np.int64),
+                          np.arange(heads.count, dtype=np.int64),
+                          np.arange(per_block, dtype=np.int64), indexing="ij")
+    b, h, j = b.ravel(), h.ravel(), j.ravel()
+    t = (src_first_block + b) * src.block_size + j * piece      # first token of each piece
+    k = t // dst.block_size
+    keep = (t >= token_start) & (t < token_end) & (k < len(dst_table))
+    keep[keep] = dst_table[k[keep]] >= 0
+    b, h, j, t, k = b[keep], h[keep], j[keep], t[keep], k[keep]
+    run = piece * src.head_bytes
+    src_off = (b * src.block_bytes + (heads.src_start + h) * src.block_size * src.head_bytes
+               + j * run)
+    dst_off = (dst_table[k] * stride + (heads.dst_start + h) * dst.block_size * dst.head_bytes
+               + (t % dst.block_size) * dst.head_bytes)
+    lengths = np.full(len(t), run, dtype=np.int64)
+    return PullRuns(coalesce_ranges(src_off, lengths), dst_off, lengths)

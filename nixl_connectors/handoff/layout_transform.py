@@ -25,15 +25,21 @@ import numpy as np
 
 @dataclass(frozen=True)
 class PagedLayout:
-    """One layer's paged cache on one rank: `[num_blocks, heads, block_size, head_bytes]`."""
+    """One layer's paged cache on one rank: `[num_blocks, heads, block_size, head_bytes]`, or,
+    with `parts` > 1, `[num_blocks, heads, parts, block_size, head_bytes / parts]` (e.g. vLLM's
+    CPU attention keeps, per head, all K token vectors of a block and then all V vectors).
+    `head_bytes` is always the bytes of one token of one head (all parts)."""
 
     heads: int
     block_size: int
     head_bytes: int
+    parts: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.heads, self.block_size, self.head_bytes) <= 0:
+        if min(self.heads, self.block_size, self.head_bytes, self.parts) <= 0:
             raise ValueError(f"layout sizes must be positive: {self}")
+        if self.head_bytes % self.parts:
+            raise ValueError(f"head_bytes {self.head_bytes} do not split into {self.parts} parts")
 
     @property
     def block_bytes(self) -> int:
@@ -86,6 +92,8 @@ def tp_head_ranges(total_heads: int, prefill_tp: int, decode_tp: int, decode_ran
 
 
 def _check(src: PagedLayout, dst: PagedLayout, heads: HeadRange) -> None:
+    if src.parts != dst.parts:
+        raise ValueError(f"blocks are split into {src.parts} vs {dst.parts} parts")
     if src.head_bytes != dst.head_bytes:
         raise ValueError(f"per-head token bytes differ ({src.head_bytes} vs {dst.head_bytes}): "
                          "dtype or head size mismatch")
@@ -115,6 +123,8 @@ def reader_runs(src: PagedLayout, num_src_blocks: int, dst: PagedLayout, dst_blo
     lands in reader block t // dst.block_size, slot t % dst.block_size, same head shifted by
     `heads.dst_start - heads.src_start`."""
     _check(src, dst, heads)
+    if src.parts != 1:
+        raise ValueError("reader_runs maps blocks of one part; use pull_runs for split blocks")
     dst_blocks = np.asarray(dst_blocks, dtype=np.int64)
     piece = min(src.block_size, dst.block_size)          # tokens contiguous on both sides
     per_block = src.block_size // piece
@@ -188,7 +198,8 @@ def pull_runs(src: PagedLayout, src_first_block: int, num_src_blocks: int, dst: 
     `dst_table[k]` is the reader's block for tokens `[k * dst.block_size, ...)`, or -1 where the
     reader keeps no block (null blocks of sliding-window groups): those tokens are not read.
     Tokens move in pieces of `min(src.block_size, dst.block_size)`, so `token_start` must be a
-    multiple of it; a piece that starts before `token_end` is taken whole."""
+    multiple of it; a piece that starts before `token_end` is taken whole. With `parts` > 1 each
+    piece is one run per part."""
     _check(src, dst, heads)
     piece = min(src.block_size, dst.block_size)
     if token_start % piece:
@@ -198,19 +209,21 @@ def pull_runs(src: PagedLayout, src_first_block: int, num_src_blocks: int, dst: 
     dst_table = np.asarray(dst_table, dtype=np.int64)
     stride = dst.block_bytes if dst_stride is None else int(dst_stride)
     per_block = src.block_size // piece
-    b, h, j = np.meshgrid(np.arange(num_src_blocks, dtype=np.int64),
-                          np.arange(heads.count, dtype=np.int64),
-                          np.arange(per_block, dtype=np.int64), indexing="ij")
-    b, h, j = b.ravel(), h.ravel(), j.ravel()
+    tb = src.head_bytes // src.parts                            # bytes of one token in one part
+    b, h, q, j = np.meshgrid(np.arange(num_src_blocks, dtype=np.int64),
+                             np.arange(heads.count, dtype=np.int64),
+                             np.arange(src.parts, dtype=np.int64),
+                             np.arange(per_block, dtype=np.int64), indexing="ij")
+    b, h, q, j = b.ravel(), h.ravel(), q.ravel(), j.ravel()
     t = (src_first_block + b) * src.block_size + j * piece      # first token of each piece
     k = t // dst.block_size
     keep = (t >= token_start) & (t < token_end) & (k < len(dst_table))
     keep[keep] = dst_table[k[keep]] >= 0
-    b, h, j, t, k = b[keep], h[keep], j[keep], t[keep], k[keep]
-    run = piece * src.head_bytes
+    b, h, q, j, t, k = b[keep], h[keep], q[keep], j[keep], t[keep], k[keep]
+    run = piece * tb
     src_off = (b * src.block_bytes + (heads.src_start + h) * src.block_size * src.head_bytes
-               + j * run)
+               + q * src.block_size * tb + j * run)
     dst_off = (dst_table[k] * stride + (heads.dst_start + h) * dst.block_size * dst.head_bytes
-               + (t % dst.block_size) * dst.head_bytes)
+               + q * dst.block_size * tb + (t % dst.block_size) * tb)
     lengths = np.full(len(t), run, dtype=np.int64)
     return PullRuns(coalesce_ranges(src_off, lengths), dst_off, lengths)

@@ -93,7 +93,7 @@ def _remote_layout(seg: Segment, remote: RemoteSide, total_heads: int, local_tp:
     p = seg.paged
     heads = p.heads if seg.kind is not BlockKind.HEADS_OUTER or remote.tp_size == local_tp \
         else total_heads // remote.tp_size
-    return PagedLayout(heads, remote.block_size, p.head_bytes)
+    return PagedLayout(heads, remote.block_size, p.head_bytes, p.parts)
 
 
 def plan_reads(segments: Sequence[Segment], target: LocalTarget, remote: RemoteSide, *,

@@ -88,9 +88,12 @@ class UcxWorker:
         group_of = {name: g for g, grp in enumerate(groups) for name in grp.layer_names}
         self.num_groups = max(1, len(groups))
         self.total_heads = int(mc.get_total_num_kv_heads())
+        # vLLM's CPU attention views a [B, H, N, 2*D] layer as [B, H, 2N, D] and chunks it: per
+        # head, the block's N key vectors, then its N value vectors (two parts).
         self.segments = layout.segments_for(
             kv_caches, self.num_blocks, local_heads=int(mc.get_num_kv_heads(pc)),
-            block_size=int(self.vllm_config.cache_config.block_size), group_of=group_of)
+            block_size=int(self.vllm_config.cache_config.block_size), group_of=group_of,
+            head_parts=1 if self._is_cuda else 2)
         compat = compat_from_vllm(self.vllm_config, device=first.device.type, segments=self.segments,
                                   kv_cache_config=self.kv_cache_config)
         self.agent = make_agent(f"{self.engine_id}-tp{self.tp_rank}", self.cfg.agent, self.tp_rank, compat)

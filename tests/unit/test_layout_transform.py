@@ -127,10 +127,12 @@ def _pull(src_cache, src, sblocks, first, dst_cache, dst, table, heads, start, e
 @pytest.mark.parametrize("bs,bd", [(a, b) for a, b in itertools.product([1, 2, 4, 8], repeat=2)
                                    if max(a, b) % min(a, b) == 0])
 @pytest.mark.parametrize("ptp,dtp", [(1, 1), (1, 2), (2, 1), (2, 4), (4, 1), (8, 2)])
-def test_pull_runs_fill_exactly_the_missing_tokens(bs, bd, ptp, dtp):
-    rng = np.random.default_rng(bs * 7 + bd * 3 + ptp * 101 + dtp)
+@pytest.mark.parametrize("parts", [1, 2])
+def test_pull_runs_fill_exactly_the_missing_tokens(bs, bd, ptp, dtp, parts):
+    rng = np.random.default_rng(bs * 7 + bd * 3 + ptp * 101 + dtp + parts)
     hp, hd = TOTAL_HEADS // ptp, TOTAL_HEADS // dtp
-    src, dst = PagedLayout(hp, bs, HB), PagedLayout(hd, bd, HB)
+    src, dst = PagedLayout(hp, bs, HB, parts), PagedLayout(hd, bd, HB, parts)
+    shape = (lambda n, lay: (n, lay.heads, parts, lay.block_size, HB // parts))
     piece = min(bs, bd)
     for tokens in (1, bd, 3 * max(bs, bd) - 1, 29):
         ns, nd = -(-tokens // bs), -(-tokens // bd)
@@ -138,13 +140,13 @@ def test_pull_runs_fill_exactly_the_missing_tokens(bs, bd, ptp, dtp):
             start = cached_dst_blocks * bd
             first = min(start // bs, ns - 1)                  # owner exposes a tail window
             pool_s, pool_d = ns + 2, nd + 3
-            caches = {p: _cache(src, pool_s, rng) for p in range(ptp)}
+            caches = {p: rng.integers(1, 255, size=shape(pool_s, src), dtype=np.uint8) for p in range(ptp)}
             sblocks = {p: rng.permutation(pool_s)[:ns][first:] for p in range(ptp)}
             table = rng.permutation(pool_d)[:nd].astype(np.int64)
             null = rng.random(nd) < 0.2                        # reader keeps no block there
             table[null] = -1
             for rank in range(dtp):
-                dcache = np.zeros((pool_d, hd, bd, HB), np.uint8)
+                dcache = np.zeros(shape(pool_d, dst), np.uint8)
                 moved = 0
                 for p, heads in tp_head_ranges(TOTAL_HEADS, ptp, dtp, rank):
                     runs = _pull(caches[p], src, sblocks[p], first, dcache, dst, table, heads, start,
@@ -159,7 +161,7 @@ def test_pull_runs_fill_exactly_the_missing_tokens(bs, bd, ptp, dtp):
                 for t in range(tokens):
                     d = table[t // bd]
                     for hl in range(hd):
-                        got = dcache[d, hl, t % bd] if d >= 0 else None
+                        got = dcache[d, hl, :, t % bd] if d >= 0 else None
                         if d < 0:
                             continue
                         if t < start or t // bs < first:
@@ -167,7 +169,7 @@ def test_pull_runs_fill_exactly_the_missing_tokens(bs, bd, ptp, dtp):
                             continue
                         g = rank * hd + hl
                         p, hs = divmod(g, hp)
-                        want = caches[p][sblocks[p][t // bs - first], hs, t % bs]
+                        want = caches[p][sblocks[p][t // bs - first], hs, :, t % bs]
                         assert np.array_equal(got, want), (t, hl)
 
 

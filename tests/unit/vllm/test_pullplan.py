@@ -24,24 +24,30 @@ def make_engine(tp, rank, bs, nblocks, groups=1, seed=0):
     h = HEADS // tp
     caches = {f"l{i}": torch.zeros(nblocks, h, bs, 2 * D, dtype=torch.bfloat16) for i in range(LAYERS)}
     group_of = {f"l{i}": (i % groups) for i in range(LAYERS)}
-    segs = layout.segments_for(caches, nblocks, local_heads=h, block_size=bs, group_of=group_of)
+    segs = layout.segments_for(caches, nblocks, local_heads=h, block_size=bs, group_of=group_of, head_parts=2)
     return caches, segs
 
 
-def value(layer, head, token):
-    return float((layer * 31 + head * 7 + token) % 250)
+def value(layer, head, token, part=0):
+    return float((layer * 31 + head * 7 + token + 101 * part) % 250)
+
+
+def kv_view(t):
+    """What vLLM's CPU attention does: [B, H, N, 2D] -> [B, H, 2N, D]; K at [:N], V at [N:]."""
+    return t.view(t.shape[0], t.shape[1], 2 * t.shape[2], D)
 
 
 def fill(caches, tp, rank, bs, table, ntok):
     h = HEADS // tp
     for name, t in caches.items():
-        layer = int(name[1:])
+        layer, v = int(name[1:]), kv_view(t)
         for tok in range(ntok):
             b = table[tok // bs]
             if b < 0:
                 continue
             for hl in range(h):
-                t[b, hl, tok % bs] = value(layer, rank * h + hl, tok)
+                v[b, hl, tok % bs] = value(layer, rank * h + hl, tok, 0)
+                v[b, hl, bs + tok % bs] = value(layer, rank * h + hl, tok, 1)
 
 
 def lease_stream(caches, segs, group_ids):
@@ -91,17 +97,18 @@ def run(ptp, dtp, pbs, dbs, ntok, cached_blocks=0, groups=1, null_first=0):
             total += rd.nbytes
         h = HEADS // dtp
         for name, t in caches.items():
-            layer, g = int(name[1:]), int(name[1:]) % groups
+            layer, g, kv = int(name[1:]), int(name[1:]) % groups, kv_view(t)
             for tok in range(ntok):
                 b = tables[g][tok // dbs]
+                if b < 0:
+                    continue
                 for hl in range(h):
-                    v = t[b, hl, tok % dbs].float() if b >= 0 else None
-                    if b < 0:
-                        continue
+                    k, v = kv[b, hl, tok % dbs].float(), kv[b, hl, dbs + tok % dbs].float()
                     if tok < cached_blocks * dbs:
-                        assert not v.any(), "locally cached blocks are never written"
+                        assert not k.any() and not v.any(), "locally cached blocks are never written"
                     else:
-                        assert torch.all(v == value(layer, r * h + hl, tok)), (name, tok, hl)
+                        assert torch.all(k == value(layer, r * h + hl, tok, 0)), (name, tok, hl)
+                        assert torch.all(v == value(layer, r * h + hl, tok, 1)), (name, tok, hl)
     return total
 
 

@@ -14,11 +14,11 @@ from .layout import Segment
 
 
 def segments_signature(device: str, segments: Sequence[Segment]) -> str:
-    """`<device>:<kind><parts>/<bytes of one token of one head>` per segment of the first layer."""
+    """`<device>:<kind>[<rows of each part>]/<bytes of one token of one head>` per segment of the first layer."""
     if not segments:
         return f"{device}:none"
     first = segments[0].layer
-    parts = [f"{s.kind.value}{s.paged.parts if s.paged else ''}/{s.paged.head_bytes if s.paged else s.block_bytes}"
+    parts = [f"{s.kind.value}{list(s.paged.rows) if s.paged else ''}/{s.paged.head_bytes if s.paged else s.block_bytes}"
              for s in segments if s.layer == first]
     return f"{device}:" + ",".join(parts)
 

@@ -58,15 +58,18 @@ class Segment:
 
 
 def block_kind(inner: Sequence[int], itemsize: int, local_heads: int | None,
-               block_size: int | None, head_parts: int = 1) -> tuple[BlockKind, PagedLayout | None]:
+               block_size: int | None, head_parts: int = 1,
+               part_rows: tuple[int, ...] = ()) -> tuple[BlockKind, PagedLayout | None]:
     """Kind and paged shape of a block whose dims (after the block dim) are `inner`.
     `head_parts`: how many parts (K, V) a head's slab of a HEADS_OUTER block is split into,
-    each holding all tokens of the block (vLLM CPU attention: 2)."""
+    each holding all tokens of the block (vLLM CPU attention: 2); `part_rows`: rows of a
+    channel-major part (vLLM CPU attention keeps K as [head_size, block_size])."""
     elems = int(np.prod(inner, dtype=np.int64)) if len(inner) else 1
     if block_size and local_heads and len(inner) >= 3 and inner[0] == local_heads \
             and inner[1] == block_size:
         return BlockKind.HEADS_OUTER, PagedLayout(local_heads, block_size,
-                                                  elems // (local_heads * block_size) * itemsize, head_parts)
+                                                  elems // (local_heads * block_size) * itemsize, head_parts,
+                                                  part_rows)
     if block_size and len(inner) >= 2 and inner[0] == block_size:
         return BlockKind.TOKENS_OUTER, PagedLayout(1, block_size, elems // block_size * itemsize)
     if block_size and (elems * itemsize) % block_size == 0:
@@ -126,7 +129,7 @@ def plan_segments(shape: Sequence[int], strides: Sequence[int], itemsize: int,
 
 def segments_for(kv_caches: Mapping[str, "object"], num_blocks: int,
                  block_dim_hint: int | None = None, *, local_heads: int | None = None,
-                 block_size: int | None = None, head_parts: int = 1,
+                 block_size: int | None = None, head_parts: int = 1, part_rows: tuple[int, ...] = (),
                  group_of: Mapping[str, int] | None = None) -> list[Segment]:
     """Segments of every layer tensor (torch tensors), by group, then layer name."""
     out: list[Segment] = []
@@ -138,7 +141,7 @@ def segments_for(kv_caches: Mapping[str, "object"], num_blocks: int,
             d = find_block_dim(tuple(sub.shape), num_blocks, block_dim_hint)
             key = sub.untyped_storage().data_ptr()
             kind, paged = block_kind(tuple(sub.shape)[d + 1:], sub.element_size(), local_heads,
-                                     block_size, head_parts)
+                                     block_size, head_parts, part_rows)
             for base, stride, nbytes in plan_segments(
                     tuple(sub.shape), tuple(sub.stride()), sub.element_size(),
                     sub.storage_offset() * sub.element_size(), d):

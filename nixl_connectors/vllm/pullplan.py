@@ -49,9 +49,12 @@ class RemoteSide:
 class PlannedRead:
     prefill_rank: int
     ranges: np.ndarray | None   # [n, 2] (offset, length) into the lease stream; None: all of it
-    dst: tuple[tuple[int, np.ndarray, np.ndarray], ...]   # (storage_key, offsets, lengths) in order
+    # (storage_key, offsets, lengths, scratch mask) per segment, in stream order; scratch rows are
+    # offsets into this read's scratch area
+    dst: tuple[tuple[int, np.ndarray, np.ndarray, np.ndarray], ...]
     nbytes: int
     lease_bytes: int
+    scratch_bytes: int = 0
 
 
 def head_sources(kind_split: bool, total_heads: int, remote_tp: int, local_tp: int,
@@ -93,7 +96,7 @@ def _remote_layout(seg: Segment, remote: RemoteSide, total_heads: int, local_tp:
     p = seg.paged
     heads = p.heads if seg.kind is not BlockKind.HEADS_OUTER or remote.tp_size == local_tp \
         else total_heads // remote.tp_size
-    return PagedLayout(heads, remote.block_size, p.head_bytes, p.parts)
+    return PagedLayout(heads, remote.block_size, p.head_bytes, p.parts, p.part_rows)
 
 
 def plan_reads(segments: Sequence[Segment], target: LocalTarget, remote: RemoteSide, *,
@@ -130,7 +133,7 @@ def plan_reads(segments: Sequence[Segment], target: LocalTarget, remote: RemoteS
     tables = [np.asarray(t, dtype=np.int64) for t in target.tables]
     reads = []
     for p, heads in head_sources(split, total_heads, remote.tp_size, local_tp, rank, local_heads):
-        base = 0
+        base = scratch = 0
         src_parts, dst = [], []
         for s in segments:
             src = _remote_layout(s, remote, total_heads, local_tp)
@@ -142,19 +145,30 @@ def plan_reads(segments: Sequence[Segment], target: LocalTarget, remote: RemoteS
                 raise PlanError(str(e)) from None
             if len(runs.src):
                 src_parts.append(runs.src + np.array([base, 0], dtype=np.int64))
-                dst.append((s.storage_key, s.base_offset + runs.dst_offsets, runs.dst_lengths))
+                offs = np.where(runs.scratch, scratch + runs.dst_offsets, s.base_offset + runs.dst_offsets)
+                dst.append((s.storage_key, offs, runs.dst_lengths, runs.scratch))
+                scratch += runs.scratch_bytes
             base += n * src.block_bytes
         ranges = (coalesce_ranges(*np.concatenate(src_parts).T) if src_parts
                   else np.zeros((0, 2), dtype=np.int64))
         nbytes = int(ranges[:, 1].sum())
         if len(ranges) == 1 and ranges[0, 0] == 0 and nbytes == base:
             ranges = None   # the whole lease: no ranges on the wire
-        reads.append(PlannedRead(p, ranges, tuple(dst), nbytes, base))
+        reads.append(PlannedRead(p, ranges, tuple(dst), nbytes, base, scratch))
     return reads
 
 
-def local_descs(read: PlannedRead, regions: Mapping[int, Any]):
-    """`transport.Descs` of a planned read over the registered regions (storage key -> Region)."""
+def local_descs(read: PlannedRead, regions: Mapping[int, Any], scratch: Any = None):
+    """`transport.Descs` of a planned read over the registered regions (storage key -> Region) and
+    a scratch region of at least `read.scratch_bytes`."""
     from transport import Descs
 
-    return Descs.concat([Descs.from_ranges(regions[key], offs, lens) for key, offs, lens in read.dst])
+    if read.scratch_bytes and (scratch is None or scratch.nbytes < read.scratch_bytes):
+        raise PlanError(f"this read needs a scratch region of {read.scratch_bytes} bytes")
+    parts = []
+    for key, offs, lens, sc in read.dst:
+        if sc.any():
+            parts.append(Descs((regions[key], scratch), sc.astype(np.int32), offs, lens))
+        else:
+            parts.append(Descs.from_ranges(regions[key], offs, lens))
+    return Descs.concat(parts)

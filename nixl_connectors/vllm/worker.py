@@ -71,6 +71,7 @@ class UcxWorker:
         self._pulls: dict[str, PullRecord] = {}
         self._load_errors: set[int] = set()
         self._settled: dict[str, PullPhase] = {}
+        self._scratch: list[tuple[Any, Any]] = []  # (buffer, region), largest last; kept alive
 
     # -- start-up ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -89,11 +90,13 @@ class UcxWorker:
         self.num_groups = max(1, len(groups))
         self.total_heads = int(mc.get_total_num_kv_heads())
         # vLLM's CPU attention views a [B, H, N, 2*D] layer as [B, H, 2N, D] and chunks it: per
-        # head, the block's N key vectors, then its N value vectors (two parts).
+        # head, the block's keys, then its values (two parts); its cache write keeps the keys
+        # transposed ([D, N] elements: D rows of N tokens) and the values token-major ([N, D]).
         self.segments = layout.segments_for(
             kv_caches, self.num_blocks, local_heads=int(mc.get_num_kv_heads(pc)),
             block_size=int(self.vllm_config.cache_config.block_size), group_of=group_of,
-            head_parts=1 if self._is_cuda else 2)
+            head_parts=1 if self._is_cuda else 2,
+            part_rows=() if self._is_cuda else (int(mc.get_head_size()), 1))
         compat = compat_from_vllm(self.vllm_config, device=first.device.type, segments=self.segments,
                                   kv_cache_config=self.kv_cache_config)
         self.agent = make_agent(f"{self.engine_id}-tp{self.tp_rank}", self.cfg.agent, self.tp_rank, compat)
@@ -168,7 +171,8 @@ class UcxWorker:
             for r in reads:
                 payload = read_done_payload(spec.remote.request_id, readers[r.prefill_rank].index(self.tp_rank),
                                             len(readers[r.prefill_rank]))
-                parts.append((r, payload, local_descs(r, self.regions) if r.nbytes else None))
+                parts.append((r, payload, local_descs(r, self.regions, self._scratch_region(r.scratch_bytes))
+                              if r.nbytes else None))
         except Exception as e:  # noqa: BLE001 - any planning error fails this request only
             logger.error("request %s: cannot pull: %s", rid, e)
             if spec.remote is not None:
@@ -186,6 +190,22 @@ class UcxWorker:
                                 notify=payload)
         if not rec.parts:
             self._mark(rec, failed=False)
+
+    def _scratch_region(self, nbytes: int) -> Any:
+        """A registered scratch buffer of at least `nbytes` (bytes that have no place here land in
+        it; concurrent pulls may share it). Older, smaller buffers stay registered: a pull still
+        in flight may write them."""
+        if nbytes == 0:
+            return None
+        if not self._scratch or self._scratch[-1][1].nbytes < nbytes:
+            if self._is_cuda:
+                import torch
+                buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            else:
+                import numpy as np
+                buf = np.empty(nbytes, dtype=np.uint8)
+            self._scratch.append((buf, self.agent.register(buf)))
+        return self._scratch[-1][1]
 
     def _mark(self, rec: PullRecord, failed: bool) -> None:
         """A part of `rec` settled (or none was started); report it once no part is in flight."""

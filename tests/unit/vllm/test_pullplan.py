@@ -24,7 +24,8 @@ def make_engine(tp, rank, bs, nblocks, groups=1, seed=0):
     h = HEADS // tp
     caches = {f"l{i}": torch.zeros(nblocks, h, bs, 2 * D, dtype=torch.bfloat16) for i in range(LAYERS)}
     group_of = {f"l{i}": (i % groups) for i in range(LAYERS)}
-    segs = layout.segments_for(caches, nblocks, local_heads=h, block_size=bs, group_of=group_of, head_parts=2)
+    segs = layout.segments_for(caches, nblocks, local_heads=h, block_size=bs, group_of=group_of, head_parts=2,
+                               part_rows=(D, 1))
     return caches, segs
 
 
@@ -32,22 +33,26 @@ def value(layer, head, token, part=0):
     return float((layer * 31 + head * 7 + token + 101 * part) % 250)
 
 
-def kv_view(t):
-    """What vLLM's CPU attention does: [B, H, N, 2D] -> [B, H, 2N, D]; K at [:N], V at [N:]."""
-    return t.view(t.shape[0], t.shape[1], 2 * t.shape[2], D)
+def kv_view(t, b, h):
+    """Where vLLM's CPU attention keeps one head of one block ([B, H, N, 2D] viewed as
+    [B, H, 2N, D], chunked): keys transposed ([D, N]), then values token-major ([N, D])."""
+    n = t.shape[2]
+    flat = t[b, h].reshape(-1)
+    return flat[:n * D].view(D, n), flat[n * D:].view(n, D)
 
 
 def fill(caches, tp, rank, bs, table, ntok):
     h = HEADS // tp
     for name, t in caches.items():
-        layer, v = int(name[1:]), kv_view(t)
+        layer = int(name[1:])
         for tok in range(ntok):
             b = table[tok // bs]
             if b < 0:
                 continue
             for hl in range(h):
-                v[b, hl, tok % bs] = value(layer, rank * h + hl, tok, 0)
-                v[b, hl, bs + tok % bs] = value(layer, rank * h + hl, tok, 1)
+                k, v = kv_view(t, b, hl)
+                k[:, tok % bs] = value(layer, rank * h + hl, tok, 0)
+                v[tok % bs] = value(layer, rank * h + hl, tok, 1)
 
 
 def lease_stream(caches, segs, group_ids):
@@ -90,20 +95,22 @@ def run(ptp, dtp, pbs, dbs, ntok, cached_blocks=0, groups=1, null_first=0):
             got = stream if rd.ranges is None else np.concatenate([stream[o:o + n] for o, n in rd.ranges])
             assert len(got) == rd.nbytes
             pos = 0
-            for key, offs, lens in rd.dst:
-                for o, n in zip(offs, lens):
-                    flat[key][o:o + n] = got[pos:pos + n]
+            scratch = np.zeros(rd.scratch_bytes, np.uint8)
+            for key, offs, lens, sc in rd.dst:
+                for o, n, x in zip(offs, lens, sc):
+                    (scratch if x else flat[key])[o:o + n] = got[pos:pos + n]
                     pos += n
             total += rd.nbytes
         h = HEADS // dtp
         for name, t in caches.items():
-            layer, g, kv = int(name[1:]), int(name[1:]) % groups, kv_view(t)
+            layer, g = int(name[1:]), int(name[1:]) % groups
             for tok in range(ntok):
                 b = tables[g][tok // dbs]
                 if b < 0:
                     continue
                 for hl in range(h):
-                    k, v = kv[b, hl, tok % dbs].float(), kv[b, hl, dbs + tok % dbs].float()
+                    kk, vv = kv_view(t, b, hl)
+                    k, v = kk[:, tok % dbs].float(), vv[tok % dbs].float()
                     if tok < cached_blocks * dbs:
                         assert not k.any() and not v.any(), "locally cached blocks are never written"
                     else:
@@ -123,9 +130,9 @@ def test_suffix_only_moves_the_new_blocks(pbs, dbs):
     full = run(1, 1, pbs, dbs, ntok=200)
     part = run(1, 1, pbs, dbs, ntok=200, cached_blocks=2)
     bytes_per_token = LAYERS * HEADS * 2 * D * 2
-    piece = min(pbs, dbs)
-    assert full == -(-200 // piece) * piece * bytes_per_token
-    assert part == (-(-200 // piece) * piece - 2 * dbs) * bytes_per_token
+    blocks = -(-200 // pbs)
+    assert full == blocks * pbs * bytes_per_token, "whole owner blocks"
+    assert part == (blocks - 2 * dbs // pbs) * pbs * bytes_per_token, "only owner blocks holding new tokens"
 
 
 def test_hybrid_groups_with_null_blocks():

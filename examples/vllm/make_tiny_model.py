@@ -22,7 +22,7 @@ VOCAB = 1024
 MAX_POS = 2048
 SLIDING_WINDOW = 64
 # name -> (hidden, layers, heads, kv heads, intermediate)
-SIZES = {"tiny": (256, 4, 4, 2, 512), "bench": (1024, 12, 16, 4, 2816)}
+SIZES = {"tiny": (256, 4, 4, 2, 512), "bench": (512, 6, 8, 4, 1024)}
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = SIZES["tiny"]
 
 _CORPUS = (

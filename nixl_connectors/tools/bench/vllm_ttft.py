@@ -99,7 +99,8 @@ def router(prefill: Proc, decode: Proc, log_dir: Path) -> tuple[Proc, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if exe:
         argv = [exe, "--host", "127.0.0.1", "--port", str(port), "--vllm-pd-disaggregation", "--prefill",
-                prefill.url, "--decode", decode.url, "--kv-connector", "nixl", "--log-level", "warning"]
+                prefill.url, "--decode", decode.url, "--kv-connector", "nixl", "--log-level", "warning",
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port())]
         return Proc("vllm-router", argv, log_dir, env, f"http://127.0.0.1:{port}"), "vllm-router"
     argv = [sys.executable, str(REPO / "examples" / "vllm" / "proxy.py"), "--port", str(port), "--prefill",
             prefill.url, "--decode", decode.url]

@@ -3,6 +3,11 @@
 tokenizer trained offline, so vLLM can serve it without any model hub.
 
     python examples/vllm/make_tiny_model.py /tmp/tiny-llama
+    python examples/vllm/make_tiny_model.py --hybrid /tmp/tiny-hybrid   # sliding-window + full layers
+    python examples/vllm/make_tiny_model.py --size bench /tmp/bench-llama # ~200 ms per 1000-token prefill here
+
+`--hybrid` alternates `sliding_attention` / `full_attention` layers (Llama `layer_types`, window
+64 tokens): vLLM's hybrid KV-cache manager then keeps two KV-cache groups.
 """
 from __future__ import annotations
 
@@ -13,13 +18,12 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-HIDDEN = 256
-LAYERS = 4
-HEADS = 4
-KV_HEADS = 2
-INTERMEDIATE = 512
 VOCAB = 1024
 MAX_POS = 2048
+SLIDING_WINDOW = 64
+# name -> (hidden, layers, heads, kv heads, intermediate)
+SIZES = {"tiny": (256, 4, 4, 2, 512), "bench": (512, 6, 8, 4, 1024)}
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = SIZES["tiny"]
 
 _CORPUS = (
     "the quick brown fox jumps over the lazy dog while the cache moves between engines . "
@@ -48,25 +52,31 @@ def _tokenizer(out: Path) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
-def _config(out: Path) -> None:
-    (out / "config.json").write_text(json.dumps({
+def _config(out: Path, size: str, hybrid: bool) -> None:
+    hidden, layers, heads, kv_heads, inter = SIZES[size]
+    cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS,
+        "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
         "vocab_size": VOCAB, "max_position_embeddings": MAX_POS,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
         "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "bos_token_id": 1, "eos_token_id": 2,
-    }, indent=1))
+    }
+    if hybrid:
+        cfg["sliding_window"] = SLIDING_WINDOW
+        cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1,
                                                             "eos_token_id": 2}))
 
 
-def _weights(out: Path, seed: int) -> None:
+def _weights(out: Path, seed: int, size: str) -> None:
     import torch
     from safetensors.torch import save_file
 
+    HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = SIZES[size]  # noqa: N806
     g = torch.Generator().manual_seed(seed)
     hd = HIDDEN // HEADS
 
@@ -90,15 +100,17 @@ def _weights(out: Path, seed: int) -> None:
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def make_tiny_model(out: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(out: str | Path, seed: int = 0, *, size: str = "tiny", hybrid: bool = False) -> Path:
     """Create the model folder (idempotent: an existing complete folder is kept)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}")
     out = Path(out)
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     _tokenizer(out)
-    _config(out)
-    _weights(out, seed)
+    _config(out, size, hybrid)
+    _weights(out, seed, size)
     return out
 
 
@@ -106,8 +118,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out", nargs="?", default="/tmp/tiny-llama")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--hybrid", action="store_true", help="alternate sliding-window and full layers")
     args = ap.parse_args()
-    print(make_tiny_model(args.out, args.seed))
+    print(make_tiny_model(args.out, args.seed, size=args.size, hybrid=args.hybrid))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,30 @@ logger = logging.getLogger(__name__)
 _PEER_UNUSABLE = (PeerLost, ProtocolMismatch, CompatMismatch, Unauthorized)
 
 
+_READER_SEP = "\x1f"
+
+
+def read_done_payload(request_id: str, reader: int = 0, readers: int = 1) -> bytes:
+    """Notification payload a reader sends with its completed read. With several readers of one
+    lease (e.g. two decode TP ranks reading the heads of one prefill rank), the owner releases
+    the lease once all `readers` distinct readers have reported; one reader sends the plain id."""
+    if readers <= 1:
+        return request_id.encode("utf-8")
+    if not 0 <= reader < readers:
+        raise ValueError(f"reader {reader} out of range for {readers} readers")
+    return f"{request_id}{_READER_SEP}{reader}/{readers}".encode("utf-8")
+
+
+def parse_read_done(text: str) -> tuple[str, int, int]:
+    """(request id, reader, readers) of a payload; a plain id is (id, 0, 1)."""
+    rid, sep, tail = text.rpartition(_READER_SEP)
+    if sep:
+        a, slash, b = tail.partition("/")
+        if slash and a.isdigit() and b.isdigit() and 0 <= int(a) < int(b):
+            return rid, int(a), int(b)
+    return text, 0, 1
+
+
 class LeaseEnd(str, Enum):
     """Why a producer lease ended."""
 
@@ -58,6 +82,7 @@ class HeldRequest:
     nbytes: int
     exposed_at: float
     ended: LeaseEnd | None = None
+    readers_done: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -122,7 +147,7 @@ class ProducerBook:
         others = []
         for peer_name, payload in notes:
             try:
-                rid = payload.decode("utf-8")
+                rid, reader, readers = parse_read_done(payload.decode("utf-8"))
             except UnicodeDecodeError:
                 others.append((peer_name, payload))
                 continue
@@ -130,7 +155,8 @@ class ProducerBook:
             if held is None:
                 others.append((peer_name, payload))
                 continue
-            if held.ended is None:
+            held.readers_done.add(reader)
+            if held.ended is None and len(held.readers_done) >= readers:
                 held.ended = LeaseEnd.READ
                 self._release(held)
         return others
@@ -188,6 +214,7 @@ class PendingPull:
     nbytes: int = 0
     seconds: float = 0.0
     cancelled: bool = False
+    ranges: Any = None       # [n, 2] (offset, length) into the lease's stream; None: all of it
 
 
 @dataclass
@@ -237,7 +264,10 @@ class ConsumerBook:
 
         def _go() -> Any:
             peer = self.peer(pull.address)
-            return self._agent.read(peer, pull.local_descs, pull.lease_id, notify=notify)
+            if pull.ranges is None:
+                return self._agent.read(peer, pull.local_descs, pull.lease_id, notify=notify)
+            return self._agent.read(peer, pull.local_descs, pull.lease_id, notify=notify,
+                                    ranges=pull.ranges)
 
         pull.future = self._pool.submit(_go)
 

@@ -1,69 +1,85 @@
-"""Typed settings of `UcxConnector`, read from `kv_transfer_config.kv_connector_extra_config`."""
+"""Typed settings of `UcxConnector`, read from `kv_transfer_config.kv_connector_extra_config`.
+
+The transport settings are the adapter kit's `AgentSettings` (one vocabulary for both engines);
+the connector adds its lease and pull settings. Keys of both live side by side in the extra
+config; unknown keys are an error naming them; `base_port` is a deprecated alias of
+`listen_port_base`. A literal `auth_key` is refused: keys come from an environment variable
+(`auth_key_env`) or a 0600 file (`auth_key_file`), never from a command line.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..kit import AgentSettings, ConfigError, coerce_mapping
+from ..kit.settings import DEPRECATED_ALIASES
+
 logger = logging.getLogger(__name__)
+
+_AGENT_KEYS = frozenset(f.name for f in dataclasses.fields(AgentSettings)) | frozenset(DEPRECATED_ALIASES)
+
+
+@dataclass(frozen=True)
+class PullSettings:
+    """lease_ttl_s: how long prefill keeps a finished request's blocks without a renewal.
+    renew_interval_s: how often decode renews a lease it has not pulled yet.
+    pull_workers: threads that connect / start reads off the engine thread."""
+
+    lease_ttl_s: float = 60.0
+    renew_interval_s: float = 10.0
+    pull_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl_s <= 0 or self.renew_interval_s <= 0:
+            raise ConfigError("lease_ttl_s and renew_interval_s must be > 0")
+        if self.renew_interval_s >= self.lease_ttl_s:
+            raise ConfigError("renew_interval_s must be shorter than lease_ttl_s")
+        if self.pull_workers < 1:
+            raise ConfigError("pull_workers must be >= 1")
 
 
 @dataclass(frozen=True)
 class UcxConnectorConfig:
-    """Settings of one engine's connector.
+    """Settings of one engine's connector: `agent` (transport, see `AgentSettings`) and `pull`."""
 
-    listen_host: interface the per-rank agents listen on (port is always ephemeral unless
-        `base_port` is set; rank r then listens on base_port + r).
-    advertise_host: host written into kv_transfer_params (defaults to listen_host).
-    auth_key: shared secret (str) for the HMAC handshake; None disables auth.
-    lease_ttl_s: how long prefill keeps a finished request's blocks without a renewal.
-    renew_interval_s: how often decode renews a lease it has not pulled yet.
-    timeout_s: deadline of connect/read/renew calls.
-    transports: transport.TransportSet value ("auto", "tcp", "shm", "cuda").
-    pull_workers: threads that connect/start reads off the engine thread.
-    """
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    pull: PullSettings = field(default_factory=PullSettings)
 
-    listen_host: str = "127.0.0.1"
-    advertise_host: str | None = None
-    base_port: int = 0
-    auth_key: str | None = None
-    lease_ttl_s: float = 60.0
-    renew_interval_s: float = 10.0
-    timeout_s: float = 30.0
-    transports: str = "auto"
-    pull_workers: int = 2
-
-    def __post_init__(self) -> None:
-        if self.lease_ttl_s <= 0 or self.renew_interval_s <= 0 or self.timeout_s <= 0:
-            raise ValueError("lease_ttl_s, renew_interval_s and timeout_s must be > 0")
-        if self.renew_interval_s >= self.lease_ttl_s:
-            raise ValueError("renew_interval_s must be shorter than lease_ttl_s")
-        if not 0 <= self.base_port <= 65535:
-            raise ValueError("base_port out of range")
-        if self.pull_workers < 1:
-            raise ValueError("pull_workers must be >= 1")
-
+    # short-hands used all over the adapter
     @property
     def host(self) -> str:
-        return self.advertise_host or self.listen_host
+        return self.agent.host
+
+    @property
+    def timeout_s(self) -> float:
+        return self.agent.timeout_s
+
+    @property
+    def lease_ttl_s(self) -> float:
+        return self.pull.lease_ttl_s
+
+    @property
+    def renew_interval_s(self) -> float:
+        return self.pull.renew_interval_s
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "UcxConnectorConfig":
-        """Build from `kv_connector_extra_config`; unknown keys are an error naming the key."""
+        """Build from `kv_connector_extra_config` (raises `ConfigError`, a ValueError)."""
         extra = dict(extra or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(k for k in extra if k not in known)
+        if "auth_key" in extra:
+            raise ConfigError("UcxConnector: a literal 'auth_key' is not accepted (it would sit on "
+                              "the command line); name an environment variable with 'auth_key_env' "
+                              "or a mode-0600 file with 'auth_key_file'")
+        agent_part = {k: v for k, v in extra.items() if k in _AGENT_KEYS}
+        pull_part = {k: v for k, v in extra.items() if k not in _AGENT_KEYS}
+        pull_known = {f.name for f in dataclasses.fields(PullSettings)}
+        unknown = sorted(k for k in pull_part if k not in pull_known)
         if unknown:
-            raise ValueError(f"unknown UcxConnector settings {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        for k, v in extra.items():
-            t = known[k].type
-            if v is None:
-                kwargs[k] = None
-            elif "float" in str(t):
-                kwargs[k] = float(v)
-            elif "int" in str(t):
-                kwargs[k] = int(v)
-            else:
-                kwargs[k] = str(v)
-        return cls(**kwargs)
+            raise ConfigError(f"unknown UcxConnector settings {unknown}; known: "
+                              f"{sorted(pull_known | _AGENT_KEYS)}")
+        agent = AgentSettings(**coerce_mapping(AgentSettings, agent_part, aliases=DEPRECATED_ALIASES,
+                                               what="UcxConnector settings"))
+        pull = PullSettings(**coerce_mapping(PullSettings, pull_part, what="UcxConnector settings"))
+        return cls(agent, pull)

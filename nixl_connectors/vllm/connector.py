@@ -12,6 +12,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorTransferResults,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 
 from .config import UcxConnectorConfig
@@ -34,8 +35,11 @@ def _tp_rank() -> int:
     return 0
 
 
-class UcxConnector(KVConnectorBase_V1):
-    """Disaggregated prefill/decode: decode pulls prefill's blocks by lease over UCX."""
+class UcxConnector(KVConnectorBase_V1, SupportsHMA):
+    """Disaggregated prefill/decode: decode pulls prefill's blocks by lease over UCX.
+
+    Supports vLLM's hybrid KV-cache manager (several KV-cache groups, e.g. sliding-window plus
+    full-attention layers): block ids travel per group."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: Any = None):
@@ -47,12 +51,10 @@ class UcxConnector(KVConnectorBase_V1):
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler import UcxScheduler
-            self._scheduler = UcxScheduler(vllm_config, self.engine_id, self.cfg)
+            self._scheduler = UcxScheduler(vllm_config, self.engine_id, self.cfg, kv_cache_config)
         else:
             from .worker import UcxWorker
-            num_blocks = getattr(kv_cache_config, "num_blocks", None)
-            self._worker = UcxWorker(vllm_config, self.engine_id, self.cfg, _tp_rank(),
-                                     num_blocks)
+            self._worker = UcxWorker(vllm_config, self.engine_id, self.cfg, _tp_rank(), kv_cache_config)
 
     # -- scheduler side ---------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
@@ -65,9 +67,13 @@ class UcxConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         mgr = self._kv_cache_manager
 
-        def block_ids_of(rid: str) -> list[int]:
-            return list(mgr.get_block_ids(rid)[0]) if mgr is not None else []
-        return self._scheduler.build_connector_meta(scheduler_output, block_ids_of)
+        def table_of(rid: str) -> list[list[int]]:
+            """The request's block ids per group, -1 for null blocks."""
+            if mgr is None:
+                return []
+            return [[-1 if b.is_null else b.block_id for b in group]
+                    for group in mgr.get_blocks(rid).blocks]
+        return self._scheduler.build_connector_meta(scheduler_output, table_of)
 
     def on_new_request(self, request: "Request") -> None:
         self._scheduler.on_new_request(request)
@@ -76,7 +82,10 @@ class UcxConnector(KVConnectorBase_V1):
         self._scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: "Request", block_ids: list[int]):
-        return self._scheduler.request_finished(request, block_ids)
+        return self._scheduler.request_finished(request, (list(block_ids),))
+
+    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]):
+        return self._scheduler.request_finished(request, tuple(list(g) for g in block_ids))
 
     def set_xfer_handshake_metadata(
             self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:

@@ -17,14 +17,25 @@ No I/O here: `plan_segments` works on shapes and strides, `segments_for` on tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from itertools import product
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..handoff.layout_transform import PagedLayout
+
 
 class LayoutError(ValueError):
     """The KV tensors cannot be described as blocks of opaque bytes."""
+
+
+class BlockKind(str, Enum):
+    """What the inside of one block of a segment looks like."""
+
+    HEADS_OUTER = "HND"    # [heads, block_size, ...]: heads split for TP, tokens for block sizes
+    TOKENS_OUTER = "NHD"   # [block_size, ...]: tokens split for block sizes, heads not separable
+    OPAQUE = "opaque"      # unknown: whole blocks only (same block size and TP on both sides)
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,8 @@ class Segment:
     """Blocks of one layer (and one outer index, e.g. K or V) inside one storage.
 
     `storage_key` identifies the storage (registered once as a region); offsets are bytes
-    from the start of that storage.
+    from the start of that storage. `paged` describes a block as `[heads, block_size,
+    head_bytes]` (heads = 1 unless `kind` is HEADS_OUTER); `group` is the KV-cache group.
     """
 
     layer: str
@@ -40,6 +52,29 @@ class Segment:
     base_offset: int
     stride: int
     block_bytes: int
+    kind: BlockKind = BlockKind.OPAQUE
+    paged: PagedLayout | None = None
+    group: int = 0
+
+
+def block_kind(inner: Sequence[int], itemsize: int, local_heads: int | None,
+               block_size: int | None, head_parts: int = 1,
+               part_rows: tuple[int, ...] = ()) -> tuple[BlockKind, PagedLayout | None]:
+    """Kind and paged shape of a block whose dims (after the block dim) are `inner`.
+    `head_parts`: how many parts (K, V) a head's slab of a HEADS_OUTER block is split into,
+    each holding all tokens of the block (vLLM CPU attention: 2); `part_rows`: rows of a
+    channel-major part (vLLM CPU attention keeps K as [head_size, block_size])."""
+    elems = int(np.prod(inner, dtype=np.int64)) if len(inner) else 1
+    if block_size and local_heads and len(inner) >= 3 and inner[0] == local_heads \
+            and inner[1] == block_size:
+        return BlockKind.HEADS_OUTER, PagedLayout(local_heads, block_size,
+                                                  elems // (local_heads * block_size) * itemsize, head_parts,
+                                                  part_rows)
+    if block_size and len(inner) >= 2 and inner[0] == block_size:
+        return BlockKind.TOKENS_OUTER, PagedLayout(1, block_size, elems // block_size * itemsize)
+    if block_size and (elems * itemsize) % block_size == 0:
+        return BlockKind.OPAQUE, PagedLayout(1, block_size, elems * itemsize // block_size)
+    return BlockKind.OPAQUE, None
 
 
 def find_block_dim(shape: Sequence[int], num_blocks: int, hint: int | None = None) -> int:
@@ -93,19 +128,25 @@ def plan_segments(shape: Sequence[int], strides: Sequence[int], itemsize: int,
 
 
 def segments_for(kv_caches: Mapping[str, "object"], num_blocks: int,
-                 block_dim_hint: int | None = None) -> list[Segment]:
-    """Segments of every layer tensor (torch tensors), layers sorted by name."""
+                 block_dim_hint: int | None = None, *, local_heads: int | None = None,
+                 block_size: int | None = None, head_parts: int = 1, part_rows: tuple[int, ...] = (),
+                 group_of: Mapping[str, int] | None = None) -> list[Segment]:
+    """Segments of every layer tensor (torch tensors), by group, then layer name."""
     out: list[Segment] = []
-    for name in sorted(kv_caches):
+    group_of = group_of or {}
+    for name in sorted(kv_caches, key=lambda n: (group_of.get(n, 0), n)):
         t = kv_caches[name]
         tensors = list(t) if isinstance(t, (list, tuple)) else [t]
         for sub in tensors:
             d = find_block_dim(tuple(sub.shape), num_blocks, block_dim_hint)
             key = sub.untyped_storage().data_ptr()
+            kind, paged = block_kind(tuple(sub.shape)[d + 1:], sub.element_size(), local_heads,
+                                     block_size, head_parts, part_rows)
             for base, stride, nbytes in plan_segments(
                     tuple(sub.shape), tuple(sub.stride()), sub.element_size(),
                     sub.storage_offset() * sub.element_size(), d):
-                out.append(Segment(name, key, base, stride, nbytes))
+                out.append(Segment(name, key, base, stride, nbytes, kind, paged,
+                                   group_of.get(name, 0)))
     return out
 
 
@@ -145,45 +186,4 @@ def build_descs(segments: Sequence[Segment], regions: Mapping[int, "object"],
     parts = [Descs.from_blocks(regions[s.storage_key], np.asarray(block_ids, dtype=np.int64),
                                s.block_bytes, base_offset=s.base_offset, stride=s.stride)
              for s in segments]
-    return Descs.concat(parts)
-
-
-def split_local_blocks(num_remote_blocks: int, local_block_ids: Sequence[int],
-                       num_local_cached: int) -> tuple[int, list[int]]:
-    """Where each remote block lands locally.
-
-    The remote lease holds `num_remote_blocks` blocks of the whole prompt. Locally the first
-    `num_local_cached` of them are already in the prefix cache and must not be overwritten
-    (they may be shared); they go to scratch. Returns (number of scratch blocks, local ids
-    of the rest). `local_block_ids` are the ids allocated for the request, cached first.
-    """
-    if num_local_cached < 0 or num_local_cached > num_remote_blocks:
-        raise LayoutError("bad number of locally cached blocks")
-    rest = list(local_block_ids[num_local_cached:num_remote_blocks])
-    if len(rest) != num_remote_blocks - num_local_cached:
-        raise LayoutError(f"{len(local_block_ids)} local blocks cannot hold "
-                          f"{num_remote_blocks} remote ones")
-    return num_local_cached, rest
-
-
-def build_local_descs(segments: Sequence[Segment], regions: Mapping[int, "object"],
-                      block_ids: Sequence[int], scratch_region=None, num_scratch: int = 0):
-    """Reader-side descriptors: the first `num_scratch` blocks of each segment land in
-    `scratch_region` (bytes `[k*bytes_per_block)`), the rest in `block_ids`, stream order."""
-    from transport import Descs
-
-    if num_scratch == 0:
-        return build_descs(segments, regions, block_ids)
-    if scratch_region is None:
-        raise LayoutError("scratch blocks requested without a scratch region")
-    parts = []
-    scratch_off = 0
-    ids = np.asarray(block_ids, dtype=np.int64)
-    for s in segments:
-        offs = scratch_off + np.arange(num_scratch, dtype=np.int64) * s.block_bytes
-        parts.append(Descs.from_ranges(scratch_region, offs, np.full(num_scratch, s.block_bytes)))
-        scratch_off += num_scratch * s.block_bytes
-        if ids.size:
-            parts.append(Descs.from_blocks(regions[s.storage_key], ids, s.block_bytes,
-                                           base_offset=s.base_offset, stride=s.stride))
     return Descs.concat(parts)

@@ -10,24 +10,28 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from .params import RemotePrefill
+from .pullplan import LocalTarget
 
 
 @dataclass
 class RecvSpec:
-    """Decode: pull `remote` into `local_block_ids`; the first `num_scratch` remote blocks are
-    already in the local prefix cache and land in scratch."""
+    """Decode: pull what `target` lacks from `remote` (see pullplan.py). `remote` is None and
+    `error` says why when the request's kv_transfer_params were unusable: the worker then fails
+    the request into the load-failure policy at once. `load_block_ids` are the local blocks the
+    pull fills (reported as load errors if it fails)."""
 
-    remote: RemotePrefill
-    local_block_ids: list[int]
-    num_scratch: int
+    remote: RemotePrefill | None
+    target: LocalTarget | None
+    load_block_ids: tuple[int, ...] = ()
+    error: str | None = None
 
 
 @dataclass
 class UcxConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, once per step."""
 
-    # producer (prefill)
-    to_expose: dict[str, list[int]] = field(default_factory=dict)
+    # producer (prefill): block ids per KV-cache group
+    to_expose: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     to_release: list[str] = field(default_factory=list)
     # consumer (decode)
     to_recv: dict[str, RecvSpec] = field(default_factory=dict)

@@ -1,9 +1,12 @@
 """`kv_transfer_params` contract, compatible with vLLM's NixlConnector keys.
 
 Prefill receives `{"do_remote_decode": true}`; its `request_finished` returns the params a
-router forwards to decode (`do_remote_prefill`, `remote_engine_id`, `remote_request_id`,
-`remote_block_ids`, `remote_host`, `remote_port`, `tp_size`, ...) plus our own
-`remote_agents` (one "host:port" per prefill TP rank) and `remote_lease_ids` (one per rank).
+router forwards to decode: NixlConnector's `do_remote_prefill`, `remote_engine_id`,
+`remote_request_id`, `remote_block_ids` (a flat list, or one list per KV-cache group for
+hybrid models), `remote_host`, `remote_port`, `remote_num_tokens`, `tp_size`, plus ours:
+`remote_agents` (one "host:port" per prefill TP rank), `remote_lease_ids` (one per rank),
+`remote_block_size` and `transfer_mode`. Parsing is strict: a malformed field is a
+`ParamsError` naming it, which fails that one request (never the engine).
 """
 from __future__ import annotations
 
@@ -28,8 +31,53 @@ class Key(str, Enum):
     TRANSFER_MODE = "transfer_mode"
 
 
+TRANSFER_MODE = "ucx_pull"
+MAX_TP = 1024
+
+
 class ParamsError(ValueError):
-    """kv_transfer_params are missing a key or carry a wrong type."""
+    """kv_transfer_params are missing a key or carry a wrong type or value."""
+
+
+def _int(params: Mapping[str, Any], key: Key, *, lo: int, hi: int | None = None,
+         default: int | None = None) -> int:
+    v = params.get(key.value, default)
+    if v is None:
+        raise ParamsError(f"kv_transfer_params lack {key.value!r}")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ParamsError(f"kv_transfer_params {key.value!r} must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise ParamsError(f"kv_transfer_params {key.value!r} = {v} out of range")
+    return v
+
+
+def _str(params: Mapping[str, Any], key: Key) -> str:
+    v = params.get(key.value)
+    if not isinstance(v, str) or not v:
+        raise ParamsError(f"kv_transfer_params {key.value!r} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _str_list(v: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) and x for x in v):
+        raise ParamsError(f"kv_transfer_params {name!r} must be a non-empty list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _block_list(v: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in v):
+        raise ParamsError(f"kv_transfer_params {name!r} must hold lists of block ids >= 0")
+    return tuple(v)
+
+
+def _groups(v: Any) -> tuple[tuple[int, ...], ...]:
+    """Flat list (one group) or one list per KV-cache group."""
+    if not isinstance(v, (list, tuple)):
+        raise ParamsError(f"kv_transfer_params 'remote_block_ids' must be a list, got {v!r}")
+    if v and all(isinstance(g, (list, tuple)) for g in v):
+        return tuple(_block_list(g, "remote_block_ids") for g in v)
+    return (_block_list(v, "remote_block_ids"),)
 
 
 @dataclass(frozen=True)
@@ -38,39 +86,50 @@ class RemotePrefill:
 
     engine_id: str
     request_id: str
-    block_ids: tuple[int, ...]
-    agents: tuple[str, ...]
-    lease_ids: tuple[str, ...]
+    group_block_ids: tuple[tuple[int, ...], ...]   # one tuple per KV-cache group
+    agents: tuple[str, ...]                        # one per prefill TP rank
+    lease_ids: tuple[str, ...]                     # one per prefill TP rank
     num_tokens: int
     tp_size: int
+    block_size: int | None                         # None: not sent (assume ours)
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        return self.group_block_ids[0]
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> "RemotePrefill":
-        try:
-            block_ids = params[Key.REMOTE_BLOCK_IDS.value]
-            if block_ids and isinstance(block_ids[0], (list, tuple)):  # per-group (HMA) form
-                block_ids = block_ids[0]
-            agents = params.get(Key.REMOTE_AGENTS.value) or [
-                f"{params[Key.REMOTE_HOST.value]}:{int(params[Key.REMOTE_PORT.value])}"]
-            leases = params[Key.REMOTE_LEASE_IDS.value]
-            out = cls(str(params[Key.REMOTE_ENGINE_ID.value]),
-                      str(params[Key.REMOTE_REQUEST_ID.value]),
-                      tuple(int(b) for b in block_ids),
-                      tuple(str(a) for a in agents), tuple(str(x) for x in leases),
-                      int(params.get(Key.REMOTE_NUM_TOKENS.value) or 0),
-                      int(params.get(Key.TP_SIZE.value) or len(agents)))
-        except KeyError as e:
-            raise ParamsError(f"kv_transfer_params lack {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ParamsError(f"bad kv_transfer_params: {e}") from None
-        if len(out.lease_ids) != len(out.agents):
-            raise ParamsError(f"{len(out.agents)} remote agents but {len(out.lease_ids)} leases")
-        return out
+        if not isinstance(params, Mapping):
+            raise ParamsError(f"kv_transfer_params must be a mapping, got {type(params).__name__}")
+        if Key.REMOTE_BLOCK_IDS.value not in params:
+            raise ParamsError("kv_transfer_params lack 'remote_block_ids'")
+        groups = _groups(params[Key.REMOTE_BLOCK_IDS.value])
+        if params.get(Key.REMOTE_AGENTS.value) is not None:
+            agents = _str_list(params[Key.REMOTE_AGENTS.value], Key.REMOTE_AGENTS.value)
+        else:
+            host = _str(params, Key.REMOTE_HOST)
+            agents = (f"{host}:{_int(params, Key.REMOTE_PORT, lo=1, hi=65535)}",)
+        for a in agents:
+            host, sep, port = a.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ParamsError(f"kv_transfer_params 'remote_agents' entry {a!r} is not host:port")
+        if Key.REMOTE_LEASE_IDS.value not in params:
+            raise ParamsError("kv_transfer_params lack 'remote_lease_ids' (the prefill instance "
+                              "finished before its lease ids were known)")
+        leases = _str_list(params[Key.REMOTE_LEASE_IDS.value], Key.REMOTE_LEASE_IDS.value)
+        tp = _int(params, Key.TP_SIZE, lo=1, hi=MAX_TP, default=len(agents))
+        if not len(agents) == len(leases) == tp:
+            raise ParamsError(f"tp_size {tp}, {len(agents)} remote agents and {len(leases)} lease ids "
+                              "must agree")
+        bs = params.get(Key.REMOTE_BLOCK_SIZE.value)
+        block_size = None if bs is None else _int(params, Key.REMOTE_BLOCK_SIZE, lo=1, hi=1 << 20)
+        return cls(_str(params, Key.REMOTE_ENGINE_ID), _str(params, Key.REMOTE_REQUEST_ID), groups,
+                   agents, leases, _int(params, Key.REMOTE_NUM_TOKENS, lo=0, default=0), tp, block_size)
 
 
 def wants_remote_prefill(params: Mapping[str, Any] | None) -> bool:
-    return bool(params) and bool(params.get(Key.DO_REMOTE_PREFILL.value))
+    return isinstance(params, Mapping) and bool(params.get(Key.DO_REMOTE_PREFILL.value))
 
 
 def wants_remote_decode(params: Mapping[str, Any] | None) -> bool:
-    return bool(params) and bool(params.get(Key.DO_REMOTE_DECODE.value))
+    return isinstance(params, Mapping) and bool(params.get(Key.DO_REMOTE_DECODE.value))

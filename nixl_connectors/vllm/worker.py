@@ -1,58 +1,80 @@
 """Worker side of UcxConnector: one transport `Agent` per worker rank.
 
-Producer: exposes blocks named by the scheduler right after the forward pass that computed
-them (`wait_for_save`), and reports requests whose leases ended as `finished_sending`.
-Consumer: starts pulls, renews and dismisses remote leases, and reports settled pulls as
-`finished_recving`; failed pulls also go to `failed_recving` and their blocks to
-`get_block_ids_with_load_errors()`.
+Producer: exposes the blocks named by the scheduler (per KV-cache group, one lease per request)
+right after the forward pass that computed them (`wait_for_save`), and reports requests whose
+leases ended as `finished_sending`.
+Consumer: plans each pull (pullplan.py: which prefill ranks hold its heads, which byte ranges it
+lacks), starts the reads, renews and dismisses remote leases, and reports settled pulls as
+`finished_recving`; failed pulls (and unusable hand-offs) also go to `failed_recving`, and, for
+single-group models, their blocks to `get_block_ids_with_load_errors()`.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-import numpy as np
-
-from ..handoff.lifecycle import ConsumerBook, LeaseEnd, PendingPull, ProducerBook
+from ..handoff.lifecycle import ConsumerBook, LeaseEnd, PendingPull, ProducerBook, read_done_payload
+from ..kit import make_agent
 from . import layout
-from .compat import compat_from_vllm, layout_signature
+from .compat import compat_from_vllm
 from .config import UcxConnectorConfig
-from .metadata import UcxConnectorMetadata, UcxHandshakeMetadata, UcxWorkerMetadata
+from .metadata import RecvSpec, UcxConnectorMetadata, UcxHandshakeMetadata, UcxWorkerMetadata
 from .params import RemotePrefill
+from .pullplan import PlanError, RemoteSide, local_descs, owned_prefill_ranks, plan_reads, readers_of
 from .stats import UcxConnectorStats
 
 logger = logging.getLogger(__name__)
 
+_PART = "\x1f"  # pull part key: "<request id>\x1f<prefill rank>"
+
+
+class PullPhase(str, Enum):
+    PULLING = "pulling"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class PullRecord:
+    """One request's pull on this rank: one part per prefill rank it reads from."""
+
+    request_id: str
+    load_block_ids: tuple[int, ...]
+    parts: set[str] = field(default_factory=set)
+    phase: PullPhase = PullPhase.PULLING
+
 
 class UcxWorker:
     def __init__(self, vllm_config: Any, engine_id: str, cfg: UcxConnectorConfig,
-                 tp_rank: int, num_blocks: int | None = None):
+                 tp_rank: int, kv_cache_config: Any = None):
         self.vllm_config = vllm_config
         self.engine_id = engine_id
         self.cfg = cfg
         self.tp_rank = tp_rank
-        self.num_blocks = num_blocks
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.kv_cache_config = kv_cache_config
+        self.num_blocks = getattr(kv_cache_config, "num_blocks", None)
         self.agent: Any = None
         self.producer: ProducerBook | None = None
         self.consumer: ConsumerBook | None = None
         self.segments: list[layout.Segment] = []
         self.regions: dict[int, Any] = {}
-        self._scratch: np.ndarray | None = None
-        self._scratch_region: Any = None
+        self.total_heads = 0
+        self.num_groups = 1
         self._is_cuda = False
         self._stats = UcxConnectorStats()
         self._leases_this_step: dict[str, dict[int, str]] = {}
         self._freeable: set[str] = set()
         self._finished_seen: set[str] = set()
-        self._recv_blocks: dict[str, list[int]] = {}
+        self._pulls: dict[str, PullRecord] = {}
         self._load_errors: set[int] = set()
-        self._failed_recving: set[str] = set()
-        self._done_recving: set[str] = set()
+        self._settled: dict[str, PullPhase] = {}
+        self._scratch: list[tuple[Any, Any]] = []  # (buffer, region), largest last; kept alive
 
     # -- start-up ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        from transport import Agent, AgentConfig
-
         first = next(iter(kv_caches.values()))
         first = first[0] if isinstance(first, (list, tuple)) else first
         self._is_cuda = first.device.type == "cuda"
@@ -60,34 +82,36 @@ class UcxWorker:
             from .cpu_amx import request_amx
 
             request_amx()  # vLLM's CPU AMX attention needs it before decode's first step (cpu_amx.py)
-        num_blocks = self.num_blocks
-        if num_blocks is None:
+        if self.num_blocks is None:
             raise ValueError("number of KV blocks unknown")
-        self.segments = layout.segments_for(kv_caches, num_blocks)
-        shapes = {n: tuple((t[0] if isinstance(t, (list, tuple)) else t).shape)
-                  for n, t in kv_caches.items()}
-        bdim = layout.find_block_dim(next(iter(shapes.values())), num_blocks)
-        compat = compat_from_vllm(
-            self.vllm_config, kv_layout=f"{first.device.type}:{layout_signature(shapes, bdim)}",
-            tp_rank=self.tp_rank, bytes_per_block=layout.bytes_per_block(self.segments))
-        port = self.cfg.base_port + self.tp_rank if self.cfg.base_port else 0
-        acfg = AgentConfig(listen=f"{self.cfg.listen_host}:{port}",
-                           auth_key=self.cfg.auth_key.encode() if self.cfg.auth_key else None,
-                           timeout_s=self.cfg.timeout_s, compat=compat,
-                           transports=self.cfg.transports)
-        self.agent = Agent(f"{self.engine_id}-tp{self.tp_rank}", acfg)
+        mc, pc = self.vllm_config.model_config, self.vllm_config.parallel_config
+        groups = getattr(self.kv_cache_config, "kv_cache_groups", None) or ()
+        group_of = {name: g for g, grp in enumerate(groups) for name in grp.layer_names}
+        self.num_groups = max(1, len(groups))
+        self.total_heads = int(mc.get_total_num_kv_heads())
+        # vLLM's CPU attention views a [B, H, N, 2*D] layer as [B, H, 2N, D] and chunks it: per
+        # head, the block's keys, then its values (two parts); its cache write keeps the keys
+        # transposed ([D, N] elements: D rows of N tokens) and the values token-major ([N, D]).
+        self.segments = layout.segments_for(
+            kv_caches, self.num_blocks, local_heads=int(mc.get_num_kv_heads(pc)),
+            block_size=int(self.vllm_config.cache_config.block_size), group_of=group_of,
+            head_parts=1 if self._is_cuda else 2,
+            part_rows=() if self._is_cuda else (int(mc.get_head_size()), 1))
+        compat = compat_from_vllm(self.vllm_config, device=first.device.type, segments=self.segments,
+                                  kv_cache_config=self.kv_cache_config)
+        self.agent = make_agent(f"{self.engine_id}-tp{self.tp_rank}", self.cfg.agent, self.tp_rank, compat)
         for key, tensor in layout.distinct_storages(kv_caches).items():
             self.regions[key] = self.agent.register(tensor, whole_storage=True)
         self.producer = ProducerBook(self.agent, self.cfg.lease_ttl_s)
-        self.consumer = ConsumerBook(self.agent, self.cfg.lease_ttl_s, self.cfg.pull_workers)
-        logger.info("UcxConnector worker %s rank %d: agent at %s, %d layers, %d segments, "
-                    "%d bytes per block", self.engine_id, self.tp_rank, self.address,
-                    len(kv_caches), len(self.segments), layout.bytes_per_block(self.segments))
+        self.consumer = ConsumerBook(self.agent, self.cfg.lease_ttl_s, self.cfg.pull.pull_workers)
+        logger.info("UcxConnector worker %s rank %d: agent at %s, %d layers, %d groups, %d segments "
+                    "(%s), %d bytes per block", self.engine_id, self.tp_rank, self.address, len(kv_caches),
+                    self.num_groups, len(self.segments), self.segments[0].kind.value if self.segments else "-",
+                    layout.bytes_per_block(self.segments))
 
     @property
     def address(self) -> str:
-        host, _, port = self.agent.address.rpartition(":")
-        return f"{self.cfg.host}:{port}"
+        return self.cfg.agent.advertised(self.agent.address)
 
     def handshake_metadata(self) -> UcxHandshakeMetadata:
         return UcxHandshakeMetadata(self.tp_rank, self.address)
@@ -97,7 +121,8 @@ class UcxWorker:
         for rid in meta.to_release:
             self.producer.abort(rid)
         for rid in meta.to_cancel:
-            self.consumer.cancel(rid)
+            for key in self._pulls[rid].parts if rid in self._pulls else ():
+                self.consumer.cancel(key)
         for remote in meta.to_renew:
             self._renew(remote)
         for remote in meta.to_dismiss:
@@ -105,67 +130,114 @@ class UcxWorker:
         for rid, spec in meta.to_recv.items():
             self._start_pull(rid, spec)
 
-    def _my(self, remote: RemotePrefill) -> tuple[str, str]:
-        return remote.agents[self.tp_rank], remote.lease_ids[self.tp_rank]
+    def _owned(self, remote: RemotePrefill) -> list[int]:
+        return owned_prefill_ranks(remote.tp_size, self.tp_size, self.tp_rank)
 
     def _renew(self, remote: RemotePrefill) -> None:
-        addr, lease = self._my(remote)
-        fut = self.consumer.renew(addr, lease)
-        fut.add_done_callback(lambda f: f.exception() and logger.warning(
-            "renew of lease %s at %s failed: %s", lease, addr, f.exception()))
+        for p in self._owned(remote):
+            addr, lease = remote.agents[p], remote.lease_ids[p]
+            fut = self.consumer.renew(addr, lease)
+            fut.add_done_callback(lambda f, lease=lease, addr=addr: f.exception() and logger.warning(
+                "renew of lease %s at %s failed: %s", lease, addr, f.exception()))
 
-    def _dismiss(self, remote: RemotePrefill) -> None:
-        """Tell the owner we will not read (it ends the lease at once)."""
-        addr, _ = self._my(remote)
-        payload = remote.request_id.encode()
-
+    def _notify(self, addr: str, payload: bytes, why: str) -> None:
         def _go() -> None:
             self.agent.notify(self.consumer.peer(addr), payload)
         fut = self.consumer.run_async(_go)
         fut.add_done_callback(lambda f: f.exception() and logger.info(
-            "dismiss of %s at %s failed (its lease will expire): %s", remote.request_id, addr,
-            f.exception()))
+            "%s notification to %s failed (the lease will expire): %s", why, addr, f.exception()))
 
-    def _start_pull(self, rid: str, spec: Any) -> None:
-        addr, lease = self._my(spec.remote)
-        self._recv_blocks[rid] = list(spec.local_block_ids)
+    def _dismiss(self, remote: RemotePrefill) -> None:
+        """Tell the owners we will not read (they end the leases at once)."""
+        for p in self._owned(remote):
+            self._notify(remote.agents[p], remote.request_id.encode(), "dismiss")
+
+    def _plan(self, spec: RecvSpec):
+        if spec.error is not None or spec.remote is None or spec.target is None:
+            raise PlanError(spec.error or "no remote prefill")
+        remote = spec.remote
+        side = RemoteSide(remote.tp_size, remote.block_size or self.segments[0].paged.block_size,
+                          tuple(len(g) for g in remote.group_block_ids))
+        return plan_reads(self.segments, spec.target, side, total_heads=self.total_heads,
+                          local_tp=self.tp_size, rank=self.tp_rank)
+
+    def _start_pull(self, rid: str, spec: RecvSpec) -> None:
+        rec = PullRecord(rid, spec.load_block_ids)
+        self._pulls[rid] = rec
         try:
-            scratch = self._scratch_for(spec.num_scratch)
-            local = layout.build_local_descs(self.segments, self.regions, spec.local_block_ids,
-                                             scratch, spec.num_scratch)
-        except Exception as e:  # noqa: BLE001 - bad plan is a load failure, not a crash
-            logger.error("request %s: cannot plan the pull: %s", rid, e)
-            self._on_failed(rid)
+            reads = self._plan(spec)
+            readers = readers_of(self.total_heads, spec.remote.tp_size, self.tp_size)
+            parts = []
+            for r in reads:
+                payload = read_done_payload(spec.remote.request_id, readers[r.prefill_rank].index(self.tp_rank),
+                                            len(readers[r.prefill_rank]))
+                parts.append((r, payload, local_descs(r, self.regions, self._scratch_region(r.scratch_bytes))
+                              if r.nbytes else None))
+        except Exception as e:  # noqa: BLE001 - any planning error fails this request only
+            logger.error("request %s: cannot pull: %s", rid, e)
+            if spec.remote is not None:
+                self._dismiss(spec.remote)
+            self._mark(rec, failed=True)
             return
-        self.consumer.start(PendingPull(rid, addr, lease, local, spec.local_block_ids),
-                            notify=spec.remote.request_id.encode())
+        for r, payload, descs in parts:
+            addr, lease = spec.remote.agents[r.prefill_rank], spec.remote.lease_ids[r.prefill_rank]
+            if descs is None:  # nothing of this rank is missing: just let its owner release
+                self._notify(addr, payload, "read-done")
+                continue
+            key = f"{rid}{_PART}{r.prefill_rank}"
+            rec.parts.add(key)
+            self.consumer.start(PendingPull(key, addr, lease, descs, spec.load_block_ids, ranges=r.ranges),
+                                notify=payload)
+        if not rec.parts:
+            self._mark(rec, failed=False)
 
-    def _scratch_for(self, num_blocks: int) -> Any:
-        if num_blocks == 0:
+    def _scratch_region(self, nbytes: int) -> Any:
+        """A registered scratch buffer of at least `nbytes` (bytes that have no place here land in
+        it; concurrent pulls may share it). Older, smaller buffers stay registered: a pull still
+        in flight may write them."""
+        if nbytes == 0:
             return None
-        need = num_blocks * layout.bytes_per_block(self.segments)
-        if self._scratch is None or self._scratch.nbytes < need:
+        if not self._scratch or self._scratch[-1][1].nbytes < nbytes:
             if self._is_cuda:
                 import torch
-                self._scratch = torch.empty(need, dtype=torch.uint8, device="cuda")
+                buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
             else:
-                self._scratch = np.empty(need, dtype=np.uint8)
-            self._scratch_region = self.agent.register(self._scratch)
-        return self._scratch_region
+                import numpy as np
+                buf = np.empty(nbytes, dtype=np.uint8)
+            self._scratch.append((buf, self.agent.register(buf)))
+        return self._scratch[-1][1]
+
+    def _mark(self, rec: PullRecord, failed: bool) -> None:
+        """A part of `rec` settled (or none was started); report it once no part is in flight."""
+        if failed and rec.phase is not PullPhase.FAILED:
+            rec.phase = PullPhase.FAILED
+            self._stats.add("read_failures")
+            if self.num_groups == 1:  # vLLM maps block-level errors for one group only
+                self._load_errors.update(rec.load_block_ids)
+        if not rec.parts:
+            if rec.phase is PullPhase.PULLING:
+                rec.phase = PullPhase.DONE
+            self._settled[rec.request_id] = rec.phase
+            self._pulls.pop(rec.request_id, None)
 
     def wait_for_save(self, meta: UcxConnectorMetadata | None) -> None:
         """After the forward pass: expose the blocks that it just completed."""
         if meta is None or not meta.to_expose:
             return
         if self._is_cuda:
-            import torch
-            torch.cuda.current_stream().synchronize()
-        for rid, block_ids in meta.to_expose.items():
-            if not block_ids:
-                self.producer.hold_nothing(rid)
-                continue
+            from transport.cuda_sync import wait_for_engine_writes
+
+            wait_for_engine_writes()
+        for rid, groups in meta.to_expose.items():
             try:
-                descs = layout.build_descs(self.segments, self.regions, block_ids)
+                parts = [layout.build_descs([s for s in self.segments if s.group == g], self.regions, ids)
+                         for g, ids in enumerate(groups)]
+                from transport import Descs
+
+                descs = Descs.concat(parts)
+                if descs.nbytes == 0:
+                    self.producer.hold_nothing(rid)
+                    continue
                 held = self.producer.hold(rid, descs)
             except Exception as e:  # noqa: BLE001
                 logger.error("request %s: expose failed: %s", rid, e)
@@ -188,22 +260,18 @@ class UcxWorker:
         self._freeable -= sending
         self._finished_seen -= sending
         res = self.consumer.poll()
-        for p in res.done:
-            self._recv_blocks.pop(p.request_id, None)
-            self._done_recving.add(p.request_id)
-            self._stats.add("reads")
-            self._stats.add("bytes_read", p.nbytes)
-            self._stats.add("transfer_seconds", p.seconds)
-        for p in res.failed:
-            self._on_failed(p.request_id)
-        recving, failed = self._done_recving, self._failed_recving
-        self._done_recving, self._failed_recving = set(), set()
-        return sending, recving | failed, failed
-
-    def _on_failed(self, rid: str) -> None:
-        self._load_errors.update(self._recv_blocks.pop(rid, ()))
-        self._failed_recving.add(rid)
-        self._stats.add("read_failures")
+        for p, ok in [(p, True) for p in res.done] + [(p, False) for p in res.failed]:
+            rec = self._pulls.get(p.request_id.rpartition(_PART)[0])
+            if rec is None:
+                continue
+            rec.parts.discard(p.request_id)
+            if ok:
+                self._stats.add("reads")
+                self._stats.add("bytes_read", p.nbytes)
+                self._stats.add("transfer_seconds", p.seconds)
+            self._mark(rec, failed=not ok)
+        recving, self._settled = self._settled, {}
+        return sending, set(recving), {r for r, ph in recving.items() if ph is PullPhase.FAILED}
 
     def load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()

@@ -62,7 +62,8 @@ def _descendants(pid: int) -> list[int]:
 
 class Server:
     def __init__(self, name: str, model: str, core: int | str, policy: str, log_dir: Path,
-                 extra: dict | None = None, tp: int = 1, new_session: bool = True):
+                 extra: dict | None = None, tp: int = 1, new_session: bool = True, block_size: int = 32,
+                 connector: bool = True, args: tuple[str, ...] = (), dtype: str = "bfloat16"):
         """new_session: start the server in its own session (stopped with its process group);
         False keeps it in the test's session and scheduling group (stopped as a process tree)."""
         self.name, self.port = name, _free_port()
@@ -79,10 +80,10 @@ class Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-             "--port", str(self.port), "--block-size", "32", "--kv-cache-memory-bytes",
-             "67108864", "--max-model-len", "1024", "--enforce-eager", "--dtype", "bfloat16",
-             "--max-num-seqs", "8", "--tensor-parallel-size", str(tp),
-             "--kv-transfer-config", json.dumps(ktc)],
+             "--port", str(self.port), "--block-size", str(block_size), "--kv-cache-memory-bytes",
+             "67108864", "--max-model-len", "1024", "--enforce-eager", "--dtype", dtype,
+             "--max-num-seqs", "8", "--tensor-parallel-size", str(tp), *args,
+             *(["--kv-transfer-config", json.dumps(ktc)] if connector else [])],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
         self.new_session = new_session
         self.model = model

@@ -5,16 +5,18 @@ import multiprocessing as mp
 
 import pytest
 
-from nixl_connectors.vllm.compat import compat_dict
+from nixl_connectors.kit import KvCompat
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _compat(**over):
-    base = dict(model="m", dtype="bfloat16", kv_layout="cpu:2xNx32x2x64", block_size=32,
-                kv_heads=2, head_size=64, layers=4, tp_size=1, tp_rank=0, bytes_per_block=65536)
+    """What the vLLM connector puts in the handshake (compat.compat_from_vllm); TP size and block
+    size are not in it (they are mapped, and travel in kv_transfer_params)."""
+    base = KvCompat(engine="vllm", model="m", dtype="bfloat16", num_layers=4, kv_layout="cpu:HND/256").with_extra(
+        {"kv_heads_total": 2, "head_size": 64, "kv_groups": "FullAttentionSpecx4"}).to_dict()
     base.update(over)
-    return compat_dict(**base)
+    return base
 
 
 def _owner(q_addr, q_stop, compat):
@@ -53,8 +55,8 @@ def _handshake(owner_compat, reader_compat):
             po.kill()
 
 
-@pytest.mark.parametrize("field,value", [("block_size", 64), ("kv_layout", "cpu:Nx2x32x128"),
-                                         ("tp_rank", 1)])
+@pytest.mark.parametrize("field,value", [("kv_layout", "cpu:NHD/256"), ("kv_groups", "FullAttentionSpecx2;"
+                                         "SlidingWindowSpec[64]x2"), ("model", "other")])
 def test_mismatch_names_field(field, value):
     name, got_field = _handshake(_compat(), _compat(**{field: value}))
     assert name == "CompatMismatch" and got_field == field

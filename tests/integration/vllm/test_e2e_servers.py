@@ -9,9 +9,12 @@ healthy.
 """
 from __future__ import annotations
 
+import json
 import urllib.error
+from pathlib import Path
 
 import pytest
+from e2e_util import wait_metric
 from servers import (MAX_TOKENS, Server, body, disagg_completion, post_json, prefill_request, prompt_of, running,
                      tokens)
 
@@ -43,6 +46,50 @@ def test_decode_matches_single_engine_and_counts_external_hits(servers):
         assert len(tokens(got)) == MAX_TOKENS
     hits = D.metric("vllm:external_prefix_cache_hits_total") - hits0
     assert hits == sum(LENGTHS), "decode must load every prompt token from prefill"
+
+
+def test_shared_prefix_second_request_moves_only_new_blocks(servers, tiny_model):
+    """The second request shares 256 tokens (8 blocks) with the first, which decode cached when it
+    pulled it: decode reads only the 2 blocks it lacks (the owner's lease stays whole; the read
+    names byte ranges of it)."""
+    P, D = servers["prefill"], servers["decode"]
+    name = "vllm:ucx_kv_bytes_read_total"
+    first = prompt_of(300, 70)
+    second = first[:256] + prompt_of(60, 71)
+    per_block = bytes_per_block(tiny_model)
+    for prompt, want_blocks in ((first, 10), (second, 2)):
+        b0 = D.metric(name)
+        got = disagg_completion(P.url, D.url, body(P.model, prompt))
+        assert tokens(got) == tokens(post_json(f"{P.url}/v1/completions", body(P.model, prompt)))
+        assert wait_metric(D, name, b0 + want_blocks * per_block) - b0 == want_blocks * per_block
+
+
+def test_malformed_params_fail_only_that_request(servers):
+    """Unusable kv_transfer_params go to kv_load_failure_policy: `recompute` answers correctly,
+    `fail` fails the request; both engines stay healthy."""
+    P, D, DF = servers["prefill"], servers["decode"], servers["decode_fail"]
+    prompt = prompt_of(50, 80)
+    want = tokens(post_json(f"{P.url}/v1/completions", body(P.model, prompt)))
+    bad = {"do_remote_prefill": True, "remote_block_ids": "garbage", "remote_engine_id": 3}
+    f0 = D.metric("vllm:ucx_kv_read_failures_total")
+    got = post_json(f"{D.url}/v1/completions", dict(body(P.model, prompt), kv_transfer_params=bad))
+    assert tokens(got) == want
+    assert wait_metric(D, "vllm:ucx_kv_read_failures_total", f0 + 1) == f0 + 1
+    failed = False
+    try:
+        resp = post_json(f"{DF.url}/v1/completions", dict(body(P.model, prompt_of(50, 81)), kv_transfer_params=bad))
+        failed = resp["choices"][0]["finish_reason"] not in ("length", "stop")
+    except urllib.error.HTTPError as e:
+        failed = e.code >= 400
+    assert failed
+    for s in (D, DF):
+        assert len(tokens(post_json(f"{s.url}/v1/completions", body(P.model, prompt_of(20, 82))))) == MAX_TOKENS
+
+
+def bytes_per_block(model_dir: str, block: int = 32) -> int:
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * head_dim * block * 2
 
 
 def test_prefill_killed_before_pull(servers):

@@ -90,7 +90,7 @@ def test_remote_prefill_then_decode(engines, n_tokens):
     assert not P.requests()
 
 
-def test_local_prefix_hit_lands_in_scratch(engines):
+def test_local_prefix_hit_pulls_only_the_uncached_suffix(engines):
     P, D = engines("P"), engines("D")
     prompt = prompt_of(100, 1)
     local = D.add(prompt[:70], max_tokens=1)  # D caches the first 64 tokens (2 blocks)
@@ -110,6 +110,9 @@ def test_local_prefix_hit_lands_in_scratch(engines):
     first = D.outputs_of(rid)[0]
     assert first["local"] == 64 and first["external"] == 36
     steps(P, None, lambda: not P.requests())
+    per_block = LAYERS * 2 * BLOCK_SIZE * KV_HEADS * HEAD_SIZE * 2  # bf16
+    assert sum(s["bytes_read"] for s in D.stats) == 2 * per_block, "only blocks 2 and 3 of 4 move"
+    assert sum(s["leases_read"] for s in P.stats) == 1, "the whole lease is freed as read"
 
 
 def test_decode_abort_before_alloc_frees_prefill_early(engines):

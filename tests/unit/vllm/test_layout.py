@@ -82,15 +82,6 @@ def test_negative_block_ids_rejected():
         layout.stream_ranges(segs, [1, -1])
 
 
-def test_split_local_blocks():
-    assert layout.split_local_blocks(4, [10, 11, 12, 13], 2) == (2, [12, 13])
-    assert layout.split_local_blocks(3, [10, 11, 12, 13], 0) == (0, [10, 11, 12])
-    with pytest.raises(LayoutError):
-        layout.split_local_blocks(5, [10, 11], 1)
-    with pytest.raises(LayoutError):
-        layout.split_local_blocks(2, [10, 11], 3)
-
-
 @settings(max_examples=60, deadline=None)
 @given(nb=st.integers(1, 12), inner=st.lists(st.integers(1, 5), min_size=1, max_size=3),
        outer=st.integers(1, 3), data=st.data())
@@ -101,3 +92,20 @@ def test_plan_matches_torch_indexing(nb, inner, outer, data):
     segs = layout.segments_for({"x": t}, num_blocks=nb, block_dim_hint=1)
     np.testing.assert_array_equal(gather_bytes({"x": t}, segs, ids),
                                   expected_bytes({"x": t}, ids, 1))
+
+
+def test_block_kind_of_vllm_cpu_and_split_kv_layouts():
+    # vLLM CPU: one [B, H, N, 2*D] tensor per layer -> heads outermost in a block
+    t = torch.zeros(6, 2, 32, 128, dtype=torch.bfloat16)
+    (seg,) = layout.segments_for({"l0": t}, num_blocks=6, local_heads=2, block_size=32)
+    assert seg.kind is layout.BlockKind.HEADS_OUTER
+    assert (seg.paged.heads, seg.paged.block_size, seg.paged.head_bytes) == (2, 32, 256)
+    # [2, B, N, H, D]: K and V segments, tokens outermost (heads cannot be split)
+    t = torch.zeros(2, 6, 32, 2, 64, dtype=torch.bfloat16)
+    segs = layout.segments_for({"l0": t}, num_blocks=6, local_heads=2, block_size=32)
+    assert [s.kind for s in segs] == [layout.BlockKind.TOKENS_OUTER] * 2
+    assert segs[0].paged.head_bytes == 2 * 64 * 2
+    # group order first, then layer name
+    segs = layout.segments_for({"a": torch.zeros(6, 64), "b": torch.zeros(6, 64)}, num_blocks=6,
+                               group_of={"a": 1, "b": 0})
+    assert [(s.layer, s.group) for s in segs] == [("b", 0), ("a", 1)]

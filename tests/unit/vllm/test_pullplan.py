@@ -87,7 +87,6 @@ def run(ptp, dtp, pbs, dbs, ntok, cached_blocks=0, groups=1, null_first=0):
                                              for _ in range(groups - 1)]
         target = LocalTarget(tuple(tables), cached_blocks * dbs, ntok, ntok)
         reads = plan_reads(segs, target, RemoteSide(ptp, pbs, counts), total_heads=HEADS, local_tp=dtp, rank=r)
-        regions = {}
         flat = {s.storage_key: caches[s.layer].view(torch.uint8).reshape(-1).numpy() for s in segs}
         for rd in reads:
             stream = lease_stream(*prefill[rd.prefill_rank], exposed)

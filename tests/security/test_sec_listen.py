@@ -170,7 +170,7 @@ def test_half_open_ucx_connections_are_timed_out(lnodes):
     half = [socket.create_connection(targets[0], timeout=5) for _ in range(100)]
     try:
         wait_until(lambda: fd_count(o.pid) >= fds0 + 90, 10, what="connections accepted")
-        wait_until(lambda: fd_count(o.pid) <= fds0 + 5, 15, what="half-open UCX connections closed")
+        wait_until(lambda: fd_count(o.pid) <= fds0 + 5, 8, what="half-open UCX connections closed")
     finally:
         for s in half:
             s.close()

@@ -102,12 +102,12 @@ def test_no_memory_disclosure_before_auth(target, case):
         sent, shut = hdr + _recipe(2, 30000), False
     elif case == "short-body-eof":
         sent = hdr + _recipe(3, 30000) + MARK * 1500
-    elif case == "full-frame-v2":
+    elif case == "full-frame-v2":   # complete frames: no EOF, so the agent answers before it closes
         body = _recipe(2, 30000)
-        sent = hdr + body + (MARK * 3000)[:30000 - len(body)]
+        sent, shut = hdr + body + (MARK * 3000)[:30000 - len(body)], False
     elif case == "full-frame-v3":
         body = _recipe(3, 30000)
-        sent = hdr + body + (MARK * 3000)[:30000 - len(body)]
+        sent, shut = hdr + body + (MARK * 3000)[:30000 - len(body)], False
     elif case == "too-large":
         sent = struct.pack("<I", 70000) + MARK * 100
     elif case == "empty-frame":
@@ -135,8 +135,10 @@ def test_no_memory_disclosure_before_auth(target, case):
     if case == "recipe-deadline":
         assert HS_TIMEOUT * 0.7 <= took <= HS_TIMEOUT + 5, took
         assert [f.body["code"] for f in errors] == ["timeout"], errors
-    if case in ("full-frame-v2",):
+    if case == "full-frame-v2":
         assert [f.body["code"] for f in errors] == ["protocol"], errors
+    if case == "full-frame-v3":
+        assert [f.body["code"] for f in errors] == ["bad_message"], errors
 
 
 def _frame(body: bytes) -> bytes:

@@ -32,9 +32,9 @@ def owner(sec):
     return o, name, addr
 
 
-def _reader(sec, **cfg):
+def _reader(sec, timeout_s=15.0, **cfg):
     r = sec["reader"]
-    name, _ = agent(r, "relayed", 128, 4096, auth_key=KEY, timeout_s=15.0, compat={"model": "m"}, **cfg)
+    name, _ = agent(r, "relayed", 128, 4096, auth_key=KEY, timeout_s=timeout_s, compat={"model": "m"}, **cfg)
     return r, name
 
 
@@ -184,7 +184,8 @@ def test_relay_cannot_touch_frames_after_auth(sec, owner, how):
 
     relay = Relay(oaddr, c2s=c2s)
     try:
-        r, rd = _reader(sec, same_host_copy=(how != "swap-ucx-worker"))
+        # (a dropped NOTIFY is never answered: its caller gives up at the reader's timeout_s)
+        r, rd = _reader(sec, timeout_s=3.0 if how == "drop-one" else 15.0, same_host_copy=(how != "swap-ucx-worker"))
         r.connect(rd, relay.address)
         out0 = o.stats(oname)["transfers_out"]
         o.notifs(oname)

@@ -124,7 +124,7 @@ def test_without_a_key_anyone_claims_any_name(sec):
     owner, oaddr = agent(o, "nokey-owner", 16, 4096, seed=1)
     with RawPeer(oaddr, "prefill-0", None).handshake() as p:
         assert p.ping() == []
-    assert "prefill-0" in o.peer_names(owner)
+        assert "prefill-0" in o.peer_names(owner)
 
 
 def test_with_a_shared_key_any_holder_claims_any_name(sec):

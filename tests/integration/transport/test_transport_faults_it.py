@@ -67,7 +67,8 @@ def test_auth_success_and_failure(cluster, agents):
     assert reader_node.stats(wrong)["handshake_failures"] == 1
     # the owner keeps serving the authenticated peer
     good_read(owner_node, owner, reader_node, good, oaddr, n=40)
-    assert owner_node.stats(owner)["transfers_out"] == 2
+    # the reader is woken before its XFER_DONE (which the owner counts) has arrived
+    wait_until(lambda: owner_node.stats(owner)["transfers_out"] == 2, 10, what="owner counted both reads")
 
 
 def test_new_client_after_failed_auth(cluster, agents):

@@ -115,3 +115,23 @@ def test_lying_owner_iovecs_are_refused(sec, case):
         wait_until(lambda: any(f.type is Msg.XFER_ABORT for f in srv.frames), 10, what="XFER_ABORT to the owner")
     finally:
         srv.close()
+
+
+# ---------------------------------------------------------------------------------- host claims
+@pytest.mark.parametrize("host,expect", [("another-boot-id/pid:[4026531836]", "path_unavailable"), ("", "path_unavailable"),
+                                         (None, "read_ack")])
+def test_same_host_addresses_only_for_a_peer_claiming_this_host(sec, host, expect):
+    """The owner hands iovecs (addresses of its memory) only to a peer whose MAC'd handshake
+    claims this host (boot id and PID namespace); others get PathUnavailable (and use UCX)."""
+    o = sec["owner"]
+    owner, oaddr = agent(o, "host-owner", 16, 4096, seed=5, auth_key=KEY)
+    lid, _, _ = o.expose(owner, np.arange(4))
+    with RawPeer(oaddr, "host-claimer", KEY, host=host).handshake() as p:
+        f, _ = p.request(Msg.READ_REQ, xid=1, lease=lid, nbytes=4 * 4096, ranges=None, path="cma", tag=0,
+                         notify=None)
+        if expect == "read_ack":
+            assert f.type is Msg.READ_ACK and f.body["iov"], f
+            p.send(Msg.XFER_DONE, xid=1)
+        else:
+            assert f.type is Msg.ERROR and f.body["code"] == expect, f
+        assert p.ping() == []

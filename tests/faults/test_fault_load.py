@@ -64,6 +64,8 @@ def test_load_4_readers_x_32_concurrent(cluster, path):
         return nbytes, wall, lids
 
     one_round(-1)                                     # warm-up (UCX links, staging, threads)
+    one_round(-2)                                     # (and each reader thread's direct lane, made once the
+                                                      # first round checked the owner's pid)
     freed = set()
     wait_until(lambda: freed.update(o.freed(owner)) or len(freed) >= READERS * CONCURRENT, 30,
                what="warm-up leases back")

@@ -89,6 +89,12 @@ class AgentConfig:
         called from an ordinary thread, runs entirely on that thread over a connection of its
         own (lane.py): no hand-off to the transport's loop and back.
     keepalive_s: idle seconds before TCP keepalive probes a silent control connection.
+    ucx_error_handling: UCX peer error handling on data endpoints. On (the default), UCX fails the
+        requests of a peer that dies, so nothing is stranded and no core is left spinning; UCX then
+        uses only transports that can report a dead peer (tcp; verbs across hosts), so a same-host
+        UCX fallback moves host memory at tcp speed. Off allows UCX's shared memory for same-host
+        fallbacks (about 2x faster on the 2-core machine), but a peer that dies mid-transfer can
+        strand UCX requests that keep the survivor's UCX progress thread busy.
     ucx_options: extra UCX settings (names without the UCX_ prefix) for the process's UCX
         context; like `transports`, the first agent of a process decides them.
     """
@@ -114,6 +120,7 @@ class AgentConfig:
     inline_copy_bytes: int = 4 << 20
     direct_lanes: bool = True
     keepalive_s: float = 5.0
+    ucx_error_handling: bool = True
     ucx_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

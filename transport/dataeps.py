@@ -30,9 +30,10 @@ async def abort_endpoint(ep: Any) -> None:
 
 
 class DataEndpoints:
-    """Endpoints to one peer's worker. `error_handling`: UCX peer error handling (on for peers on
-    other hosts, where tcp/RDMA carry the data anyway and UCX then fails, rather than strands,
-    the requests of a peer that dies; off on one host, where it would rule out shared memory)."""
+    """Endpoints to one peer's worker. `error_handling`: UCX peer error handling (on by default,
+    and always for peers on other hosts: UCX then fails, rather than strands, the requests of a
+    peer that dies; `AgentConfig(ucx_error_handling=False)` turns it off on one host, which
+    allows shared memory)."""
 
     def __init__(self, worker_address: bytes, error_handling: bool):
         self._address = worker_address

@@ -74,7 +74,7 @@ def serve_ucx_hello(core: Core, s: Session, f: Frame) -> None:
             log.warning("%s: %s sent an unusable UCX worker address: %s", core.name, s.name, e)
             s.conn.send_error(f.rid, e)
             return
-        s.ucx = UcxLink(f.body["worker"], error_handling=not s.peer.same_host)
+        s.ucx = UcxLink(f.body["worker"], error_handling=core.config.ucx_error_handling or not s.peer.same_host)
         s.conn.send_quiet(Msg.UCX_ACK, f.rid, worker=ours)
 
     if len(f.body["worker"]) > 1 << 16:

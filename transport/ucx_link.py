@@ -38,5 +38,5 @@ async def ensure_link(core: Core, s: Session, timeout: float) -> UcxLink:
         f = await s.conn.request(Msg.UCX_HELLO, timeout, worker=ours)
         check_worker_address(f.body["worker"], ours)
         if s.ucx is None:
-            s.ucx = UcxLink(f.body["worker"], error_handling=not s.peer.same_host)
+            s.ucx = UcxLink(f.body["worker"], error_handling=core.config.ucx_error_handling or not s.peer.same_host)
     return s.ucx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import pytest
 
+from procinfo import busy_cores
 from xport_helpers import Node  # noqa: E402
 
 _ids = itertools.count(1)
@@ -20,6 +21,13 @@ def cluster():
             for n in pair:
                 n.wait_ready()
         yield nodes
+        # Every test of the session is done: the nodes hold dozens of agents that owned, read,
+        # lost peers and had transfers killed under them. None may be left burning a core (a
+        # stranded UCX request once kept a node's UCX progress thread spinning for good).
+        pids = {n.pid: n.label for pair in nodes.values() for n in pair}
+        busy = busy_cores(pids, 3.0)
+        spinning = {pids[p]: round(c, 2) for p, c in busy.items() if c > 0.5}
+        assert not spinning, f"idle nodes kept cores busy after the tests: {spinning}"
     finally:
         for pair in nodes.values():
             for n in pair:

@@ -37,19 +37,10 @@ PROBE_MODULE = "nixl_connectors.tools.doctor_probe"
 CMA_PROBE_MODULE = "nixl_connectors.tools.doctor_cma_probe"
 INFINIBAND_SYSFS = Path("/sys/class/infiniband")
 PTRACE_SCOPE = Path("/proc/sys/kernel/yama/ptrace_scope")
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding nixl_connectors/
-
-
 def _probe_env(overrides: Mapping[str, str | None]) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    paths = [str(_PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
+    from .bench.nixl_child import child_env  # one way to give a child this package's environment
+
+    return child_env(overrides)
 
 
 def probe_ucx(overrides: Mapping[str, str | None], timeout_s: float = 60.0) -> UcxProbe:

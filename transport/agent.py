@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import dispatch, initiated, initiator, lanes, owner, trace
+from . import dispatch, grant_read, initiated, initiator, lanes, owner, trace
 from . import handshake as hs
 from .config import AgentConfig, parse_hostport
 from .conn import Conn
@@ -113,6 +113,10 @@ class Agent:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _aclose(self) -> None:
+        with self._core.lock:
+            self._core.grants.close()
+        for s in self._core.sessions.all():
+            grant_read.flush_reports(s)
         if self._sweeper:
             self._sweeper.cancel()
         await self._listener.close()
@@ -314,6 +318,10 @@ class Agent:
             raise PeerLost(f"agent {self.name} is closed")
         xfer = Transfer(local.nbytes, self._rt.call_soon)
         trace.mark(xfer, "called")
+        if (not write and ranges is None and isinstance(peer, Peer) and not self._rt.in_loop()
+                and grant_read.try_read(self._core, self._core.sessions.by_addr.get(peer.address), local,
+                                        lease_id, notify, xfer, self._lanes)):
+            return xfer
         if not write and not self._rt.in_loop() and self._lanes.try_read(
                 peer, local, lease_id, ranges, notify, timeout or self.config.timeout_s, xfer):
             return xfer
@@ -355,6 +363,9 @@ class Agent:
         core = self._core
         while True:
             await asyncio.sleep(self.config.sweep_interval_s)
+            for s in core.sessions.all():
+                if s.grant_reports:
+                    grant_read.flush_reports(s)
             with core.lock:
                 n = core.leases.sweep()
             if n:

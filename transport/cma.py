@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 import socket
 import struct
 
@@ -227,3 +228,23 @@ def copy_all(pid: int, batches: list[tuple[np.ndarray, np.ndarray]], write: bool
     """Every batch, on the calling thread (small transfers: no thread hand-off)."""
     for lo, re in batches:
         copy_batch(pid, lo, re, write)
+
+
+_word_bufs = threading.local()
+
+
+def read_word(pid: int, address: int) -> int:
+    """One little-endian int64 at `address` in process `pid` (a lease grant's word)."""
+    w = getattr(_word_bufs, "w", None)
+    if w is None:  # per thread: the value, and the two one-entry iovec lists
+        buf = np.zeros(1, dtype="<i8")
+        w = _word_bufs.w = (buf, np.array([[buf.ctypes.data, 8]], dtype=np.uint64), np.zeros((1, 2), np.uint64))
+    buf, local, remote = w
+    remote[0, 0], remote[0, 1] = address, 8
+    got = _syscall("process_vm_readv")(pid, local.ctypes.data, 1, remote.ctypes.data, 1, 0)
+    if got != 8:
+        e = ctypes.get_errno() if got < 0 else errno.EFAULT
+        if e in (errno.EPERM, errno.ENOSYS, errno.EACCES):
+            raise CmaUnavailable(f"process_vm_readv: {os.strerror(e)}")
+        raise PeerGone(e, f"process_vm_readv of a grant word: {os.strerror(e)}")
+    return int(buf[0])

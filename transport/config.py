@@ -88,6 +88,10 @@ class AgentConfig:
     direct_lanes: a read of at most `inline_copy_bytes` of host memory from a peer on this host,
         called from an ordinary thread, runs entirely on that thread over a connection of its
         own (lane.py): no hand-off to the transport's loop and back.
+    lease_grants: same-host re-reads of a lease without a round trip (grants.py): the owner's
+        first answer names a word in its memory that changes when the lease ends; later
+        whole-lease reads of host memory copy, then check that word. Off: every read asks the
+        owner (both sides must have it on for grants to be used).
     keepalive_s: idle seconds before TCP keepalive probes a silent control connection.
     ucx_error_handling: UCX peer error handling on data endpoints. On (the default), UCX fails the
         requests of a peer that dies, so nothing is stranded and no core is left spinning; UCX then
@@ -119,6 +123,7 @@ class AgentConfig:
     gpu_ipc: bool = True
     inline_copy_bytes: int = 4 << 20
     direct_lanes: bool = True
+    lease_grants: bool = True
     keepalive_s: float = 5.0
     ucx_error_handling: bool = True
     ucx_options: dict[str, str] = field(default_factory=dict)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from . import cma
 from .config import AgentConfig
+from .grants import GrantBoard
 from .inbox import Inbox
 from .leases import LeaseTable
 from .runtime import Runtime
@@ -71,10 +72,12 @@ class Core:
     calls: CallSlot = field(default_factory=CallSlot)
     inbox: Inbox | None = None
     data: Any = None          # dataplane.DataPlane
+    grants: GrantBoard = field(default_factory=GrantBoard)
 
     def __post_init__(self) -> None:
         if self.inbox is None:
             self.inbox = Inbox(self.config.max_notify_bytes, self.config.max_notify_count)
+        self.leases.on_end = self.grants.revoke
 
     def serves(self) -> list[str]:
         """One-sided paths this agent serves to peers on its host."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,21 @@ log = logging.getLogger(__name__)
 
 
 MAX_UNCOALESCED = 1 << 20
+
+
+@dataclass(frozen=True)
+class IpcPlan:
+    """A checked IPC read of one lease: the owner's run table over this process's mappings."""
+
+    bases: np.ndarray        # int64 mapped addresses, one per region slot
+    slot: np.ndarray
+    off: np.ndarray
+    ln: np.ndarray
+    maps: tuple              # (region uid, mapping) pairs it was checked against
+
+    def current(self, s: Session) -> bool:
+        """Are its mappings still the session's (none dropped or replaced since)?"""
+        return all(s.ipc_maps.get(uid) is m for uid, m in self.maps)
 
 
 def _ipc_label(uid: int) -> bytes:
@@ -150,11 +166,18 @@ class DataPlane:
 
     def ipc_copy(self, s: Session, local: Descs, offer: Any, table: Any, nbytes: int, write: bool):
         """Initiator: map what is new, check the owner's table against the mappings, and launch
-        the one kernel. Returns (event, keep-alive). Raises BadMessage for a lying owner."""
+        the one kernel. Returns (event, keep-alive, plan). Raises BadMessage for a lying owner."""
+        plan = self.ipc_prepare(s, local, offer, table, nbytes)
+        ev, keep = self.ipc_launch(plan, local, write)
+        return ev, keep, plan
+
+    def ipc_prepare(self, s: Session, local: Descs, offer: Any, table: Any, nbytes: int) -> IpcPlan:
+        """Map the regions of an offer that are new and check the owner's run table against the
+        mappings (the checked plan may be kept: a lease grant re-reads it)."""
         if not isinstance(offer, list) or not isinstance(table, bytes) or not offer or len(offer) > 4096:
             raise BadMessage("malformed IPC offer")
         device = local.regions[0].device
-        bases, sizes = [], []
+        bases, sizes, maps = [], [], []
         for item in offer:
             if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], int)
                     or not isinstance(item[2], int) or not isinstance(item[1], (bytes, type(None)))):
@@ -173,6 +196,7 @@ class DataPlane:
                 raise BadMessage("IPC region size changed")
             bases.append(m.ptr)
             sizes.append(m.nbytes)
+            maps.append((uid, m))
         trace.mark("ipc", "mapped")
         try:
             slot, off, ln = copy_plan.decode_runs(table)
@@ -189,9 +213,15 @@ class DataPlane:
         if int(ln.sum()) != nbytes:
             raise BadMessage("the owner's IPC table does not add up to the transfer size")
         trace.mark("ipc", "checked")
+        return IpcPlan(np.asarray(bases, dtype=np.int64), slot, off, ln, tuple(maps))
+
+    def ipc_launch(self, plan: IpcPlan, local: Descs, write: bool):
+        """Enqueue the one kernel of a checked plan; returns (event, keep-alive)."""
+        device = local.regions[0].device
         stream = self.stream(device)
+        bases, slot, off, ln = plan.bases, plan.slot, plan.off, plan.ln
         if gpu_runs.paired(ln, local.length):
-            rside = gpu_runs.RunSide(np.asarray(bases, dtype=np.int64), slot if len(bases) > 1 else None, off)
+            rside = gpu_runs.RunSide(bases, slot if len(bases) > 1 else None, off)
             lbases = np.array([r.flat.data_ptr() for r in local.regions], dtype=np.int64)
             lside = gpu_runs.RunSide(lbases, local.region_idx.astype(np.int64) if len(lbases) > 1 else None,
                                      local.offset)
@@ -199,7 +229,7 @@ class DataPlane:
                 gpu_runs.launch(rside, lside, ln, device, stream)
             trace.mark("ipc", "launched")
             return out
-        remote = copy_plan.run_addresses(np.asarray(bases, dtype=np.int64), slot, off)
+        remote = copy_plan.run_addresses(bases, slot, off)
         ld = local.coalesced()
         lbases = np.array([r.flat.data_ptr() for r in ld.regions], dtype=np.int64)
         laddr = copy_plan.run_addresses(lbases, ld.region_idx, ld.offset)

@@ -14,6 +14,8 @@ def handle(core: Core, s: Session, f: Frame) -> None:
         owner.serve_transfer(core, s, f, write=False)
     elif t is Msg.WRITE_REQ:
         owner.serve_transfer(core, s, f, write=True)
+    elif t is Msg.GRANT_READ:
+        owner.serve_granted(core, s, f)
     elif t is Msg.XFER_DONE:
         owner.serve_done(core, s, f)
     elif t is Msg.XFER_ABORT:

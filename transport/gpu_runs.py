@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import trace
+from . import gpu_upload, trace
 
 PIECE_BYTES = 8192
 MAX_PAIRS = 65535          # the launch grid's second axis
@@ -102,38 +102,42 @@ def launch(src: RunSide, dst: RunSide, length: np.ndarray, device: Any, stream: 
         parts.append(length)
     parts += [src.bases, dst.bases]
     total = sum(len(p) for p in parts)
-    host = torch.empty(total, dtype=torch.int64, pin_memory=True)
-    h = host.numpy()
-    views, pos = [], 0
-    for p in parts:
-        h[pos:pos + len(p)] = p
-        views.append((pos, len(p)))
-        pos += len(p)
-    with torch.cuda.stream(stream):
-        buf = torch.empty(total, dtype=torch.int64, device=device)
-        buf.copy_(host, non_blocking=True)
+    slot = gpu_upload.SLOTS.take(device, total)
+    ev = None
+    try:
+        buf = slot.dev
         base_addr = buf.data_ptr()
+        h = slot.words
+        views, pos = [], 0
+        for p in parts:
+            h[pos:pos + len(p)] = p
+            views.append((pos, len(p)))
+            pos += len(p)
         # region bases become byte offsets from the upload buffer (the kernel's base pointer)
         ks, kd = len(src.bases), len(dst.bases)
-        buf[total - ks - kd:].sub_(base_addr)
-        trace.mark("ipc", "uploaded")
+        h[total - ks - kd:total] -= base_addr
+        with torch.cuda.stream(stream):
+            buf[:total].copy_(slot.host[:total], non_blocking=True)
+            trace.mark("ipc", "uploaded")
 
-        def view(k: int):
-            a, m = views[k]
-            return buf[a:a + m]
-        k = 2
-        sslot = view(k) if src.slot is not None else buf
-        k += src.slot is not None
-        dslot = view(k) if dst.slot is not None else buf
-        k += dst.slot is not None
-        lens = buf if ulen else view(k)
-        sbase, dbase = buf[total - ks - kd:total - kd], buf[total - kd:]
-        base = buf if word == 8 else buf.view(torch.uint8)
-        per = int(-(-int(length.max()) // PIECE_BYTES))
-        _, kernel = _kernel()
-        kernel[(per, n)](base, sbase, sslot, view(0), dbase, dslot, view(1), lens,
-                         PIECE=PIECE_BYTES, WORD=word, EVEN=even, ALIGN=align,
-                         S_MULTI=src.slot is not None, D_MULTI=dst.slot is not None, ULEN=ulen)
-        ev = torch.cuda.Event()
-        ev.record(stream)
-    return ev, (buf, host)
+            def view(k: int):
+                a, m = views[k]
+                return buf[a:a + m]
+            k = 2
+            sslot = view(k) if src.slot is not None else buf
+            k += src.slot is not None
+            dslot = view(k) if dst.slot is not None else buf
+            k += dst.slot is not None
+            lens = buf if ulen else view(k)
+            sbase, dbase = buf[total - ks - kd:total - kd], buf[total - kd:total]
+            base = buf if word == 8 else buf.view(torch.uint8)
+            per = int(-(-int(length.max()) // PIECE_BYTES))
+            _, kernel = _kernel()
+            kernel[(per, n)](base, sbase, sslot, view(0), dbase, dslot, view(1), lens,
+                             PIECE=PIECE_BYTES, WORD=word, EVEN=even, ALIGN=align,
+                             S_MULTI=src.slot is not None, D_MULTI=dst.slot is not None, ULEN=ulen)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+    finally:
+        gpu_upload.SLOTS.release(slot, ev)
+    return ev, slot

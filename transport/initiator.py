@@ -16,7 +16,8 @@ import logging
 import threading
 from typing import Any
 
-from . import cma, trace
+from . import cma, grant_read, trace
+from .grant_read import GPU_INLINE_BYTES  # kernels this large are waited for on the loop (no thread hop)
 from .core import Core
 from .descs import Descs
 from .errors import BadMessage, PathUnavailable, PeerLost, TransferError, error_from_wire
@@ -31,7 +32,6 @@ from .wire import DataPath, Frame, Msg
 
 log = logging.getLogger(__name__)
 
-GPU_INLINE_BYTES = 2 << 30   # kernels this large end within ~2 ms: wait on the loop, no thread hop
 
 
 def find_session(core: Core, peer: Peer | str) -> Session:
@@ -67,6 +67,8 @@ def start(core: Core, peer: Peer | str, local: Descs, lease_id: str, ranges: byt
         x.session = find_session(core, peer)
     except (TransferError, TypeError) as e:
         _settle(x, e if isinstance(e, TransferError) else PeerLost(str(e)))
+        return
+    if not write and ranges is None and grant_read.try_read(core, x.session, local, lease_id, notify, xfer):
         return
     x.timer = loop.call_at(x.deadline, _on_deadline, x)
     _choose_and_go(x, force_ucx=False)
@@ -197,6 +199,8 @@ def _start_cma(x: Initiated, f: Frame) -> None:
         return
     x.state = XState.COPYING
     pid = x.session.peer.pid
+    if f.body.get("grant") is not None and not x.write and x.ranges is None:
+        x.session.grants.add(x.lease_id, nbytes, f.body["iov"], f.body["grant"], x.sent_at)
     if nbytes <= x.core.config.inline_copy_bytes:
         try:
             cma.copy_all(pid, batches, x.write)
@@ -272,8 +276,8 @@ def _copied(x: Initiated) -> None:
 def _start_ipc(x: Initiated, f: Frame) -> None:
     x.state = XState.COPYING
     try:
-        ev, keep = x.core.data.ipc_copy(x.session, x.local, f.body["ipc"], f.body["table"], x.local.nbytes,
-                                        x.write)
+        ev, keep, plan = x.core.data.ipc_copy(x.session, x.local, f.body["ipc"], f.body["table"],
+                                              x.local.nbytes, x.write)
     except BadMessage as e:
         _abort_owner(x, "bad IPC offer")
         _settle(x, e)
@@ -285,6 +289,10 @@ def _start_ipc(x: Initiated, f: Frame) -> None:
         else:
             _fall_back(x, f"CUDA IPC mapping failed: {type(e).__name__}: {str(e)[:200]}", True)
         return
+    if f.body.get("grant") is not None and not x.write and x.ranges is None:
+        if not x.session.pid_checked:
+            _check_peer_pid(x.session)   # the grant's word is read with process_vm_readv
+        x.session.grants.add_ipc(x.lease_id, x.local.nbytes, plan, f.body["grant"], x.sent_at)
     if x.local.nbytes <= GPU_INLINE_BYTES:
         ev.synchronize()
         trace.mark("ipc", "synced")

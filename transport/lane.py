@@ -165,7 +165,8 @@ class DirectLane:
         self._pending = pending[1:]
         return pending[0]
 
-    def finish(self, p: Pending, f: Frame, confirm_deadline: float | None) -> None:
+    def finish(self, p: Pending, f: Frame, confirm_deadline: float | None, grants=None,
+               lease_id: str = "", whole: bool = False) -> None:
         """Copy what the reply names and release the owner's hold. A copy that ended after
         the owner's hold needs its confirmation: waited for until `confirm_deadline`, or, when
         that is None (on the loop thread, which must not block), reported as a timeout."""
@@ -196,6 +197,8 @@ class DirectLane:
             self._send(Msg.XFER_ABORT, xid=xid, reason="copy failed", by_owner=False)
             raise PeerLost(f"same-host copy failed: {e}") from None
         trace.mark(xfer, "copied")
+        if grants is not None and whole and f.body["grant"] is not None:
+            grants.add(lease_id, local.nbytes, f.body["iov"], f.body["grant"], sent)
         if time.monotonic() <= hold_until:
             self._send(Msg.XFER_DONE, 0, xid=xid)
             return
@@ -209,6 +212,16 @@ class DirectLane:
             self.broken = True
             raise BadMessage("lane: unexpected reply to xfer_done")
         raise_if_error(ok, Msg.OK)
+
+    def report(self, msg: Msg, **body: Any) -> bool:
+        """Send a message that needs no reply on this thread's lane; False if the lane broke."""
+        if self.broken:
+            return False
+        try:
+            self._send(msg, 0, **body)
+        except TransferError:
+            return False
+        return True
 
     def close(self) -> None:
         self.broken = True

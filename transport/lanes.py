@@ -48,27 +48,20 @@ class LanePool:
         if s is None:
             return False
         lanes: dict[str, DirectLane] = self._local.__dict__.setdefault("by_addr", {})
-        lane = lanes.get(peer.address)
+        lane = None
         t0 = time.monotonic()
         try:
-            if lane is None or lane.broken or lane.peer_instance != s.peer.instance:
-                if lane is not None:
-                    self._drop(lanes, lane)
-                lane = DirectLane(self.core, peer.address, timeout)
-                lanes[peer.address] = lane
-                with self._lock:
-                    self._all.append(lane)
-                if lane.peer_instance != s.peer.instance:  # not the process the session checked
-                    self._drop(lanes, lane)
-                    return False
+            lane = self._lane(lanes, peer.address, s, timeout)
+            if lane is None:
+                return False
             deadline = time.monotonic() + timeout
             p = lane.request(s.peer.pid, local, lease_id, ranges, notify, xfer)
             try:
                 f = lane._recv(min(deadline, time.monotonic() + LANE_WAIT_S), soft=True)
             except NotYet:
-                self._detach(lanes, lane, p, deadline, t0)
+                self._detach(lanes, lane, p, deadline, t0, (s.grants, lease_id, ranges is None))
                 return True
-            lane.finish(p, f, deadline + 5.0)
+            lane.finish(p, f, deadline + 5.0, s.grants, lease_id, ranges is None)
         except LaneFallback as e:
             s.off[DataPath.CMA] = str(e)
             self.core.fallback(DataPath.CMA, str(e), s.name)
@@ -92,7 +85,7 @@ class LanePool:
         xfer._finish(None)
         return True
 
-    def _detach(self, lanes: dict, lane: DirectLane, p: Pending, deadline: float, t0: float) -> None:
+    def _detach(self, lanes: dict, lane: DirectLane, p: Pending, deadline: float, t0: float, grant_args) -> None:
         """The reply is late: the loop finishes this read (the lane leaves this thread)."""
         lanes.pop(lane.address, None)
         loop = self.core.runtime.loop
@@ -121,7 +114,7 @@ class LanePool:
                 f = lane.poll()
                 if f is None:
                     return
-                lane.finish(p, f, None)
+                lane.finish(p, f, None, *grant_args)
             except LaneFallback as e:
                 end(TransferError(f"same-host copy unavailable after the request was sent: {e}"))
                 return
@@ -147,6 +140,33 @@ class LanePool:
             ready()  # the reply may be in already
         p.xfer._attach(stop)
         loop.call_soon_threadsafe(start)
+
+    def _lane(self, lanes: dict, address: str, s, timeout: float) -> DirectLane | None:
+        """This thread's lane to `address` (made if needed); None if it reaches another process
+        than session `s` checked. Raises PeerLost / TransferError when it cannot be made."""
+        lane = lanes.get(address)
+        if lane is not None and not lane.broken and lane.peer_instance == s.peer.instance:
+            return lane
+        if lane is not None:
+            self._drop(lanes, lane)
+        lane = DirectLane(self.core, address, timeout)
+        lanes[address] = lane
+        with self._lock:
+            self._all.append(lane)
+        if lane.peer_instance != s.peer.instance:  # not the process the session checked
+            self._drop(lanes, lane)
+            return None
+        return lane
+
+    def enabled(self) -> bool:
+        return not self._closed and self.core.config.direct_lanes
+
+    def existing(self, s) -> DirectLane | None:
+        """This thread's working lane to session `s`'s peer, if it has one (never makes one)."""
+        lane = self._local.__dict__.get("by_addr", {}).get(s.address) if s.address is not None else None
+        if lane is None or lane.broken or lane.peer_instance != s.peer.instance:
+            return None
+        return lane
 
     def _drop(self, lanes: dict, lane: DirectLane) -> None:
         lane.close()

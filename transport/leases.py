@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from enum import Enum
 
 from .descs import Descs
@@ -45,11 +45,13 @@ class LeaseEntry:
     refs: int = 0
     iov: Any = None         # same-host copy addresses of the whole lease, computed on first read
     ipc: Any = None         # CUDA IPC (regions, run table) of the whole lease, computed on first read
+    grant: tuple[int, int] | None = None   # (grant board slot, generation) while granted (grants.py)
 
 
 class LeaseTable:
     def __init__(self, clock=time.monotonic):
         self._clock = clock
+        self.on_end: Callable[[LeaseEntry], None] | None = None   # runs as a lease ends (grants revoked)
         self._leases: dict[str, LeaseEntry] = {}
         self._freed: list[str] = []
         self.expired_count = 0
@@ -130,6 +132,9 @@ class LeaseTable:
         out, self._freed = self._freed, []
         return out
 
+    def now(self) -> float:
+        return self._clock()
+
     def get(self, lid: str) -> LeaseEntry | None:
         return self._leases.get(lid)
 
@@ -138,6 +143,8 @@ class LeaseTable:
 
     def _end(self, e: LeaseEntry, reason: str) -> None:
         e.state = LeaseState.ENDED
+        if self.on_end is not None:
+            self.on_end(e)
         if e.refs:
             log.info("lease %s %s while %d transfer(s) still use it: quarantined", e.id[:12], reason, e.refs)
         self._maybe_free(e)

@@ -149,7 +149,7 @@ def serve_transfer(core: Core, s: Session, f: Frame, write: bool) -> None:
 
 def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
     hold = hold_seconds(core)
-    iov = ipc = table = None
+    iov = ipc = table = grant = None
     if sv.path is DataPath.CMA:
         whole = f.body.get("ranges") is None
         if whole and sv.entry.iov is not None:
@@ -158,6 +158,8 @@ def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
             iov = cma.iovecs(sv.descs).tobytes()
             if whole:
                 sv.entry.iov = iov
+        if whole and not sv.write and core.config.lease_grants:
+            grant = _grant(core, sv.entry)
     else:
         whole = f.body.get("ranges") is None
         if whole and sv.entry.ipc is not None:
@@ -167,12 +169,41 @@ def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
             if whole:
                 sv.entry.ipc = (regions, table)
         ipc = core.data.ipc_offer(s, regions, table)
+        if whole and not sv.write and core.config.lease_grants:
+            grant = _grant(core, sv.entry)
     s.served[sv.xid] = sv
     sv.timer = asyncio.get_running_loop().call_later(hold, _hold_passed, core, s, sv)
     reply = Msg.WRITE_ACK if sv.write else Msg.READ_ACK
-    extra = {"tag": 0} if sv.write else {}
+    extra = {"tag": 0} if sv.write else {"grant": grant}
     s.conn.send(reply, f.rid, xid=sv.xid, hold_ms=hold * 1000.0, iov=iov, ipc=ipc, table=table, **extra)
     trace.mark(("owner", sv.xid), "reply_sent")
+
+
+def _grant(core: Core, entry: LeaseEntry) -> list | None:
+    """[word address, generation, ms left] of the lease's grant (grants.py), or None."""
+    with core.lock:
+        left = entry.expires_mono - core.leases.now()
+        g = core.grants.issue(entry) if left > 0 else None
+    return None if g is None else [g[0], g[1], left * 1000.0]
+
+
+def serve_granted(core: Core, s: Session, f: Frame) -> None:
+    """A peer re-read a lease under its grant (`reads` times, `nbytes` in all): count it and
+    deliver its notification. (The reads needed nothing from us; a lease that ended since is
+    fine: the reader's word check passed after each copy, so the bytes were the lease's.)"""
+    b = f.body
+    with core.lock:
+        e = core.leases.get(b["lease"])
+        if (e is not None and (e.peer is None or e.peer == s.name) and 0 < b["reads"] <= 1 << 32
+                and b["nbytes"] == b["reads"] * e.descs.nbytes):
+            core.stats.bytes_out += b["nbytes"]
+            core.stats.transfers_out += b["reads"]
+            path = DataPath.CMA if e.descs.regions[0].kind is MemoryKind.HOST else DataPath.IPC
+            core.stats.paths[path.value] += b["reads"]
+            core.stats.granted_reads += b["reads"]
+    if b["notify"] is not None:
+        if not core.inbox.put_or_drop(s.name, b["notify"]):
+            core.stats.notifications_dropped += 1
 
 
 def _hold_passed(core: Core, s: Session, sv: Served) -> None:
@@ -210,7 +241,7 @@ def _serve_ucx(core: Core, s: Session, f: Frame, sv: Served) -> None:
     if sv.write:
         s.conn.send(Msg.WRITE_ACK, f.rid, xid=sv.xid, hold_ms=0.0, iov=None, ipc=None, table=None, tag=tag)
     else:
-        s.conn.send(Msg.READ_ACK, f.rid, xid=sv.xid, hold_ms=0.0, iov=None, ipc=None, table=None)
+        s.conn.send(Msg.READ_ACK, f.rid, xid=sv.xid, hold_ms=0.0, iov=None, ipc=None, table=None, grant=None)
     sv.task = asyncio.get_running_loop().create_task(_run_ucx(core, s, sv, tag))
 
 

@@ -8,6 +8,7 @@ transfers, so no peer can finish or abort another peer's transfer.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Callable
 from . import cma
 from .conn import Conn
 from .errors import BadMessage
+from .grants import GrantCache
 from .wire import DataPath, Frame
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class Session:
     ucx: Any = None                          # ucx_link.UcxLink once worker addresses were exchanged
     ipc_sent: set[int] = field(default_factory=set)           # region uids whose handles went out
     ipc_maps: dict[int, Any] = field(default_factory=dict)    # owner region slot -> mapping
+    grants: GrantCache = field(default_factory=GrantCache)    # leases we may re-read without asking
+    grant_reports: deque = field(default_factory=deque)       # (lease, nbytes) granted reads not yet reported
     pid_checked: bool = False                # the peer's claimed pid was checked against the connection
     _xids: Any = field(default_factory=lambda: itertools.count(1))
 

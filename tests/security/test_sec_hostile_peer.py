@@ -100,7 +100,7 @@ def test_lying_owner_iovecs_are_refused(sec, case):
 
     def handler(conn, f):
         if f.type is Msg.READ_REQ:
-            conn.send(Msg.READ_ACK, f.rid, xid=f.body["xid"], hold_ms=30000.0, iov=lies[case], ipc=None, table=None)
+            conn.send(Msg.READ_ACK, f.rid, xid=f.body["xid"], hold_ms=30000.0, iov=lies[case], ipc=None, table=None, grant=None)
 
     srv = RawServer("iov-liar", KEY, paths=["cma"], handler=handler)
     try:

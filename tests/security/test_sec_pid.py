@@ -40,7 +40,7 @@ def test_lying_owner_cannot_aim_the_same_host_copy_at_another_process(sec, innoc
 
     def handler(conn, f):
         if f.type in (Msg.READ_REQ, Msg.WRITE_REQ):
-            extra = {"tag": 0} if f.type is Msg.WRITE_REQ else {}
+            extra = {"tag": 0} if f.type is Msg.WRITE_REQ else {"grant": None}
             reply = Msg.WRITE_ACK if f.type is Msg.WRITE_REQ else Msg.READ_ACK
             conn.send(reply, f.rid, xid=f.body["xid"], hold_ms=30000.0, iov=iov, ipc=None, table=None, **extra)
         elif f.type is Msg.XFER_DONE and f.rid:

@@ -89,24 +89,24 @@ def _recipe(version: int, announce: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------- item 1: disclosure
-@pytest.mark.parametrize("case", ["recipe-eof", "recipe-deadline", "short-body-eof", "full-frame-v2",
-                                  "full-frame-v3", "too-large", "empty-frame", "garbage-frames",
+@pytest.mark.parametrize("case", ["recipe-eof", "recipe-deadline", "short-body-eof", "full-frame-old",
+                                  "full-frame-current", "too-large", "empty-frame", "garbage-frames",
                                   "hello-then-recipe"])
 def test_no_memory_disclosure_before_auth(target, case):
     s = dial(target["oaddr"])
     hdr = struct.pack("<I", 30000)
     shut = True
     if case == "recipe-eof":
-        sent = hdr + _recipe(2, 30000)
+        sent = hdr + _recipe(wire.PROTOCOL_VERSION - 1, 30000)
     elif case == "recipe-deadline":
-        sent, shut = hdr + _recipe(2, 30000), False
+        sent, shut = hdr + _recipe(wire.PROTOCOL_VERSION - 1, 30000), False
     elif case == "short-body-eof":
-        sent = hdr + _recipe(3, 30000) + MARK * 1500
-    elif case == "full-frame-v2":   # complete frames: no EOF, so the agent answers before it closes
-        body = _recipe(2, 30000)
+        sent = hdr + _recipe(wire.PROTOCOL_VERSION, 30000) + MARK * 1500
+    elif case == "full-frame-old":   # complete frames: no EOF, so the agent answers before it closes
+        body = _recipe(wire.PROTOCOL_VERSION - 1, 30000)
         sent, shut = hdr + body + (MARK * 3000)[:30000 - len(body)], False
-    elif case == "full-frame-v3":
-        body = _recipe(3, 30000)
+    elif case == "full-frame-current":
+        body = _recipe(wire.PROTOCOL_VERSION, 30000)
         sent, shut = hdr + body + (MARK * 3000)[:30000 - len(body)], False
     elif case == "too-large":
         sent = struct.pack("<I", 70000) + MARK * 100
@@ -122,7 +122,7 @@ def test_no_memory_disclosure_before_auth(target, case):
         ack = p.recv()
         assert ack.type is Msg.HELLO_ACK and "compat" not in ack.body
         assert b"SecretModelName" not in msgpack.packb(ack.body)
-        s, sent = p.sock, hdr + _recipe(3, 30000)
+        s, sent = p.sock, hdr + _recipe(wire.PROTOCOL_VERSION, 30000)
     t0 = time.monotonic()
     s.sendall(sent)
     if shut:
@@ -135,9 +135,9 @@ def test_no_memory_disclosure_before_auth(target, case):
     if case == "recipe-deadline":
         assert HS_TIMEOUT * 0.7 <= took <= HS_TIMEOUT + 5, took
         assert [f.body["code"] for f in errors] == ["timeout"], errors
-    if case == "full-frame-v2":
+    if case == "full-frame-old":
         assert [f.body["code"] for f in errors] == ["protocol"], errors
-    if case == "full-frame-v3":
+    if case == "full-frame-current":
         assert [f.body["code"] for f in errors] == ["bad_message"], errors
 
 

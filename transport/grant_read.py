@@ -1,0 +1,115 @@
+"""Reader side of lease grants (grants.py): a whole-lease re-read on the calling thread, with no
+message before the bytes land: process_vm_readv for host memory, the fused kernel over the
+cached, checked CUDA IPC plan for CUDA memory; then the grant's word.
+
+Called by Agent.read (any thread) and by the loop's initiator; returns False whenever the read
+should go the normal way instead (no grant, a path turned off, the lease ended, any copy error),
+having reported nothing: the normal path then answers with the owner's own checks and errors.
+The owner learns of granted reads afterwards: at once when the read carries a notification,
+else in batches (its transfer counters lag by up to the sweep interval).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from . import cma, trace
+from .core import Core
+from .descs import Descs
+from .grants import Grant, copy_granted
+from .region import MemoryKind
+from .session import Session
+from .wire import DataPath, Msg
+
+log = logging.getLogger(__name__)
+
+GPU_INLINE_BYTES = 2 << 30   # kernels this large end within ~2 ms: waited for on the calling thread
+
+
+def _usable(core: Core, s: Session | None, local: Descs) -> MemoryKind | None:
+    cfg = core.config
+    if (s is None or s.lost is not None or len(s.grants) == 0 or not cfg.lease_grants or not s.peer.same_host
+            or not s.pid_checked or DataPath.CMA in s.off):
+        return None   # (the word check is a process_vm_readv: it needs the CMA path's permission)
+    kind = local.regions[0].kind
+    if kind is MemoryKind.HOST:
+        return kind if cfg.same_host_copy and local.nbytes <= cfg.inline_copy_bytes else None
+    if cfg.gpu_ipc and DataPath.IPC not in s.off and local.nbytes <= GPU_INLINE_BYTES:
+        return kind
+    return None
+
+
+def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify: bytes | None,
+             xfer: Any, lanes: Any = None) -> bool:
+    """Copy the lease under its grant; True when `xfer` was settled (successfully). On the loop
+    thread `lanes` is None; from another thread a notification's report goes out on the thread's
+    direct lane to that peer (with lanes on, a host read on a thread without one takes a lane
+    read first, which makes it), else through the loop."""
+    kind = _usable(core, s, local)
+    if kind is None:
+        return False
+    g = s.grants.get(lease_id, local.nbytes)
+    if g is None:
+        return False
+    lane = None
+    if lanes is not None and kind is MemoryKind.HOST:
+        lane = lanes.existing(s)
+        if lane is None and lanes.enabled():
+            return False  # a lane read makes this thread's lane; the next granted reads report on it
+    t0 = time.monotonic()
+    try:
+        ok = _copy(core, s, g, local, kind)
+    except (cma.CmaUnavailable, OSError, ValueError, RuntimeError) as e:
+        log.debug("granted read of %.12s from %s failed (%s); asking the owner", lease_id, s.name, e)
+        ok = False
+    if not ok:
+        s.grants.drop(lease_id)
+        return False
+    trace.mark(xfer, "copied")
+    path = DataPath.CMA if kind is MemoryKind.HOST else DataPath.IPC
+    with core.lock:
+        core.stats.record_in(local.nbytes, time.monotonic() - t0)
+        core.stats.paths[path.value] += 1
+        core.stats.granted_reads += 1
+    xfer._finish(None)
+    if notify is None:  # only counters: reported in batches (flush_reports)
+        s.grant_reports.append((lease_id, local.nbytes))
+        return True
+    body = dict(lease=lease_id, reads=1, nbytes=local.nbytes, notify=bytes(notify))
+    if lanes is None:
+        s.conn.send_quiet(Msg.GRANT_READ, **body)
+    elif lane is None or not lane.report(Msg.GRANT_READ, **body):
+        core.runtime.call_soon(lambda: s.conn.send_quiet(Msg.GRANT_READ, **body))
+    return True
+
+
+def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> bool:
+    """The copy and the word check; False when the grant cannot serve this read or the lease
+    ended before the check."""
+    if kind is MemoryKind.HOST:
+        return g.remote is not None and copy_granted(s.peer.pid, g, local)
+    if g.ipc is None or not g.ipc.current(s):   # a mapping was dropped since (region gone, restart)
+        return False
+    ev, keep = core.data.ipc_launch(g.ipc, local, False)
+    ev.synchronize()
+    del keep
+    return cma.read_word(s.peer.pid, g.word) == g.gen
+
+
+def flush_reports(s: Session) -> None:
+    """On the loop: tell the owner about granted reads that carried no notification (its
+    counters), one GRANT_READ per lease. Run by the agent's sweep (every sweep_interval_s) and
+    when it closes; the reads themselves never wait for this."""
+    per: dict[str, list[int]] = {}
+    q = s.grant_reports
+    while q:
+        try:
+            lease, nbytes = q.popleft()
+        except IndexError:
+            break
+        c = per.setdefault(lease, [0, 0])
+        c[0] += 1
+        c[1] += nbytes
+    for lease, (reads, nbytes) in per.items():
+        s.conn.send_quiet(Msg.GRANT_READ, lease=lease, reads=reads, nbytes=nbytes, notify=None)

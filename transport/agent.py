@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import dispatch, grant_read, initiated, initiator, lanes, owner, trace
+from . import dispatch, grant_push, grant_read, initiated, initiator, lanes, owner, trace
 from . import handshake as hs
 from .config import AgentConfig, parse_hostport
 from .conn import Conn
@@ -181,7 +181,10 @@ class Agent:
         core = self._core
         with core.lock:
             e = core.leases.add(descs, peer, ttl_s, writable)
-            return core.leases.public(e)
+            out = core.leases.public(e)
+        if self.config.lease_grants and not writable and core.sessions.by_name:
+            self._rt.call_soon(grant_push.push, core, e)   # its likely readers get the grant ahead
+        return out
 
     def release(self, lease_id: str) -> bool:
         """End a lease now. Its blocks come back from `freed_leases()` once no transfer uses them."""

@@ -92,6 +92,10 @@ class AgentConfig:
         first answer names a word in its memory that changes when the lease ends; later
         whole-lease reads of host memory copy, then check that word. Off: every read asks the
         owner (both sides must have it on for grants to be used).
+    grant_push_sessions: when a lease is exposed, its grant is sent ahead to the same-host
+        sessions that may read it (grant_push.py), so its first read needs no round trip too; a
+        lease open to any peer is sent ahead only when at most this many same-host readers are
+        connected (0: never for such leases).
     keepalive_s: idle seconds before TCP keepalive probes a silent control connection.
     ucx_error_handling: UCX peer error handling on data endpoints. On (the default), UCX fails the
         requests of a peer that dies, so nothing is stranded and no core is left spinning; UCX then
@@ -124,6 +128,7 @@ class AgentConfig:
     inline_copy_bytes: int = 4 << 20
     direct_lanes: bool = True
     lease_grants: bool = True
+    grant_push_sessions: int = 4
     keepalive_s: float = 5.0
     ucx_error_handling: bool = True
     ucx_options: dict[str, str] = field(default_factory=dict)
@@ -151,6 +156,8 @@ class AgentConfig:
         for name in ("max_pending_handshakes", "max_transfers_per_peer", "max_notify_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.grant_push_sessions < 0:
+            raise ValueError("grant_push_sessions must be >= 0")
         if self.max_message_bytes < 64 << 10 or self.max_notify_bytes < 0 or self.inline_copy_bytes < 0:
             raise ValueError("max_message_bytes must be >= 64 KiB; byte bounds must be >= 0")
         if not isinstance(self.transports, TransportSet):

@@ -167,16 +167,16 @@ class DataPlane:
     def ipc_copy(self, s: Session, local: Descs, offer: Any, table: Any, nbytes: int, write: bool):
         """Initiator: map what is new, check the owner's table against the mappings, and launch
         the one kernel. Returns (event, keep-alive, plan). Raises BadMessage for a lying owner."""
-        plan = self.ipc_prepare(s, local, offer, table, nbytes)
+        plan = self.ipc_prepare(s, local.regions[0].device.index, offer, table, nbytes)
         ev, keep = self.ipc_launch(plan, local, write)
         return ev, keep, plan
 
-    def ipc_prepare(self, s: Session, local: Descs, offer: Any, table: Any, nbytes: int) -> IpcPlan:
-        """Map the regions of an offer that are new and check the owner's run table against the
-        mappings (the checked plan may be kept: a lease grant re-reads it)."""
+    def ipc_prepare(self, s: Session, device: int | None, offer: Any, table: Any, nbytes: int) -> IpcPlan:
+        """Map the regions of an offer that are new (on CUDA device `device`; None: every region
+        must be mapped already) and check the owner's run table against the mappings (the
+        checked plan may be kept: a lease grant re-reads it)."""
         if not isinstance(offer, list) or not isinstance(table, bytes) or not offer or len(offer) > 4096:
             raise BadMessage("malformed IPC offer")
-        device = local.regions[0].device
         bases, sizes, maps = [], [], []
         for item in offer:
             if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], int)
@@ -185,10 +185,10 @@ class DataPlane:
             uid, blob, size = item
             m = s.ipc_maps.get(uid)
             if m is None:
-                if blob is None:
+                if blob is None or device is None:
                     raise BadMessage(f"owner referred to region {uid} without sharing it")
                 try:
-                    m = cuda_ipc.open_blob(hs.keystream_xor(s.secret, _ipc_label(uid), blob), device.index)
+                    m = cuda_ipc.open_blob(hs.keystream_xor(s.secret, _ipc_label(uid), blob), device)
                 except ValueError as e:
                     raise BadMessage(str(e)) from None
                 s.ipc_maps[uid] = m

@@ -1,7 +1,7 @@
 """Routes a session's incoming (non-reply) frames to the owner or initiator side."""
 from __future__ import annotations
 
-from . import initiator_ucx, owner, serve_small
+from . import grant_push, initiator_ucx, owner, serve_small
 from .core import Core
 from .errors import BadMessage
 from .session import Session
@@ -14,6 +14,8 @@ def handle(core: Core, s: Session, f: Frame) -> None:
         owner.serve_transfer(core, s, f, write=False)
     elif t is Msg.WRITE_REQ:
         owner.serve_transfer(core, s, f, write=True)
+    elif t is Msg.GRANT:
+        grant_push.on_grant(core, s, f)
     elif t is Msg.GRANT_READ:
         owner.serve_granted(core, s, f)
     elif t is Msg.XFER_DONE:

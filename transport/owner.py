@@ -141,6 +141,7 @@ def serve_transfer(core: Core, s: Session, f: Frame, write: bool) -> None:
         else:
             _check_one_sided(core, s, descs, path)
             _serve_one_sided(core, s, f, sv)
+            s.one_sided_reader = s.one_sided_reader or not write
     except BaseException:
         _drop_ref(core, sv)
         raise
@@ -159,7 +160,7 @@ def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
             if whole:
                 sv.entry.iov = iov
         if whole and not sv.write and core.config.lease_grants:
-            grant = _grant(core, sv.entry)
+            grant = grant_for(core, sv.entry)
     else:
         whole = f.body.get("ranges") is None
         if whole and sv.entry.ipc is not None:
@@ -170,7 +171,7 @@ def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
                 sv.entry.ipc = (regions, table)
         ipc = core.data.ipc_offer(s, regions, table)
         if whole and not sv.write and core.config.lease_grants:
-            grant = _grant(core, sv.entry)
+            grant = grant_for(core, sv.entry)
     s.served[sv.xid] = sv
     sv.timer = asyncio.get_running_loop().call_later(hold, _hold_passed, core, s, sv)
     reply = Msg.WRITE_ACK if sv.write else Msg.READ_ACK
@@ -179,7 +180,7 @@ def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
     trace.mark(("owner", sv.xid), "reply_sent")
 
 
-def _grant(core: Core, entry: LeaseEntry) -> list | None:
+def grant_for(core: Core, entry: LeaseEntry) -> list | None:
     """[word address, generation, ms left] of the lease's grant (grants.py), or None."""
     with core.lock:
         left = entry.expires_mono - core.leases.now()

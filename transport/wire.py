@@ -30,6 +30,7 @@ class Msg(str, Enum):
     READ_ACK = "read_ack"        # owner -> initiator: accepted; what the path needs (iovecs, IPC table)
     WRITE_REQ = "write_req"      # initiator -> owner: write into a writable lease
     WRITE_ACK = "write_ack"      # owner -> initiator: accepted; iovecs / IPC table / UCX tag base
+    GRANT = "grant"              # owner -> reader: a new lease's grant, sent ahead (no reply)
     GRANT_READ = "grant_read"    # initiator -> owner: lease re-read(s) under its grant, after the fact (no reply)
     XFER_DONE = "xfer_done"      # initiator -> owner: finished with the owner's memory (rid != 0: confirm)
     WRITE_DONE = "write_done"    # owner -> initiator (UCX writes): every byte landed
@@ -73,6 +74,7 @@ SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
     Msg.READ_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "ranges": _OPT_B, "path": _S, "tag": _I,
                    "notify": _OPT_B},
     Msg.READ_ACK: {"xid": _I, "hold_ms": _F, "iov": _OPT_B, "ipc": _OPT_L, "table": _OPT_B, "grant": _OPT_L},
+    Msg.GRANT: {"lease": _S, "nbytes": _I, "iov": _OPT_B, "ipc": _OPT_L, "table": _OPT_B, "grant": (list,)},
     Msg.GRANT_READ: {"lease": _S, "reads": _I, "nbytes": _I, "notify": _OPT_B},
     Msg.WRITE_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "path": _S, "notify": _OPT_B},
     Msg.WRITE_ACK: {"xid": _I, "hold_ms": _F, "iov": _OPT_B, "ipc": _OPT_L, "table": _OPT_B, "tag": _I},

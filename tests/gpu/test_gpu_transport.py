@@ -285,3 +285,38 @@ def test_owner_restarted_at_the_same_address_never_uses_stale_mappings(reader):
         reader.call("forget_peer", f"127.0.0.1:{port}")
         _wait(lambda: reader.call("mapped_regions", f"restart-owner-{seed}") == 0, 20,
               "mappings of the closed owner dropped")
+
+
+def test_rereads_copy_under_the_lease_grant(owner, reader):
+    """Re-reads of a lease run the kernel over the checked, cached IPC plan with no round trip;
+    reads of two leases alternate into the same blocks, so every verify proves a fresh copy; a
+    released lease is refused again by the owner (its grant's word changed)."""
+    pool, n = 1024, 256
+    ka, kb, kr = _key("ga"), _key("gb"), _key("gr")
+    spec_a = _bufs("gsa", pool, (8, 16, 128), "bfloat16", seed=61, layers=3)
+    spec_b = _bufs("gsb", pool, (8, 16, 128), "bfloat16", seed=62, layers=3)
+    owner.call("alloc", ka, spec_a)
+    owner.call("alloc", kb, spec_b)
+    reader.call("alloc", kr, _bufs("gdst", pool, (8, 16, 128), "bfloat16", seed=63, layers=3))
+    s_ids, d_ids = _ids(pool, n), _ids(pool, n)
+    la, lb = owner.call("expose", ka, s_ids), owner.call("expose", kb, s_ids)
+    granted0 = reader.call("stats")["granted_reads"]
+    for rnd in range(3):
+        for lease, spec in ((la, spec_a), (lb, spec_b)):
+            res = reader.call("read", owner.address, kr, d_ids, lease)
+            assert res["error"] is None, res
+            assert reader.call("verify", kr, d_ids, spec, s_ids)["bad"] == 0, f"round {rnd}"
+    st = reader.call("stats")
+    assert st["granted_reads"] - granted0 == 4, st   # the first read of each lease asks the owner
+    assert owner.call("release", la)
+    res = reader.call("read", owner.address, kr, d_ids, la)
+    assert res["error"] == "LeaseRejected", res
+    assert reader.call("stats")["granted_reads"] - granted0 == 4
+    # the owner heard of every read (notifications at once, counters with the sweep)
+    seen: list[bytes] = []
+    _wait(lambda: seen.extend(b for _, b in owner.call("notifications") if b == f"read-{kr}".encode())
+          or len(seen) >= 6, 10, "a notification for each of the 6 reads")
+    assert len(seen) == 6, seen
+    for k in (ka, kb):
+        owner.call("drop", k)
+    reader.call("drop", kr)

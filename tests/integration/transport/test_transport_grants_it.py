@@ -263,3 +263,50 @@ def test_stopped_owner_still_serves_granted_rereads(owner_node):
                    15, what="notification after SIGCONT")
     finally:
         b.close()
+
+
+# ----------------------------------------------------------------------------- grants sent ahead
+def _session(agent, peer):
+    return agent._core.sessions.by_addr[peer.address]
+
+
+def _wait_grant(b, peer, lease_id, nbytes):
+    s = _session(b, peer)
+    wait_until(lambda: s.grants.get(lease_id, nbytes) is not None, 10, what="the grant sent ahead arrived")
+
+
+def test_first_read_of_a_new_lease_uses_the_grant_sent_ahead(pair):
+    a, b = pair
+    src, dst, ra, local, ids = _setup(a, b)
+    peer = b.connect(a.address)
+    first = a.expose(Descs.from_blocks(ra, ids, BB))
+    for _ in range(2):    # a one-sided reader now (and this thread has its lane)
+        b.read(peer, local, first.id).wait(10)
+    ids2 = np.random.default_rng(9).permutation(256)[:16]
+    lease = a.expose(Descs.from_blocks(ra, ids2, BB))
+    _wait_grant(b, peer, lease.id, local.nbytes)
+    n = b.snapshot()["granted_reads"]
+    b.read(peer, local, lease.id).wait(10)
+    assert np.array_equal(dst, src[ids2])
+    assert b.snapshot()["granted_reads"] == n + 1
+
+
+@pytest.mark.parametrize("case", ["other-peer", "open-lease-over-limit", "writable"])
+def test_grants_are_sent_ahead_only_where_the_lease_allows(case):
+    cfg = AgentConfig(auth_key=b"k", grant_push_sessions=0 if case == "open-lease-over-limit" else 4)
+    a, b = Agent("push-owner", cfg), Agent("push-reader", AgentConfig(auth_key=b"k"))
+    try:
+        src, dst, ra, local, ids = _setup(a, b)
+        peer = b.connect(a.address)
+        warm = a.expose(Descs.from_blocks(ra, ids, BB))
+        b.read(peer, local, warm.id).wait(10)
+        d = Descs.from_blocks(ra, ids, BB)
+        held = {"other-peer": lambda: a.expose(d, peer="someone-else"),
+                "open-lease-over-limit": lambda: a.expose(d),
+                "writable": lambda: a.expose(d, peer=b.name, writable=True)}[case]()
+        marker = a.expose(d, peer=b.name)   # sent ahead after `held` on the same connection
+        _wait_grant(b, peer, marker.id, local.nbytes)
+        assert _session(b, peer).grants.get(held.id, local.nbytes) is None
+    finally:
+        b.close()
+        a.close()

@@ -3,8 +3,11 @@ same small lease read repeatedly through the public API, every hop timestamped
 (transport.trace; perf_counter is CLOCK_MONOTONIC, comparable across the two processes).
 
     python3 scripts/latency_breakdown.py [--blocks 64] [--block-bytes 32768] [--reps 400] [--json F]
+                                         [--device cuda:0] [--no-grants]
 
 Prints the median time of each hop and the median end to end (read() called -> wait() returned).
+Re-reads of one lease copy under its lease grant (no round trip) unless --no-grants, which
+measures the round-trip path every first read of a lease takes when no grant was sent ahead.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda:0 (both processes on it)")
+    ap.add_argument("--no-grants", action="store_true", help="reader without lease grants (every read asks)")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     qi, qo = ctx.Queue(), ctx.Queue()
@@ -56,7 +60,7 @@ def main() -> None:
     p.start()
     addr, lid = qo.get(timeout=120)
     from transport import Agent, AgentConfig, Descs, trace
-    b = Agent("lat-reader", AgentConfig())
+    b = Agent("lat-reader", AgentConfig(lease_grants=not args.no_grants))
     dst = _pool(args.block_bytes, args.device)
     local = Descs.from_blocks(b.register(dst), np.arange(args.blocks), args.block_bytes)
     peer = b.connect(addr)
@@ -79,24 +83,30 @@ def main() -> None:
         by_x.setdefault(id(tag), {})[point] = ts
     own = sorted((ts, point) for _, point, ts in theirs)
     lane = not any(p == "loop_start" for _, p, _ in mine)
-    steps = ["called"] + ([] if lane else ["loop_start"]) + ["request_sent", "owner_data_received", "owner_request_handled",
-             "owner_reply_sent", "reply_handled", "copied", "settled", "woken"]
+    granted = not any(p == "request_sent" for _, p, _ in mine)
+    if granted:   # no message on the critical path: the copy (or kernel) and the grant's word check
+        steps = ["called", "copied", "woken"]
+    else:
+        steps = ["called"] + ([] if lane else ["loop_start"]) + ["request_sent", "owner_data_received",
+                 "owner_request_handled", "owner_reply_sent", "reply_handled", "copied", "settled", "woken"]
     rows = []
     for t, w in woke:
         m = dict(by_x.get(id(t), {}))
         m["woken"] = w
-        if not all(k in m for k in ("called", "request_sent", "reply_handled", "settled")):
-            continue
-        win = [(ts, pt) for ts, pt in own if m["request_sent"] <= ts <= m["reply_handled"]]
-        for ts, pt in win:
-            key = "owner_" + pt
-            if key in steps and key not in m:
-                m[key] = ts
+        if not granted:
+            if not all(k in m for k in ("called", "request_sent", "reply_handled", "settled")):
+                continue
+            win = [(ts, pt) for ts, pt in own if m["request_sent"] <= ts <= m["reply_handled"]]
+            for ts, pt in win:
+                key = "owner_" + pt
+                if key in steps and key not in m:
+                    m[key] = ts
         if all(k in m for k in steps):
             rows.append([m[k] for k in steps])
     if ipc:  # the CUDA IPC path's own steps, between reply_handled and copied
-        pts = ["mapped", "checked", "uploaded", "launched", "synced"]
-        seq = [ts for p, ts in ipc]
+        pts = (["uploaded", "launched", "synced"] if granted else
+               ["mapped", "checked", "uploaded", "launched", "synced"])
+        seq = [ts for p, ts in ipc if p in pts]
         k = len(pts)
         arr = np.array(seq[: len(seq) // k * k]).reshape(-1, k)
         for i in range(k - 1):
@@ -104,7 +114,7 @@ def main() -> None:
     a = np.array(rows)
     hops = {f"{steps[i]} -> {steps[i + 1]}": float(np.median(a[:, i + 1] - a[:, i]) * 1e6) for i in range(len(steps) - 1)}
     total = a[:, -1] - a[:, 0]
-    out = {"blocks": args.blocks, "block_bytes": args.block_bytes, "reps": len(rows),
+    out = {"blocks": args.blocks, "block_bytes": args.block_bytes, "reps": len(rows), "granted": granted,
            "hops_us_median": hops, "end_to_end_ms": {"median": float(np.median(total) * 1e3),
                                                      "p90": float(np.percentile(total, 90) * 1e3)}}
     for k, v in hops.items():

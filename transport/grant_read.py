@@ -60,7 +60,12 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
     t0 = time.monotonic()
     try:
         ok = _copy(core, s, g, local, kind)
-    except (cma.CmaUnavailable, OSError, ValueError, RuntimeError) as e:
+    except cma.CmaUnavailable as e:   # no permission (Yama ptrace scope): no grants from this peer
+        s.grants.drop(lease_id)
+        s.off.setdefault(DataPath.CMA, f"the kernel refused process_vm_readv: {e}")
+        core.fallback(DataPath.CMA, f"the kernel refused process_vm_readv: {e}", s.name)
+        return False
+    except (OSError, ValueError, RuntimeError) as e:
         log.debug("granted read of %.12s from %s failed (%s); asking the owner", lease_id, s.name, e)
         ok = False
     if not ok:
@@ -93,6 +98,7 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
         return False
     ev, keep = core.data.ipc_launch(g.ipc, local, False)
     ev.synchronize()
+    trace.mark("ipc", "synced")
     del keep
     return cma.read_word(s.peer.pid, g.word) == g.gen
 

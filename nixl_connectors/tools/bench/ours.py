@@ -196,6 +196,7 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
     return {"impl": "nixl_connectors", **Timings.of(times, w.nbytes).to_json(),
             "bad_blocks": bad, "verified_reps": w.warmup + w.reps, "devices": devices.to_json(),
             "paths": dict(mine.get("paths", {})), "fallbacks": dict(mine.get("fallbacks", {})),
+            "granted_reads": int(mine.get("granted_reads", 0)),
             "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
             "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
             "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),

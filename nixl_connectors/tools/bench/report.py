@@ -53,7 +53,9 @@ def format_row(row: Mapping[str, Any]) -> list[str]:
     if "error" not in ours:
         paths = ", ".join(f"{k} x{v}" for k, v in sorted(ours.get("paths", {}).items())) or "-"
         fb = "; ".join(f"{k} x{v}" for k, v in sorted(ours.get("fallbacks", {}).items())) or "none"
-        lines.append(f"      data path: {paths}; fallbacks: {fb}"
+        granted = ours.get("granted_reads", 0)
+        lines.append(f"      data path: {paths}" + (f" ({granted} under a lease grant: no round trip)" if granted else "")
+                     + f"; fallbacks: {fb}"
                      + (f"  !! {ours['bad_blocks']} BAD BLOCKS" if ours.get("bad_blocks") else ""))
     for key, ref in row["references"].items():
         lines.append(fmt_entry(ref.get("name", key), ref, ours, latency))

@@ -38,9 +38,15 @@ def _owner(n, bb, device, q_in, q_out):
     pool = _pool(bb, device)
     lease = a.expose(Descs.from_blocks(a.register(pool), np.random.default_rng(2).permutation(POOL)[:n], bb),
                      ttl_s=3600)
+    region = a.register(pool)
     trace.enable()
     q_out.put((a.address, lease.id))
-    q_in.get()
+    while True:
+        msg = q_in.get()
+        if msg == "done":
+            break
+        ids = np.random.default_rng(msg).permutation(POOL)[:n]   # ("--new-lease") a new lease per read
+        q_out.put(a.expose(Descs.from_blocks(region, ids, bb), ttl_s=3600).id)
     q_out.put([(str(t), p, ts) for t, p, ts in trace.disable()])
     a.close()
 
@@ -53,6 +59,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda:0 (both processes on it)")
     ap.add_argument("--no-grants", action="store_true", help="reader without lease grants (every read asks)")
+    ap.add_argument("--new-lease", action="store_true",
+                    help="every read a new lease of new random blocks (into new random blocks), exposed 2 ms "
+                         "before it is read, as a serving engine's requests are: first reads, grants sent ahead")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile the reads (cProfile) and print the N functions with the most own time")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     qi, qo = ctx.Queue(), ctx.Queue()
@@ -62,13 +73,29 @@ def main() -> None:
     from transport import Agent, AgentConfig, Descs, trace
     b = Agent("lat-reader", AgentConfig(lease_grants=not args.no_grants))
     dst = _pool(args.block_bytes, args.device)
-    local = Descs.from_blocks(b.register(dst), np.arange(args.blocks), args.block_bytes)
+    rdst = b.register(dst)
+    local = Descs.from_blocks(rdst, np.arange(args.blocks), args.block_bytes)
     peer = b.connect(addr)
     for _ in range(50):  # warm-up
         b.read(peer, local, lid).wait(10)
+    if args.profile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.reps):
+            b.read(peer, local, lid).wait(10)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     trace.enable()
     woke = []
-    for _ in range(args.reps):
+    for rep in range(args.reps):
+        if args.new_lease:
+            qi.put(rep)
+            lid = qo.get(timeout=60)
+            local = Descs.from_blocks(rdst, np.random.default_rng(10**6 + rep).permutation(POOL)[:args.blocks],
+                                      args.block_bytes)
+            time.sleep(0.002)
         t = b.read(peer, local, lid)
         t.wait(10)
         woke.append((t, time.perf_counter()))
@@ -83,29 +110,33 @@ def main() -> None:
         by_x.setdefault(id(tag), {})[point] = ts
     own = sorted((ts, point) for _, point, ts in theirs)
     lane = not any(p == "loop_start" for _, p, _ in mine)
-    granted = not any(p == "request_sent" for _, p, _ in mine)
-    if granted:   # no message on the critical path: the copy (or kernel) and the grant's word check
-        steps = ["called", "copied", "woken"]
-    else:
-        steps = ["called"] + ([] if lane else ["loop_start"]) + ["request_sent", "owner_data_received",
-                 "owner_request_handled", "owner_reply_sent", "reply_handled", "copied", "settled", "woken"]
-    rows = []
+    asked = ["called"] + ([] if lane else ["loop_start"]) + ["request_sent", "owner_data_received",
+             "owner_request_handled", "owner_reply_sent", "reply_handled", "copied", "settled", "woken"]
+    plain = ["called", "copied", "woken"]   # under a grant: no message on the critical path
+    by_kind: dict[str, list] = {"granted": [], "asked": []}
     for t, w in woke:
         m = dict(by_x.get(id(t), {}))
         m["woken"] = w
-        if not granted:
-            if not all(k in m for k in ("called", "request_sent", "reply_handled", "settled")):
-                continue
-            win = [(ts, pt) for ts, pt in own if m["request_sent"] <= ts <= m["reply_handled"]]
-            for ts, pt in win:
-                key = "owner_" + pt
-                if key in steps and key not in m:
-                    m[key] = ts
-        if all(k in m for k in steps):
-            rows.append([m[k] for k in steps])
+        if "request_sent" not in m:
+            if all(k in m for k in plain):
+                by_kind["granted"].append([m[k] for k in plain])
+            continue
+        if not all(k in m for k in ("called", "request_sent", "reply_handled", "settled")):
+            continue
+        win = [(ts, pt) for ts, pt in own if m["request_sent"] <= ts <= m["reply_handled"]]
+        for ts, pt in win:
+            key = "owner_" + pt
+            if key in asked and key not in m:
+                m[key] = ts
+        if all(k in m for k in asked):
+            by_kind["asked"].append([m[k] for k in asked])
+    granted = len(by_kind["granted"]) >= len(by_kind["asked"])
+    steps, rows = (plain, by_kind["granted"]) if granted else (asked, by_kind["asked"])
+    print(f"{len(by_kind['granted'])} reads under a lease grant, {len(by_kind['asked'])} asked the owner; "
+          f"showing the {'granted' if granted else 'asked'} ones")
     if ipc:  # the CUDA IPC path's own steps, between reply_handled and copied
-        pts = (["uploaded", "launched", "synced"] if granted else
-               ["mapped", "checked", "uploaded", "launched", "synced"])
+        pts = (["start", "uploaded", "launched", "synced"] if granted else
+               ["mapped", "checked", "start", "uploaded", "launched", "synced"])
         seq = [ts for p, ts in ipc if p in pts]
         k = len(pts)
         arr = np.array(seq[: len(seq) // k * k]).reshape(-1, k)

@@ -171,9 +171,10 @@ class DataPlane:
         ev, keep = self.ipc_launch(plan, local, write)
         return ev, keep, plan
 
-    def ipc_prepare(self, s: Session, device: int | None, offer: Any, table: Any, nbytes: int) -> IpcPlan:
-        """Map the regions of an offer that are new (on CUDA device `device`; None: every region
-        must be mapped already) and check the owner's run table against the mappings (the
+    def ipc_prepare(self, s: Session, device: int | None, offer: Any, table: Any, nbytes: int,
+                    may_open: bool = True) -> IpcPlan:
+        """Map the regions of an offer that are new (on CUDA device `device`; with `may_open`
+        False every region must be mapped already) and check the owner's run table against the mappings (the
         checked plan may be kept: a lease grant re-reads it)."""
         if not isinstance(offer, list) or not isinstance(table, bytes) or not offer or len(offer) > 4096:
             raise BadMessage("malformed IPC offer")
@@ -185,7 +186,7 @@ class DataPlane:
             uid, blob, size = item
             m = s.ipc_maps.get(uid)
             if m is None:
-                if blob is None or device is None:
+                if blob is None or not may_open:
                     raise BadMessage(f"owner referred to region {uid} without sharing it")
                 try:
                     m = cuda_ipc.open_blob(hs.keystream_xor(s.secret, _ipc_label(uid), blob), device)
@@ -217,12 +218,13 @@ class DataPlane:
 
     def ipc_launch(self, plan: IpcPlan, local: Descs, write: bool):
         """Enqueue the one kernel of a checked plan; returns (event, keep-alive)."""
+        trace.mark("ipc", "start")
         device = local.regions[0].device
         stream = self.stream(device)
         bases, slot, off, ln = plan.bases, plan.slot, plan.off, plan.ln
         if gpu_runs.paired(ln, local.length):
             rside = gpu_runs.RunSide(bases, slot if len(bases) > 1 else None, off)
-            lbases = np.array([r.flat.data_ptr() for r in local.regions], dtype=np.int64)
+            lbases = np.array([r.ptr for r in local.regions], dtype=np.int64)
             lside = gpu_runs.RunSide(lbases, local.region_idx.astype(np.int64) if len(lbases) > 1 else None,
                                      local.offset)
             out = gpu_runs.launch(lside, rside, ln, device, stream) if write else \
@@ -231,7 +233,7 @@ class DataPlane:
             return out
         remote = copy_plan.run_addresses(bases, slot, off)
         ld = local.coalesced()
-        lbases = np.array([r.flat.data_ptr() for r in ld.regions], dtype=np.int64)
+        lbases = np.array([r.ptr for r in ld.regions], dtype=np.int64)
         laddr = copy_plan.run_addresses(lbases, ld.region_idx, ld.offset)
         if write:
             s_, d_, n_ = copy_plan.pair_streams(laddr, ld.length, remote, ln)

@@ -78,64 +78,94 @@ def _kernel():
     return triton, kv_copy_runs
 
 
+@dataclass(frozen=True)
+class Table:
+    """Where each part of an uploaded run table lies (int64 words) and the kernel's variant.
+
+    Layout: [soff | doff | lens? | sbase | dbase | sslot? | dslot?]; region bases are stored as
+    byte offsets from the upload buffer's address (the kernel's one base pointer)."""
+
+    n: int                # runs
+    total: int            # words used
+    edge: int             # end of the part the alignment depends on (offsets, lengths, bases)
+    ulen: int             # the uniform run length (compiled in), or 0: lengths are uploaded
+    at_bases: int
+    ks: int               # source / destination region count
+    kd: int
+    s_multi: bool         # per-run region slots uploaded for the source / destination
+    d_multi: bool
+    word: int             # 8: the kernel moves int64 words; 1: bytes
+    align: int            # 2: every address is 16-byte aligned
+    even: bool            # every run is a multiple of PIECE_BYTES
+    per: int              # programs per run (grid axis 0)
+
+    @property
+    def at_slots(self) -> int:
+        return self.edge
+
+
+def table_words(src: RunSide, dst: RunSide, length: np.ndarray) -> int:
+    n = len(length)
+    return (2 + (src.slot is not None) + (dst.slot is not None) + 1) * n + len(src.bases) + len(dst.bases)
+
+
+def fill_table(src: RunSide, dst: RunSide, length: np.ndarray, h: np.ndarray, base_addr: int) -> Table:
+    """Write the run table into `h` (int64, at least `table_words` long) for an upload buffer at
+    device address `base_addr`; returns its layout and the kernel variant (pure)."""
+    n = len(length)
+    lo, hi = int(length.min()), int(length.max())
+    ulen = lo if lo == hi and lo <= MAX_UNIFORM_LEN else 0
+    parts = [src.offset, dst.offset] + ([] if ulen else [length]) + [src.bases, dst.bases]
+    edge = sum(len(p) for p in parts)
+    if src.slot is not None:
+        parts.append(src.slot)
+    if dst.slot is not None:
+        parts.append(dst.slot)
+    total = sum(len(p) for p in parts)
+    np.concatenate(parts, out=h[:total], casting="same_kind")
+    bits = int(np.bitwise_or.reduce(h[:edge])) | ulen
+    ks, kd = len(src.bases), len(dst.bases)
+    h[edge - ks - kd:edge] -= base_addr
+    even = (ulen % PIECE_BYTES == 0) if ulen else bool((length % PIECE_BYTES == 0).all())
+    return Table(n, total, edge, ulen, edge - ks - kd, ks, kd, src.slot is not None, dst.slot is not None,
+                 8 if bits & 7 == 0 else 1, 2 if bits & 15 == 0 else 1, even, -(-hi // PIECE_BYTES))
+
+
+def emulate(h: np.ndarray, t: Table, base_addr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source address, destination address, length) of every run, computed from an uploaded
+    table the way the kernel computes them (for tests on machines without a GPU)."""
+    n = t.n
+    sb, db = h[t.at_bases:t.at_bases + t.ks] + base_addr, h[t.at_bases + t.ks:t.edge] + base_addr
+    sslot = h[t.at_slots:t.at_slots + n] if t.s_multi else np.zeros(n, np.int64)
+    dslot = h[t.at_slots + n * t.s_multi:][:n] if t.d_multi else np.zeros(n, np.int64)
+    lens = np.full(n, t.ulen, np.int64) if t.ulen else h[2 * n:3 * n]
+    return sb[sslot] + h[:n], db[dslot] + h[n:2 * n], lens
+
+
 def launch(src: RunSide, dst: RunSide, length: np.ndarray, device: Any, stream: Any) -> tuple[Any, Any]:
     """Enqueue the copy of run i of `src` to run i of `dst` (equal lengths) on `stream`; returns
     (event recorded after it, buffers to keep alive until the event completes)."""
     import torch
 
-    n = len(length)
-    uniform = bool((length == length[0]).all())
-    ulen = int(length[0]) if uniform and length[0] <= MAX_UNIFORM_LEN else 0
-    bits = int(np.bitwise_or.reduce(src.offset)) | int(np.bitwise_or.reduce(dst.offset))
-    bits |= int(length[0]) if uniform else int(np.bitwise_or.reduce(length))
-    bits |= int(np.bitwise_or.reduce(src.bases)) | int(np.bitwise_or.reduce(dst.bases))
-    word = 8 if bits & 7 == 0 else 1
-    align = 2 if bits & 15 == 0 else 1
-    even = (ulen % PIECE_BYTES == 0) if ulen else bool((length % PIECE_BYTES == 0).all())
-    # one upload: [soff | doff | sslot? | dslot? | lens? | sbase | dbase]
-    parts = [src.offset, dst.offset]
-    if src.slot is not None:
-        parts.append(src.slot)
-    if dst.slot is not None:
-        parts.append(dst.slot)
-    if not ulen:
-        parts.append(length)
-    parts += [src.bases, dst.bases]
-    total = sum(len(p) for p in parts)
-    slot = gpu_upload.SLOTS.take(device, total)
+    slot = gpu_upload.SLOTS.take(device, table_words(src, dst, length))
     ev = None
     try:
         buf = slot.dev
-        base_addr = buf.data_ptr()
-        h = slot.words
-        views, pos = [], 0
-        for p in parts:
-            h[pos:pos + len(p)] = p
-            views.append((pos, len(p)))
-            pos += len(p)
-        # region bases become byte offsets from the upload buffer (the kernel's base pointer)
-        ks, kd = len(src.bases), len(dst.bases)
-        h[total - ks - kd:total] -= base_addr
+        t = fill_table(src, dst, length, slot.words, buf.data_ptr())
+        n = t.n
         with torch.cuda.stream(stream):
-            buf[:total].copy_(slot.host[:total], non_blocking=True)
+            buf[:t.total].copy_(slot.host[:t.total], non_blocking=True)
             trace.mark("ipc", "uploaded")
-
-            def view(k: int):
-                a, m = views[k]
-                return buf[a:a + m]
-            k = 2
-            sslot = view(k) if src.slot is not None else buf
-            k += src.slot is not None
-            dslot = view(k) if dst.slot is not None else buf
-            k += dst.slot is not None
-            lens = buf if ulen else view(k)
-            sbase, dbase = buf[total - ks - kd:total - kd], buf[total - kd:total]
-            base = buf if word == 8 else buf.view(torch.uint8)
-            per = int(-(-int(length.max()) // PIECE_BYTES))
+            soff, doff = buf[:n], buf[n:2 * n]
+            lens = buf if t.ulen else buf[2 * n:3 * n]
+            sslot = buf[t.at_slots:t.at_slots + n] if t.s_multi else buf
+            dslot = buf[t.at_slots + n * t.s_multi:][:n] if t.d_multi else buf
+            sbase, dbase = buf[t.at_bases:t.at_bases + t.ks], buf[t.at_bases + t.ks:t.edge]
+            base = buf if t.word == 8 else buf.view(torch.uint8)
             _, kernel = _kernel()
-            kernel[(per, n)](base, sbase, sslot, view(0), dbase, dslot, view(1), lens,
-                             PIECE=PIECE_BYTES, WORD=word, EVEN=even, ALIGN=align,
-                             S_MULTI=src.slot is not None, D_MULTI=dst.slot is not None, ULEN=ulen)
+            kernel[(t.per, n)](base, sbase, sslot, soff, dbase, dslot, doff, lens,
+                               PIECE=PIECE_BYTES, WORD=t.word, EVEN=t.even, ALIGN=t.align,
+                               S_MULTI=t.s_multi, D_MULTI=t.d_multi, ULEN=t.ulen)
             ev = torch.cuda.Event()
             ev.record(stream)
     finally:

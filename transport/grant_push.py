@@ -82,7 +82,7 @@ def on_grant(core: Core, s: Session, f: Frame) -> None:
     if b["ipc"] is None or b["table"] is None or not core.config.gpu_ipc or core.data.ipc_unavailable():
         return
     try:
-        plan = core.data.ipc_prepare(s, None, b["ipc"], b["table"], b["nbytes"])
+        plan = core.data.ipc_prepare(s, None, b["ipc"], b["table"], b["nbytes"], may_open=False)
     except BadMessage as e:
         log.warning("%s: unusable lease grant from %s ignored: %s", core.name, s.name, e)
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -34,6 +35,11 @@ class Region:
     @property
     def nbytes(self) -> int:
         return int(self.flat.numel())
+
+    @functools.cached_property
+    def ptr(self) -> int:
+        """Address of the region's first byte (fixed for its life: it keeps its memory alive)."""
+        return int(self.flat.data_ptr())
 
     @property
     def device(self) -> torch.device:

@@ -191,6 +191,8 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
         if w.policy is BlockPolicy.SAME_EVERY_REP:
             owner.call("release", lease)
         mine = agent.snapshot()
+        if mine.get("granted_reads"):   # reads under a grant reach the owner's counters with our sweep
+            time.sleep(2 * cfg.sweep_interval_s)
         theirs = owner.call("snapshot")
         owner_pids = owner.call("pids")
     return {"impl": "nixl_connectors", **Timings.of(times, w.nbytes).to_json(),

@@ -78,27 +78,33 @@ def main() -> None:
     peer = b.connect(addr)
     for _ in range(50):  # warm-up
         b.read(peer, local, lid).wait(10)
+    state = {"lid": lid, "local": local}
+
+    def one(rep: int, prof=None):
+        """One read (of a new lease with --new-lease); profiled when `prof` is given."""
+        if args.new_lease:
+            qi.put(rep)
+            state["lid"] = qo.get(timeout=60)
+            state["local"] = Descs.from_blocks(rdst, np.random.default_rng(10**6 + rep).permutation(POOL)[:args.blocks],
+                                               args.block_bytes)
+            time.sleep(0.002)
+        if prof is not None:
+            prof.enable()
+        t = b.read(peer, state["local"], state["lid"])
+        t.wait(10)
+        if prof is not None:
+            prof.disable()
+        return t, time.perf_counter()
+
     if args.profile:
         import cProfile
         import pstats
         prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.reps):
-            b.read(peer, local, lid).wait(10)
-        prof.disable()
+        for rep in range(args.reps):
+            one(10**7 + rep, prof)
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     trace.enable()
-    woke = []
-    for rep in range(args.reps):
-        if args.new_lease:
-            qi.put(rep)
-            lid = qo.get(timeout=60)
-            local = Descs.from_blocks(rdst, np.random.default_rng(10**6 + rep).permutation(POOL)[:args.blocks],
-                                      args.block_bytes)
-            time.sleep(0.002)
-        t = b.read(peer, local, lid)
-        t.wait(10)
-        woke.append((t, time.perf_counter()))
+    woke = [one(rep) for rep in range(args.reps)]
     mine = trace.disable()
     ipc = [(p, ts) for tag, p, ts in mine if tag == "ipc"]
     qi.put("done")

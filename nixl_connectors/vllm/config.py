@@ -25,11 +25,19 @@ _AGENT_KEYS = frozenset(f.name for f in dataclasses.fields(AgentSettings)) | fro
 class PullSettings:
     """lease_ttl_s: how long prefill keeps a finished request's blocks without a renewal.
     renew_interval_s: how often decode renews a lease it has not pulled yet.
-    pull_workers: threads that connect / start reads off the engine thread."""
+    pull_workers: threads that connect / start reads off the engine thread.
+    sync_load_max_tokens: a request whose pull is at most this many tokens is loaded synchronously
+        (vLLM's `load_kv_async=False`): scheduled at once, its pull done inside that step's forward
+        before the model runs, its last prompt token computed locally. That saves the engine steps
+        an asynchronous load waits (the short-prompt TTFT), at the price of stalling that step for
+        the pull (a same-host pull of a short prompt: about a millisecond). 0 (default): every load
+        is asynchronous, as vLLM's NixlConnector does. Models with several KV-cache groups always
+        load asynchronously (vLLM maps sync load errors for one group only)."""
 
     lease_ttl_s: float = 60.0
     renew_interval_s: float = 10.0
     pull_workers: int = 2
+    sync_load_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s <= 0 or self.renew_interval_s <= 0:
@@ -38,6 +46,8 @@ class PullSettings:
             raise ConfigError("renew_interval_s must be shorter than lease_ttl_s")
         if self.pull_workers < 1:
             raise ConfigError("pull_workers must be >= 1")
+        if self.sync_load_max_tokens < 0:
+            raise ConfigError("sync_load_max_tokens must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ class RecvSpec:
     target: LocalTarget | None
     load_block_ids: tuple[int, ...] = ()
     error: str | None = None
+    sync: bool = False      # load inside this step's forward (vLLM load_kv_async=False)
 
 
 @dataclass

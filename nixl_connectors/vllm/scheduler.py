@@ -54,6 +54,8 @@ class ReqRecord:
     exposed: tuple[tuple[int, ...], ...] = ()    # per group (prefill)
     leases: dict[int, str] = field(default_factory=dict)
     params_out: dict[str, Any] | None = None     # awaiting lease ids
+    sync: bool = False                           # decode: loaded synchronously (sync_load_max_tokens)
+    local_hit: int = 0                           # decode: tokens vLLM found in its own prefix cache
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,16 @@ class UcxScheduler:
                                    num_computed_tokens: int) -> tuple[int, bool]:
         if not wants_remote_prefill(request.kv_transfer_params):
             return 0, False
-        self._consumer_record(request)
+        rec = self._consumer_record(request)
         count = len(request.prompt_token_ids or ()) - num_computed_tokens
-        return (count, True) if count > 0 else (0, False)
+        if count <= 0:
+            return 0, False
+        rec.local_hit = num_computed_tokens
+        rec.sync = (count <= self.cfg.pull.sync_load_max_tokens and len(self.groups) == 1
+                    and rec.remote is not None and rec.error is None)
+        if rec.sync:  # vLLM computes at least one token of a request it schedules: the last one
+            return count - 1, False
+        return count, True
 
     def update_state_after_alloc(self, request: "Request", blocks: Any,
                                  num_external_tokens: int) -> None:
@@ -167,12 +176,16 @@ class UcxScheduler:
                       if b.block_hash is not None and not getattr(b, "is_null", False)]
             local_tokens = max(local_tokens, (hashed[-1] + 1) * info.block_size if hashed else 0)
             tables.append(tuple(ids))
+        if rec.sync:  # a sync load's blocks are cached (hashed) at once: only the local hit is local
+            local_tokens = rec.local_hit
         num_prompt = len(request.prompt_token_ids or ())
         target = LocalTarget(tuple(tables), local_tokens, local_tokens + num_external_tokens, num_prompt)
         load = tuple(b for b in tables[0][local_tokens // self.block_size:
                                           -(-target.token_end // self.block_size)] if b != NULL)
-        self._next.to_recv[rid] = RecvSpec(rec.remote, target, load, rec.error)
+        self._next.to_recv[rid] = RecvSpec(rec.remote, target, load, rec.error, sync=rec.sync)
         rec.phase = Phase.PULLING
+        if rec.sync:  # pulled and settled inside this step's forward: nothing left to track
+            self._reqs.pop(rid, None)
 
     # -- producer ---------------------------------------------------------------------------
     def _note_prefill_chunks(self, scheduler_output: Any,

@@ -11,6 +11,7 @@ single-group models, their blocks to `get_block_ids_with_load_errors()`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -127,8 +128,14 @@ class UcxWorker:
             self._renew(remote)
         for remote in meta.to_dismiss:
             self._dismiss(remote)
+        sync = []
         for rid, spec in meta.to_recv.items():
-            self._start_pull(rid, spec)
+            if spec.sync:
+                sync.append((rid, spec))
+            else:
+                self._start_pull(rid, spec)
+        for rid, spec in sync:   # before this step's forward reads them
+            self._pull_now(rid, spec)
 
     def _owned(self, remote: RemotePrefill) -> list[int]:
         return owned_prefill_ranks(remote.tp_size, self.tp_size, self.tp_rank)
@@ -161,9 +168,9 @@ class UcxWorker:
         return plan_reads(self.segments, spec.target, side, total_heads=self.total_heads,
                           local_tp=self.tp_size, rank=self.tp_rank)
 
-    def _start_pull(self, rid: str, spec: RecvSpec) -> None:
-        rec = PullRecord(rid, spec.load_block_ids)
-        self._pulls[rid] = rec
+    def _parts(self, rid: str, spec: RecvSpec) -> list | None:
+        """(planned read, read-done payload, local descriptors or None) per prefill rank; None
+        when the pull cannot be planned (then the owners are told we will not read)."""
         try:
             reads = self._plan(spec)
             readers = readers_of(self.total_heads, spec.remote.tp_size, self.tp_size)
@@ -173,10 +180,51 @@ class UcxWorker:
                                             len(readers[r.prefill_rank]))
                 parts.append((r, payload, local_descs(r, self.regions, self._scratch_region(r.scratch_bytes))
                               if r.nbytes else None))
+            return parts
         except Exception as e:  # noqa: BLE001 - any planning error fails this request only
             logger.error("request %s: cannot pull: %s", rid, e)
             if spec.remote is not None:
                 self._dismiss(spec.remote)
+            return None
+
+    def _pull_now(self, rid: str, spec: RecvSpec) -> None:
+        """A synchronous load: every part read and waited for here, on the engine thread, before
+        the forward pass. A failure marks the request's blocks as load errors (vLLM recomputes or
+        fails the request, by its kv_load_failure_policy); vLLM is not told about it otherwise."""
+        parts = self._parts(rid, spec)
+        ok = parts is not None
+        t0 = time.monotonic()
+        nbytes = 0
+        for r, payload, descs in parts or ():
+            addr, lease = spec.remote.agents[r.prefill_rank], spec.remote.lease_ids[r.prefill_rank]
+            if descs is None:
+                self._notify(addr, payload, "read-done")
+                continue
+            if not ok:   # an earlier part failed: do not read the rest, let the owners release
+                self._notify(addr, payload, "read-done")
+                continue
+            try:
+                peer = self.consumer.peer(addr)
+                self.agent.read(peer, descs, lease, notify=payload, ranges=r.ranges).wait(self.cfg.agent.timeout_s)
+                nbytes += descs.nbytes
+            except Exception as e:  # noqa: BLE001 - any transfer failure is a load error
+                logger.warning("request %s: synchronous pull from %s failed: %s: %s", rid, addr,
+                               type(e).__name__, e)
+                self.consumer.forget_peer(addr)
+                ok = False
+        if ok:
+            self._stats.add("reads")
+            self._stats.add("bytes_read", nbytes)
+            self._stats.add("transfer_seconds", time.monotonic() - t0)
+        else:
+            self._stats.add("read_failures")
+            self._load_errors.update(spec.load_block_ids)
+
+    def _start_pull(self, rid: str, spec: RecvSpec) -> None:
+        rec = PullRecord(rid, spec.load_block_ids)
+        self._pulls[rid] = rec
+        parts = self._parts(rid, spec)
+        if parts is None:
             self._mark(rec, failed=True)
             return
         for r, payload, descs in parts:

@@ -80,14 +80,17 @@ class Proc:
         return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
 
 
-def vllm_server(name: str, model: str, log_dir: Path, core: str, connector: bool) -> Proc:
+def vllm_server(name: str, model: str, log_dir: Path, core: str, connector: bool, sync_load_max_tokens: int = 0) -> Proc:
     port = _free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
             "--block-size", "32", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "2048",
             "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "4"]
     if connector:
-        argv += ["--kv-transfer-config", json.dumps({"kv_connector": "UcxConnector", "kv_role": "kv_both",
-                                                     "kv_connector_module_path": "nixl_connectors.vllm.connector"})]
+        cfg = {"kv_connector": "UcxConnector", "kv_role": "kv_both",
+               "kv_connector_module_path": "nixl_connectors.vllm.connector"}
+        if sync_load_max_tokens:
+            cfg["kv_connector_extra_config"] = {"sync_load_max_tokens": sync_load_max_tokens}
+        argv += ["--kv-transfer-config", json.dumps(cfg)]
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=core,
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return Proc(name, argv, log_dir, env, f"http://127.0.0.1:{port}")
@@ -193,7 +196,8 @@ def run_model(name: str, model: str, args: argparse.Namespace, log_dir: Path) ->
     # prefill share core 0: they never run at the same time here)
     plain = vllm_server(f"{name}-plain", model, log_dir, "0", connector=False)
     P = vllm_server(f"{name}-prefill", model, log_dir, "0", connector=True)
-    D = vllm_server(f"{name}-decode", model, log_dir, str(min(1, cores - 1)), connector=True)
+    D = vllm_server(f"{name}-decode", model, log_dir, str(min(1, cores - 1)), connector=True,
+                    sync_load_max_tokens=args.sync_load_max_tokens)
     procs = [plain, P, D]
     try:
         for s in procs:
@@ -228,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--model-dir", default=None, help="where the local models are made (default: a temp dir)")
+    ap.add_argument("--sync-load-max-tokens", type=int, default=0,
+                    help="the decode connector's sync_load_max_tokens (0: every load asynchronous)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     sys.path.insert(0, str(REPO / "examples" / "vllm"))
@@ -243,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m nixl_connectors.tools.bench.vllm_ttft " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "vllm": vllm.__version__,
                     "date": time.strftime("%Y-%m-%d %H:%M")},
-        "reps": args.reps, "max_tokens": args.max_tokens, "models": {}}
+        "reps": args.reps, "max_tokens": args.max_tokens, "sync_load_max_tokens": args.sync_load_max_tokens,
+        "models": {}}
     for name in args.models:
         model = str(make_tiny_model(work / name, size=name))
         result["models"][name] = run_model(name, model, args, log_dir)

@@ -233,3 +233,81 @@ def test_stats_count_bytes_and_reads(engines):
     assert sum(s["read_failures"] for s in D.stats) == 0
     assert sum(s["leases_exposed"] for s in P.stats) == 1
     assert sum(s["leases_read"] for s in P.stats) == 1
+
+
+# ----------------------------------------------------------------------------- synchronous loads
+SYNC = {"sync_load_max_tokens": 512}
+
+
+@pytest.mark.parametrize("n_tokens", [5, 75])
+def test_sync_load_decodes_in_the_step_it_is_scheduled(engines, n_tokens):
+    """sync_load_max_tokens: the pull runs inside the forward of the step that schedules the
+    request (vLLM load_kv_async=False), so its first token comes out of that same step; the last
+    prompt token is computed locally, every other token's KV is the prefill's."""
+    P, D = engines("P"), engines("D", extra=SYNC)
+    p_free = P.free_blocks()
+    prompt = prompt_of(n_tokens, 100 + n_tokens)
+    params = prefill(P, prompt)
+    rid = D.add(prompt, max_tokens=3, params=params)
+    D.step()
+    assert D.requests().get(rid) == "RUNNING"
+    for layer in range(LAYERS):
+        got = D.read_tokens(rid, n_tokens - 1, layer)
+        np.testing.assert_array_equal(got, pattern(prompt, layer)[: n_tokens - 1].float().numpy(),
+                                      err_msg=f"layer {layer}")
+    first = D.outputs_of(rid)[0]
+    assert len(first["tokens"]) == 1, "the first token comes out of the step that scheduled the request"
+    assert first["external"] == n_tokens - 1 and first["local"] == 0
+    steps(P, D, lambda: rid not in D.requests())
+    outs = D.outputs_of(rid)
+    assert sum(len(o["tokens"]) for o in outs) == 3 and outs[-1]["finish"] == "LENGTH"
+    steps(P, None, lambda: P.free_blocks() == p_free)
+    assert sum(s["reads"] for s in D.stats) == 1 and sum(s["read_failures"] for s in D.stats) == 0
+
+
+def test_sync_and_async_loads_give_the_same_tokens(engines):
+    P, Da, Ds = engines("P"), engines("Da"), engines("Ds", extra=SYNC)
+    prompt = prompt_of(90, 77)
+    toks = []
+    for D in (Da, Ds):
+        params = prefill(P, prompt)
+        rid = D.add(prompt, max_tokens=4, params=params)
+        steps(P, D, lambda: rid not in D.requests())
+        toks.append([t for o in D.outputs_of(rid) for t in o["tokens"]])
+    assert toks[0] == toks[1] and len(toks[0]) == 4
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_sync_load_of_a_dead_prefill_goes_to_the_failure_policy(engines, policy):
+    P = engines("P")
+    D = engines("D", policy=policy, extra={"timeout_s": 3.0, **SYNC})
+    prompt = prompt_of(96, 19)
+    params = prefill(P, prompt)
+    P.kill()
+    d_free = D.free_blocks()
+    rid = D.add(prompt, max_tokens=2, params=params)
+    steps(None, D, lambda: rid not in D.requests(), limit_s=60)
+    outs = D.outputs_of(rid)
+    if policy == "recompute":
+        assert outs[-1]["finish"] == "LENGTH" and sum(len(o["tokens"]) for o in outs) == 2
+    else:
+        assert outs[-1]["finish"] == "ERROR"
+    assert D.free_blocks() == d_free
+    assert sum(s["read_failures"] for s in D.stats) == 1
+    ok = D.add(prompt_of(20, 10), max_tokens=2)
+    steps(None, D, lambda: ok not in D.requests())
+    assert D.outputs_of(ok)[-1]["finish"] == "LENGTH"
+
+
+def test_sync_load_pulls_only_the_uncached_suffix(engines):
+    P, D = engines("P"), engines("D", extra=SYNC)
+    prompt = prompt_of(100, 3)
+    local = D.add(prompt[:70], max_tokens=1)
+    steps(None, D, lambda: local not in D.requests())
+    params = prefill(P, prompt)
+    rid = D.add(prompt, max_tokens=2, params=params)
+    steps(P, D, lambda: rid not in D.requests() and not P.requests())
+    first = D.outputs_of(rid)[0]
+    assert first["local"] == 64 and first["external"] == 35
+    per_block = LAYERS * 2 * BLOCK_SIZE * KV_HEADS * HEAD_SIZE * 2  # bf16
+    assert sum(s["bytes_read"] for s in D.stats) == 2 * per_block, "only blocks 2 and 3 of 4 move"

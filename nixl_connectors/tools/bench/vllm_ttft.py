@@ -10,7 +10,10 @@ prefix-cache hits): plain TTFT / e2e; P/D TTFT / e2e through the router; the pre
 `max_tokens=1` request on the prefill server) and the decode leg's TTFT (decode server, streamed,
 with the prefill's kv_transfer_params); the pull's own time (`vllm:ucx_kv_transfer_seconds`
 delta per request) and bytes; and `connector_overhead_ms` = decode-leg TTFT - pull time - plain
-TTFT of a one-token prompt (what the decode leg costs beyond the bytes and one engine step).
+TTFT of a one-token prompt (what the decode leg costs beyond the bytes and one engine step);
+`connector_overhead_vs_cached_ms` = decode-leg TTFT - pull time - the plain engine's TTFT for the
+same prompt sent again (its prefix cache then holds the KV, as the decode engine's does after the
+pull: the decode leg's own engine work without any transfer).
 Servers run with `VLLM_CPU_OMP_THREADS_BIND` on separate cores where there are enough.
 """
 from __future__ import annotations
@@ -157,7 +160,7 @@ def measure(model: str, plain: Proc, P: Proc, D: Proc, front: Proc, n: int, reps
             seed: int) -> dict[str, Any]:
     rows: dict[str, list[float]] = {k: [] for k in (
         "plain_ttft", "plain_e2e", "pd_ttft", "pd_e2e", "prefill_leg", "decode_leg_ttft", "decode_leg_e2e",
-        "pull_s", "pull_bytes")}
+        "pull_s", "pull_bytes", "plain_cached_ttft")}
     same = 0
     for i in range(reps):
         a, b, c = prompt(n, seed + 3 * i), prompt(n, seed + 3 * i + 1), prompt(n, seed + 3 * i + 2)
@@ -181,6 +184,9 @@ def measure(model: str, plain: Proc, P: Proc, D: Proc, front: Proc, n: int, reps
         rows["pull_s"].append(D.metric("vllm:ucx_kv_transfer_seconds_total") - s0)
         rows["pull_bytes"].append(D.metric("vllm:ucx_kv_bytes_read_total") - b0)
         same += int(got_c == stream(plain.url, body(model, c, max_tokens))[2])
+        # the same prompt again on the plain engine: its prefix cache holds the KV, as the decode
+        # engine's does after the pull (what a decode leg costs without any transfer)
+        rows["plain_cached_ttft"].append(stream(plain.url, body(model, c, max_tokens))[0])
     med = {k: statistics.median(v) for k, v in rows.items()}
     out = {k: round(v * 1000, 1) for k, v in med.items() if k not in ("pull_bytes",)}
     out = {f"{k}_ms" if k != "pull_s" else "pull_ms": v for k, v in out.items()}
@@ -216,6 +222,9 @@ def run_model(name: str, model: str, args: argparse.Namespace, log_dir: Path) ->
             m = measure(model, plain, P, D, front, n, args.reps, args.max_tokens, seed=1000 * n)
             m["connector_overhead_ms"] = round(m["decode_leg_ttft_ms"] - m["pull_ms"] - res["plain_ttft_1_token_prompt_ms"], 1)
             m["decode_leg_ttft_over_plain_ttft"] = round(m["decode_leg_ttft_ms"] / m["plain_ttft_ms"], 3)
+            # beyond the bytes and the same engine's TTFT for that prompt with its KV already cached
+            m["connector_overhead_vs_cached_ms"] = round(m["decode_leg_ttft_ms"] - m["pull_ms"]
+                                                         - m["plain_cached_ttft_ms"], 1)
             res["prompts"][str(n)] = m
             logger.info("%s n=%d: %s", name, n, {k: v for k, v in m.items() if k != "samples"})
         return res

@@ -79,9 +79,9 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
         core.stats.granted_reads += 1
     xfer._finish(None)
     if notify is None:  # only counters: reported in batches (flush_reports)
-        s.grant_reports.append((lease_id, local.nbytes))
+        s.grant_reports.append((lease_id, local.nbytes, path.value))
         return True
-    body = dict(lease=lease_id, reads=1, nbytes=local.nbytes, notify=bytes(notify))
+    body = dict(lease=lease_id, reads=1, nbytes=local.nbytes, notify=bytes(notify), path=path.value)
     if lanes is None:
         s.conn.send_quiet(Msg.GRANT_READ, **body)
     elif lane is None or not lane.report(Msg.GRANT_READ, **body):
@@ -107,15 +107,15 @@ def flush_reports(s: Session) -> None:
     """On the loop: tell the owner about granted reads that carried no notification (its
     counters), one GRANT_READ per lease. Run by the agent's sweep (every sweep_interval_s) and
     when it closes; the reads themselves never wait for this."""
-    per: dict[str, list[int]] = {}
+    per: dict[tuple[str, str], list[int]] = {}
     q = s.grant_reports
     while q:
         try:
-            lease, nbytes = q.popleft()
+            lease, nbytes, path = q.popleft()
         except IndexError:
             break
-        c = per.setdefault(lease, [0, 0])
+        c = per.setdefault((lease, path), [0, 0])
         c[0] += 1
         c[1] += nbytes
-    for lease, (reads, nbytes) in per.items():
-        s.conn.send_quiet(Msg.GRANT_READ, lease=lease, reads=reads, nbytes=nbytes, notify=None)
+    for (lease, path), (reads, nbytes) in per.items():
+        s.conn.send_quiet(Msg.GRANT_READ, lease=lease, reads=reads, nbytes=nbytes, notify=None, path=path)

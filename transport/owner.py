@@ -190,18 +190,25 @@ def grant_for(core: Core, entry: LeaseEntry) -> list | None:
 
 def serve_granted(core: Core, s: Session, f: Frame) -> None:
     """A peer re-read a lease under its grant (`reads` times, `nbytes` in all): count it and
-    deliver its notification. (The reads needed nothing from us; a lease that ended since is
-    fine: the reader's word check passed after each copy, so the bytes were the lease's.)"""
+    deliver its notification. The reads needed nothing from us, and the report comes after the
+    fact: a lease that has ended since (the usual case for a lease read once and released) is
+    counted all the same (the reader's word check passed after each copy, so the bytes were the
+    lease's); a live lease's report must match it."""
     b = f.body
+    path = parse_path(b["path"])
+    reads, nbytes = b["reads"], b["nbytes"]
+    if path is DataPath.UCX or not 0 < reads <= 1 << 32 or nbytes > reads << 47:
+        raise BadMessage("implausible granted-read report")
     with core.lock:
         e = core.leases.get(b["lease"])
-        if (e is not None and (e.peer is None or e.peer == s.name) and 0 < b["reads"] <= 1 << 32
-                and b["nbytes"] == b["reads"] * e.descs.nbytes):
-            core.stats.bytes_out += b["nbytes"]
-            core.stats.transfers_out += b["reads"]
-            path = DataPath.CMA if e.descs.regions[0].kind is MemoryKind.HOST else DataPath.IPC
-            core.stats.paths[path.value] += b["reads"]
-            core.stats.granted_reads += b["reads"]
+        if e is not None and ((e.peer is not None and e.peer != s.name) or nbytes != reads * e.descs.nbytes):
+            log.warning("%s: granted-read report from %s does not match lease %.12s; ignored", core.name,
+                        s.name, b["lease"])
+            return
+        core.stats.bytes_out += nbytes
+        core.stats.transfers_out += reads
+        core.stats.paths[path.value] += reads
+        core.stats.granted_reads += reads
     if b["notify"] is not None:
         if not core.inbox.put_or_drop(s.name, b["notify"]):
             core.stats.notifications_dropped += 1

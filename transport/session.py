@@ -65,7 +65,7 @@ class Session:
     ipc_sent: set[int] = field(default_factory=set)           # region uids whose handles went out
     ipc_maps: dict[int, Any] = field(default_factory=dict)    # owner region slot -> mapping
     grants: GrantCache = field(default_factory=GrantCache)    # leases we may re-read without asking
-    grant_reports: deque = field(default_factory=deque)       # (lease, nbytes) granted reads not yet reported
+    grant_reports: deque = field(default_factory=deque)       # (lease, nbytes, path) granted reads not yet reported
     one_sided_reader: bool = False           # it read from us one-sidedly (grants are sent ahead to it)
     pid_checked: bool = False                # the peer's claimed pid was checked against the connection
     _xids: Any = field(default_factory=lambda: itertools.count(1))

@@ -75,7 +75,7 @@ SCHEMAS: dict[Msg, dict[str, tuple[type, ...]]] = {
                    "notify": _OPT_B},
     Msg.READ_ACK: {"xid": _I, "hold_ms": _F, "iov": _OPT_B, "ipc": _OPT_L, "table": _OPT_B, "grant": _OPT_L},
     Msg.GRANT: {"lease": _S, "nbytes": _I, "iov": _OPT_B, "ipc": _OPT_L, "table": _OPT_B, "grant": (list,)},
-    Msg.GRANT_READ: {"lease": _S, "reads": _I, "nbytes": _I, "notify": _OPT_B},
+    Msg.GRANT_READ: {"lease": _S, "reads": _I, "nbytes": _I, "notify": _OPT_B, "path": _S},
     Msg.WRITE_REQ: {"xid": _I, "lease": _S, "nbytes": _I, "path": _S, "notify": _OPT_B},
     Msg.WRITE_ACK: {"xid": _I, "hold_ms": _F, "iov": _OPT_B, "ipc": _OPT_L, "table": _OPT_B, "tag": _I},
     Msg.XFER_DONE: {"xid": _I},

@@ -24,6 +24,8 @@ def cluster():
         # Every test of the session is done: the nodes hold dozens of agents that owned, read,
         # lost peers and had transfers killed under them. None may be left burning a core (a
         # stranded UCX request once kept a node's UCX progress thread spinning for good).
+        gone = {n.label: n.proc.exitcode for pair in nodes.values() for n in pair if not n.alive()}
+        assert not gone, f"session nodes exited during the tests (label: exit code): {gone}"
         pids = {n.pid: n.label for pair in nodes.values() for n in pair}
         busy = busy_cores(pids, 3.0)
         spinning = {pids[p]: round(c, 2) for p, c in busy.items() if c > 0.5}

@@ -20,6 +20,11 @@ K1 = np.uint64(0x9E3779B97F4A7C15)
 K2 = np.uint64(0xBF58476D1CE4E5B9)
 
 
+# a node that hears nothing for this long exits by itself (a safety net for orphans); it must
+# outlast a whole test session on a slow machine, since session-wide nodes sit idle between uses
+NODE_IDLE_EXIT_S = 3600.0
+
+
 def pattern(block_ids, block_bytes: int, seed: int) -> np.ndarray:
     b = np.asarray(block_ids, dtype=np.uint64).reshape(-1, 1)
     w = np.arange(block_bytes // 8, dtype=np.uint64).reshape(1, -1)
@@ -424,7 +429,7 @@ def _node_main(conn, transports: str, protocol_version: int | None, ucx_options:
     conn.send(("ready", os.getpid()))
     while True:
         try:
-            if not conn.poll(900):
+            if not conn.poll(NODE_IDLE_EXIT_S):
                 break
             cmd, args, kw = conn.recv()
         except (EOFError, OSError):

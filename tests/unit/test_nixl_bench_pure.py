@@ -366,3 +366,37 @@ def test_nixl_config_entry():
     assert e["gbps_transfer_only"] == pytest.approx(1000 / 0.0004 / 1e9)
     failed = config_entry("default", NixlReadResult(label="default", config={}, reason="no backend"))
     assert failed["gbps"] is None and failed["reason"] == "no backend"
+
+
+def test_host_pool_follows_its_page_policy():
+    """Every pool of a run comes from host_memory.host_pool: aligned to 2 MiB, touched; a 4k pool
+    never gets huge pages (MADV_NOHUGEPAGE), a huge one may (the kernel may lack free huge pages)."""
+    from nixl_connectors.tools.bench.host_memory import HostPages, host_pool, huge_fraction
+
+    small = host_pool((64, 1 << 16), HostPages.SMALL, fill=3)
+    assert small.ctypes.data % (2 << 20) == 0 and small.shape == (64, 1 << 16) and (small == 3).all()
+    assert huge_fraction(small) == 0.0
+    huge = host_pool((64, 1 << 16), HostPages.HUGE)
+    assert huge.ctypes.data % (2 << 20) == 0 and not huge.any() and 0.0 <= huge_fraction(huge) <= 1.0
+
+
+def test_host_pages_from_env_rejects_unknown(monkeypatch):
+    from nixl_connectors.tools.bench.host_memory import PAGES_ENV, HostPages, pages_from_env
+
+    monkeypatch.delenv(PAGES_ENV, raising=False)
+    assert pages_from_env() is HostPages.HUGE
+    monkeypatch.setenv(PAGES_ENV, "4k")
+    assert pages_from_env() is HostPages.SMALL
+    monkeypatch.setenv(PAGES_ENV, "giant")
+    with pytest.raises(ValueError, match="giant"):
+        pages_from_env()
+
+
+def test_over_rounds_collects_each_rounds_ratio():
+    from nixl_connectors.tools.bench.sweep import over_rounds, over_rounds_lines
+
+    def row(ratio, ms):
+        return {"workload": {"name": "w"}, "ratios": {"ours/nixl[tuned]": ratio}, "ours": {"median_ms": ms}}
+    per = over_rounds([[row(0.9, 0.5)], [row(1.3, 0.3)], [row(1.1, 0.4)]])
+    assert per == {"w": {"ours/nixl[tuned]": [0.9, 1.3, 1.1], "ours_median_ms": [0.5, 0.3, 0.4]}}
+    assert "ours/nixl[tuned] 1.10 (0.90-1.30)" in over_rounds_lines(per)[0]

@@ -22,6 +22,7 @@ from nixl_connectors.tools.bench.pipe_messages import LineReader, b64decode, b64
 from nixl_connectors.tools.bench.nixl_import import find_nixl, import_nixl
 from nixl_connectors.tools.bench.nixl_types import MsgType, NixlReadConfig, Role, XferState
 from nixl_connectors.tools.blockfill import block_pattern, fill_pool, mismatched_blocks
+from nixl_connectors.tools.bench.host_memory import host_pool
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ def _effective_params(agent: Any) -> dict[str, str]:
 
 
 def _register_pool(agent: Any, cfg: NixlReadConfig) -> tuple[np.ndarray, int, Any]:
-    pool = np.empty(cfg.pool_blocks * cfg.block_bytes, dtype=np.uint8)
-    pool.fill(0)  # touch every page now, as an engine's allocated KV pool would be
+    # the run's page policy (host_memory.py), touched now as an engine's allocated KV pool is
+    pool = host_pool((cfg.pool_blocks * cfg.block_bytes,))
     base = int(pool.ctypes.data)
     reg = agent.register_memory([(base, pool.nbytes, 0, "")], MEM_TYPE)
     return pool, base, reg

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .host_memory import host_pool
 from .timing import Timings
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,8 @@ def host_contiguous_copy(nbytes: int, reps: int = 5, warmup: int = 1) -> Referen
     """``np.copyto`` of one contiguous ``nbytes`` buffer into another."""
     if nbytes <= 0:
         raise ValueError("nbytes must be positive")
-    src = np.empty(nbytes, dtype=np.uint8)
-    src.fill(1)
-    dst = np.empty(nbytes, dtype=np.uint8)
-    dst.fill(0)
+    src = host_pool((nbytes,), fill=1)
+    dst = host_pool((nbytes,))
     secs = _timed(lambda _: np.copyto(dst, src), reps, warmup)
     if not np.array_equal(dst[:: max(1, nbytes // 4096)], src[:: max(1, nbytes // 4096)]):
         raise RuntimeError("contiguous copy reference did not copy")
@@ -80,12 +79,9 @@ def host_scattered_copy(block_bytes: int, num_blocks: int, pool_blocks: int | No
     if pool_blocks < num_blocks:
         raise ValueError(f"pool_blocks ({pool_blocks}) < num_blocks ({num_blocks})")
     rng = np.random.default_rng(seed)
-    src = np.empty((pool_blocks, block_bytes), dtype=np.uint8)
-    src.fill(1)
-    dst = np.empty((pool_blocks, block_bytes), dtype=np.uint8)
-    dst.fill(0)
-    staging = np.empty((num_blocks, block_bytes), dtype=np.uint8)
-    staging.fill(0)
+    src = host_pool((pool_blocks, block_bytes), fill=1)
+    dst = host_pool((pool_blocks, block_bytes))
+    staging = host_pool((num_blocks, block_bytes))
     ids = [rng.permutation(pool_blocks)[:num_blocks] for _ in range(2 * (1 if same_blocks else warmup + reps))]
 
     def copy(i: int) -> None:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .gpu_workloads import Devices
+from .host_memory import host_pool, huge_fraction, pages_from_env
 from .owner_proc import OwnerClient, OwnerProcess, OwnerSpec, layer_seed
 from .timing import Timings
 from .workloads import BlockPolicy, Workload
@@ -58,8 +59,11 @@ class _Dest:
 
         self.w, self.device, self.cuda = w, device, device.startswith("cuda")
         self.seeds = [layer_seed(owner_seed, layer) for layer in range(w.num_layers)]
-        self.pools = [torch.zeros((w.pool_blocks, w.block_bytes), dtype=torch.uint8, device=device)
-                      for _ in range(w.num_layers)]
+        if self.cuda:
+            self.pools = [torch.zeros((w.pool_blocks, w.block_bytes), dtype=torch.uint8, device=device)
+                          for _ in range(w.num_layers)]
+        else:   # the run's page policy, the same as NIXL's pools (host_memory.py)
+            self.pools = [torch.from_numpy(host_pool((w.pool_blocks, w.block_bytes))) for _ in range(w.num_layers)]
         self._host = [] if self.cuda else [p.numpy() for p in self.pools]
         self._expected: list | None = None
 
@@ -194,6 +198,8 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
         if mine.get("granted_reads"):   # reads under a grant reach the owner's counters with our sweep
             time.sleep(2 * cfg.sweep_interval_s)
         theirs = owner.call("snapshot")
+        huge = {"reader": [0.0 if dest.cuda else round(huge_fraction(h), 3) for h in dest._host],
+                "owner": [round(f, 3) for f in owner.call("huge_fraction")]}
         owner_pids = owner.call("pids")
     return {"impl": "nixl_connectors", **Timings.of(times, w.nbytes).to_json(),
             "bad_blocks": bad, "verified_reps": w.warmup + w.reps, "devices": devices.to_json(),
@@ -201,5 +207,6 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
             "granted_reads": int(mine.get("granted_reads", 0)),
             "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
             "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
+            "host_pages": None if dest.cuda else pages_from_env().value, "huge_page_fraction": huge,
             "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
             "processes": {"reader": [os.getpid(), os.getppid()], "owner": list(owner_pids)}}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..blockfill import fill_pool, fill_pool_torch
+from .host_memory import host_pool, huge_fraction
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ def _serve(spec: OwnerSpec, conn) -> None:
     for layer in range(spec.num_layers):
         shape = (spec.num_blocks, *spec.kv_shape) if spec.kv_shape is not None else (spec.num_blocks, spec.block_bytes)
         dtype = torch.bfloat16 if spec.kv_shape is not None else torch.uint8  # model-shaped bf16 layers
-        t = torch.empty(shape, dtype=dtype, device=spec.device)
+        if spec.device.startswith("cuda"):
+            t = torch.empty(shape, dtype=dtype, device=spec.device)
+        else:   # the run's page policy, the same as NIXL's pools (host_memory.py)
+            t = torch.from_numpy(host_pool((spec.num_blocks, spec.block_bytes), fill=None)).view(dtype).reshape(shape)
         raw = t.view(torch.uint8).reshape(spec.num_blocks, -1)
         if raw.shape[1] != spec.block_bytes:
             raise ValueError("kv_shape does not match block_bytes")
@@ -93,6 +97,8 @@ def _serve(spec: OwnerSpec, conn) -> None:
                 conn.send(agent.release(cmd[1]))
             elif cmd[0] == "snapshot":
                 conn.send(agent.snapshot())
+            elif cmd[0] == "huge_fraction":
+                conn.send([0.0 if t.is_cuda else huge_fraction(t.numpy()) for t in tensors])
             elif cmd[0] == "pids":
                 conn.send((os.getpid(), os.getppid()))
             elif cmd[0] == "stop":

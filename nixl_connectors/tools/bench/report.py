@@ -57,6 +57,10 @@ def format_row(row: Mapping[str, Any]) -> list[str]:
         lines.append(f"      data path: {paths}" + (f" ({granted} under a lease grant: no round trip)" if granted else "")
                      + f"; fallbacks: {fb}"
                      + (f"  !! {ours['bad_blocks']} BAD BLOCKS" if ours.get("bad_blocks") else ""))
+        if ours.get("host_pages"):
+            huge = ours.get("huge_page_fraction", {})
+            lines.append(f"      host pools (every implementation, references too): {ours['host_pages']} pages; "
+                         f"huge-page backed: owner {huge.get('owner')}, reader {huge.get('reader')}")
     for key, ref in row["references"].items():
         lines.append(fmt_entry(ref.get("name", key), ref, ours, latency))
     nixl = row.get("nixl")

@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from typing import Any, Callable
 
+from .host_memory import PAGES_ENV, HostPages, pages_from_env
 from .limits import host_references
 from .report import POLICY_NOTE, bad_blocks, make_row, print_row
 from .workloads import HEADLINE_SUITE, HOST_SWEEP, QUICK, Workload
@@ -38,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--one-gpu", action="store_true",
                    help="cuda suite: owner and reader both on cuda:0 even with 2+ GPUs "
                         "(also NIXL_CONNECTORS_BENCH_ONE_GPU=1; automatic with one GPU)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="host suites: run every workload this many times, one round after another, and "
+                        "report each ratio's median over the rounds (a shared machine's minutes differ)")
+    p.add_argument("--host-pages", choices=[h.value for h in HostPages], default=None,
+                   help="page policy of every host pool of the run, ours, NIXL's and the references alike "
+                        "(huge: madvise(MADV_HUGEPAGE), numpy's default; 4k: torch's default); default huge "
+                        f"or {PAGES_ENV}")
     p.add_argument("--ucx-chunk-mib", type=int, default=None,
                    help="chunk size of our UCX data path (other hosts and fallbacks only; the same-host "
                         "paths do not chunk); default 8 MiB or NIXL_CONNECTORS_BENCH_CHUNK (bytes)")
@@ -85,7 +94,16 @@ def run_host_suite(workloads: list[Workload], with_nixl: bool, chunk: int | None
 
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "cpus": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg()}
+            "cpus_usable": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg(), "thp": _thp_mode()}
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None when unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return next((w.strip("[]") for w in f.read().split() if w.startswith("[")), None)
+    except OSError:
+        return None
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -97,6 +115,27 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def over_rounds(rounds: list[list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """Per workload: every ratio, and ours' median time (ms), one value per round (pure)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for rows in rounds:
+        for r in rows:
+            d = out.setdefault(r["workload"]["name"], {})
+            for k, v in r["ratios"].items():
+                d.setdefault(k, []).append(float(v))
+            if "median_ms" in r.get("ours", {}):
+                d.setdefault("ours_median_ms", []).append(float(r["ours"]["median_ms"]))
+    return out
+
+
+def over_rounds_lines(per: dict[str, dict[str, list[float]]]) -> list[str]:
+    lines = []
+    for name, d in per.items():
+        parts = [f"{k} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in d.items()]
+        lines.append(f"  {name:34s} " + ", ".join(parts))
+    return lines
+
+
 def main(args: argparse.Namespace) -> int:
     if args.suite == "vllm":  # servers, not workloads: its own runner (and JSON)
         from .vllm_ttft import main as vllm_main
@@ -104,22 +143,39 @@ def main(args: argparse.Namespace) -> int:
         argv = ["--out", args.json] + (["--reps", str(args.reps)] if args.reps else [])
         return vllm_main(argv)
     workloads = suite_workloads(args.suite, args.reps, args.only)
+    if args.host_pages:   # read by every process of the run (owner, reader, NIXL's workers, references)
+        os.environ[PAGES_ENV] = args.host_pages
     chunk = args.ucx_chunk_mib << 20 if args.ucx_chunk_mib else None
     t0 = time.time()
-    doc: dict[str, Any] = {"suite": args.suite, "machine": machine(), "started": t0, "policy": POLICY_NOTE}
+    doc: dict[str, Any] = {"suite": args.suite, "machine": machine(), "started": t0, "policy": POLICY_NOTE,
+                           "host_pages": pages_from_env().value}
     if args.suite == "cuda":
         from .gpu_suite import run_cuda_suite
 
         rows, info = run_cuda_suite(workloads, not args.no_nixl, args.one_gpu, chunk)
         doc.update(info)
     else:
-        rows = run_host_suite(workloads, not args.no_nixl, chunk)
+        if args.rounds < 1:
+            raise SystemExit("--rounds must be >= 1")
+        rounds = []
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"-- round {r + 1} of {args.rounds}")
+            rounds.append(run_host_suite(workloads, not args.no_nixl, chunk))
+        rows = rounds[-1]
+        if args.rounds > 1:
+            doc["rounds"] = rounds
+            doc["over_rounds"] = over_rounds(rounds)
     doc["results"] = rows
     doc["machine"]["loadavg_after"] = os.getloadavg()
     doc["wall_s"] = time.time() - t0
     print("ratios (ours/x; > 1: ours faster; vs the contiguous copy: fraction of the limit):")
     for line in summary_lines(rows):
         print(line)
+    if "over_rounds" in doc:
+        print(f"over {args.rounds} rounds: median (min-max) of each round's number")
+        for line in over_rounds_lines(doc["over_rounds"]):
+            print(line)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=2, default=str)

@@ -45,6 +45,7 @@ class GrantBoard:
         self.words = np.zeros(slots, dtype="<i8")
         self._free = list(range(slots - 1, -1, -1))
         self._gen = itertools.count(1)
+        self._high = 0   # slots below this were ever issued (slots are issued lowest first)
 
     def issue(self, entry) -> tuple[int, int] | None:
         """(word address, generation) of `entry`'s grant, issued on first use; None when every
@@ -54,13 +55,14 @@ class GrantBoard:
                 return None
             slot, gen = self._free.pop(), next(self._gen)
             self.words[slot] = gen
+            self._high = max(self._high, slot + 1)
             entry.grant = (slot, gen)
         slot, gen = entry.grant
         return self.words.ctypes.data + 8 * slot, gen
 
     def close(self) -> None:
         """The agent closes: every grant ends (its words stay readable, as 0, for late checks)."""
-        self.words[:] = 0
+        self.words[:self._high] = 0   # (slots never issued are 0 already, their pages untouched)
         self._free = []
         _RETIRED.append(self.words)
 

@@ -141,8 +141,8 @@ def main() -> None:
     print(f"{len(by_kind['granted'])} reads under a lease grant, {len(by_kind['asked'])} asked the owner; "
           f"showing the {'granted' if granted else 'asked'} ones")
     if ipc:  # the CUDA IPC path's own steps, between reply_handled and copied
-        pts = (["start", "uploaded", "launched", "synced"] if granted else
-               ["mapped", "checked", "start", "uploaded", "launched", "synced"])
+        pts = (["start", "sides", "slot", "filled", "uploaded", "launched", "synced"] if granted else
+               ["mapped", "checked", "start", "sides", "slot", "filled", "uploaded", "launched", "synced"])
         seq = [ts for p, ts in ipc if p in pts]
         k = len(pts)
         arr = np.array(seq[: len(seq) // k * k]).reshape(-1, k)

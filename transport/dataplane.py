@@ -227,6 +227,7 @@ class DataPlane:
             lbases = np.array([r.ptr for r in local.regions], dtype=np.int64)
             lside = gpu_runs.RunSide(lbases, local.region_idx.astype(np.int64) if len(lbases) > 1 else None,
                                      local.offset)
+            trace.mark("ipc", "sides")
             out = gpu_runs.launch(lside, rside, ln, device, stream) if write else \
                 gpu_runs.launch(rside, lside, ln, device, stream)
             trace.mark("ipc", "launched")

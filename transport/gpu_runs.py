@@ -17,9 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from . import gpu_upload, trace
+from . import gpu_upload, trace, triton_fast
 
-PIECE_BYTES = 8192
+PIECE_BYTES = 8192          # bytes one program moves (the smallest launch shape's)
+# Launch shapes by the longest run: (runs at least this long, piece bytes, warps). Longer runs
+# get longer pieces and more warps per program (fewer, fuller programs); measured with
+# scripts/gpu_kernel_sweep.py (one H100, 2026-12-06: 1 GiB of 1 MiB runs 1,378 GB/s with 8 KiB pieces,
+# 1,447 GB/s with 32 KiB pieces and 8 warps; 32 KiB and 64 KiB runs the same, ~1,340 GB/s, either way).
+LAUNCH_SHAPES: tuple[tuple[int, int, int], ...] = ((0, PIECE_BYTES, 4), (65536, 32768, 8))
 MAX_PAIRS = 65535          # the launch grid's second axis
 MAX_UNIFORM_LEN = 1 << 30  # a uniform run length is compiled in (one variant per block size)
 
@@ -31,6 +36,15 @@ class RunSide:
     bases: np.ndarray            # int64 device addresses of the regions
     slot: np.ndarray | None      # int64 region slot per run, or None for a single region
     offset: np.ndarray           # int64 byte offset per run
+
+
+def launch_shape(longest: int) -> tuple[int, int]:
+    """(piece bytes, warps) for runs of at most `longest` bytes (pure)."""
+    piece, warps = PIECE_BYTES, 4
+    for min_len, p, w in LAUNCH_SHAPES:
+        if longest >= min_len:
+            piece, warps = p, w
+    return piece, warps
 
 
 def paired(a_len: np.ndarray, b_len: np.ndarray) -> bool:
@@ -96,8 +110,10 @@ class Table:
     d_multi: bool
     word: int             # 8: the kernel moves int64 words; 1: bytes
     align: int            # 2: every address is 16-byte aligned
-    even: bool            # every run is a multiple of PIECE_BYTES
+    even: bool            # every run is a multiple of the piece
     per: int              # programs per run (grid axis 0)
+    piece: int = PIECE_BYTES   # bytes per program
+    warps: int = 4
 
     @property
     def at_slots(self) -> int:
@@ -126,9 +142,10 @@ def fill_table(src: RunSide, dst: RunSide, length: np.ndarray, h: np.ndarray, ba
     bits = int(np.bitwise_or.reduce(h[:edge])) | ulen
     ks, kd = len(src.bases), len(dst.bases)
     h[edge - ks - kd:edge] -= base_addr
-    even = (ulen % PIECE_BYTES == 0) if ulen else bool((length % PIECE_BYTES == 0).all())
+    piece, warps = launch_shape(hi)
+    even = (ulen % piece == 0) if ulen else bool((length % piece == 0).all())
     return Table(n, total, edge, ulen, edge - ks - kd, ks, kd, src.slot is not None, dst.slot is not None,
-                 8 if bits & 7 == 0 else 1, 2 if bits & 15 == 0 else 1, even, -(-hi // PIECE_BYTES))
+                 8 if bits & 7 == 0 else 1, 2 if bits & 15 == 0 else 1, even, -(-hi // piece), piece, warps)
 
 
 def emulate(h: np.ndarray, t: Table, base_addr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,20 +159,41 @@ def emulate(h: np.ndarray, t: Table, base_addr: int) -> tuple[np.ndarray, np.nda
     return sb[sslot] + h[:n], db[dslot] + h[n:2 * n], lens
 
 
+_LAUNCHER = triton_fast.FastLauncher("kv_copy_runs")
+
+
+def arg_addresses(buf_addr: int, t: Table) -> tuple[int, ...]:
+    """Device addresses of the kernel's pointer arguments in an upload buffer at `buf_addr`, in
+    its order (base, sbase, sslot, soff, dbase, dslot, doff, lens); unused ones point at the
+    buffer, as the tensor arguments of the first launch do (pure)."""
+    n, w = t.n, 8
+    return (buf_addr, buf_addr + t.at_bases * w,
+            buf_addr + t.at_slots * w if t.s_multi else buf_addr, buf_addr,
+            buf_addr + (t.at_bases + t.ks) * w,
+            buf_addr + (t.at_slots + n * t.s_multi) * w if t.d_multi else buf_addr,
+            buf_addr + n * w, buf_addr + 2 * n * w if not t.ulen else buf_addr)
+
+
 def launch(src: RunSide, dst: RunSide, length: np.ndarray, device: Any, stream: Any) -> tuple[Any, Any]:
     """Enqueue the copy of run i of `src` to run i of `dst` (equal lengths) on `stream`; returns
     (event recorded after it, buffers to keep alive until the event completes)."""
     import torch
 
     slot = gpu_upload.SLOTS.take(device, table_words(src, dst, length))
+    trace.mark("ipc", "slot")
     ev = None
     try:
         buf = slot.dev
-        t = fill_table(src, dst, length, slot.words, buf.data_ptr())
-        n = t.n
+        addr = buf.data_ptr()
+        t = fill_table(src, dst, length, slot.words, addr)
+        trace.mark("ipc", "filled")
         with torch.cuda.stream(stream):
             buf[:t.total].copy_(slot.host[:t.total], non_blocking=True)
-            trace.mark("ipc", "uploaded")
+        trace.mark("ipc", "uploaded")
+        consts = (t.piece, t.word, t.even, t.align, t.s_multi, t.d_multi, t.ulen)
+
+        def through_triton():
+            n = t.n
             soff, doff = buf[:n], buf[n:2 * n]
             lens = buf if t.ulen else buf[2 * n:3 * n]
             sslot = buf[t.at_slots:t.at_slots + n] if t.s_multi else buf
@@ -163,11 +201,19 @@ def launch(src: RunSide, dst: RunSide, length: np.ndarray, device: Any, stream: 
             sbase, dbase = buf[t.at_bases:t.at_bases + t.ks], buf[t.at_bases + t.ks:t.edge]
             base = buf if t.word == 8 else buf.view(torch.uint8)
             _, kernel = _kernel()
-            kernel[(t.per, n)](base, sbase, sslot, soff, dbase, dslot, doff, lens,
-                               PIECE=PIECE_BYTES, WORD=t.word, EVEN=t.even, ALIGN=t.align,
-                               S_MULTI=t.s_multi, D_MULTI=t.d_multi, ULEN=t.ulen)
-            ev = torch.cuda.Event()
-            ev.record(stream)
+            with torch.cuda.stream(stream):
+                return kernel[(t.per, n)](base, sbase, sslot, soff, dbase, dslot, doff, lens,
+                                          PIECE=t.piece, WORD=t.word, EVEN=t.even, ALIGN=t.align,
+                                          S_MULTI=t.s_multi, D_MULTI=t.d_multi, ULEN=t.ulen, num_warps=t.warps)
+
+        if torch.cuda.current_device() == device.index:
+            _LAUNCHER.launch((t.per, t.n), device.index, stream, arg_addresses(addr, t), consts, through_triton,
+                              options=(t.warps,))
+        else:   # the compiled kernel is loaded per device: Triton's path switches device itself
+            with torch.cuda.device(device):
+                through_triton()
+        ev = torch.cuda.Event()
+        ev.record(stream)
     finally:
         gpu_upload.SLOTS.release(slot, ev)
     return ev, slot

@@ -33,7 +33,7 @@ def test_kernel_addresses_are_the_runs(n, sregions, dregions, lengths):
     assert np.array_equal(s_addr, src.bases[src.slot if src.slot is not None else 0] + src.offset)
     assert np.array_equal(d_addr, dst.bases[dst.slot if dst.slot is not None else 0] + dst.offset)
     assert np.array_equal(lens, length)
-    assert t.per == -(-int(length.max()) // PIECE_BYTES)
+    assert t.per == -(-int(length.max()) // t.piece) and t.piece >= PIECE_BYTES
     assert (t.ulen != 0) == bool((length == length[0]).all())
 
 
@@ -64,3 +64,16 @@ def test_lengths_beyond_the_compiled_in_limit_are_uploaded():
     h = np.zeros(table_words(src, dst, length), np.int64)
     t = fill_table(src, dst, length, h, BASE)
     assert t.ulen == 0 and np.array_equal(emulate(h, t, BASE)[2], length)
+
+
+def test_launch_shape_grows_with_the_runs_and_divides_them():
+    from transport.gpu_runs import LAUNCH_SHAPES, launch_shape
+
+    last = (0, 0)
+    for longest in [1, 4096, 8192, 32768, 65536, 1 << 20, 1 << 30]:
+        piece, warps = launch_shape(longest)
+        assert piece >= PIECE_BYTES and piece % PIECE_BYTES == 0 and warps in (1, 2, 4, 8, 16, 32)
+        assert (piece, warps) >= last
+        last = (piece, warps)
+    assert [m for m, _, _ in LAUNCH_SHAPES] == sorted(m for m, _, _ in LAUNCH_SHAPES)
+    assert all(p <= m or m == 0 for m, p, _ in LAUNCH_SHAPES), "a piece longer than the runs it serves"

@@ -1,0 +1,97 @@
+"""Direct launches of compiled Triton kernels (triton_fast.py, gpu_runs.arg_addresses): the
+addresses handed to the compiled kernel are exactly those of the tensor arguments Triton saw on
+the first launch, a variant is compiled per alignment pattern, and an interface that does not
+work falls back to Triton's own launch for good. No GPU needed: CPU tensors have addresses too,
+and the compiled kernel is a recording stand-in for Triton's object."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from transport import triton_fast
+from transport.gpu_runs import RunSide, arg_addresses, fill_table, table_words
+
+
+def _tensor_args(buf: torch.Tensor, t) -> list[int]:
+    """The slices gpu_runs.launch gives Triton on a variant's first launch, as addresses."""
+    n = t.n
+    return [buf.data_ptr(), buf[t.at_bases:].data_ptr(),
+            (buf[t.at_slots:] if t.s_multi else buf).data_ptr(), buf[:n].data_ptr(),
+            buf[t.at_bases + t.ks:].data_ptr(),
+            (buf[t.at_slots + n * t.s_multi:] if t.d_multi else buf).data_ptr(),
+            buf[n:2 * n].data_ptr(), (buf if t.ulen else buf[2 * n:3 * n]).data_ptr()]
+
+
+@pytest.mark.parametrize("n", [1, 3, 64])
+@pytest.mark.parametrize("sreg,dreg", [(1, 1), (4, 1), (1, 3), (2, 5)])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_addresses_match_the_tensor_arguments(n, sreg, dreg, uniform):
+    rng = np.random.default_rng(n + 10 * sreg + 100 * dreg)
+
+    def side(k):
+        return RunSide(np.arange(1, k + 1, dtype=np.int64) << 32,
+                       rng.integers(0, k, n).astype(np.int64) if k > 1 else None,
+                       (rng.integers(0, 1000, n) * 4096).astype(np.int64))
+    src, dst = side(sreg), side(dreg)
+    length = np.full(n, 32768, np.int64) if uniform else (rng.integers(1, 9, n) * 4096).astype(np.int64)
+    buf = torch.zeros(table_words(src, dst, length) + 8, dtype=torch.int64)
+    t = fill_table(src, dst, length, buf.numpy(), buf.data_ptr())
+    assert list(arg_addresses(buf.data_ptr(), t)) == _tensor_args(buf, t)
+
+
+class _Compiled:
+    """Stands in for Triton's CompiledKernel: `ck[grid](*args, stream=...)` launches."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    def __getitem__(self, grid):
+        def run(*args, stream=None):
+            if self.fail:
+                raise TypeError("launcher signature changed")
+            self.calls.append((grid, args, stream))
+        return run
+
+
+class _Stream:
+    cuda_stream = 0xABC
+
+
+def test_first_launch_compiles_then_direct_launches_reuse_it():
+    fl = triton_fast.FastLauncher("k")
+    ck = _Compiled()
+    slow_calls = []
+
+    def slow():
+        slow_calls.append(1)
+        return ck
+    ptrs, consts = (4096, 8192), (8192, 8, True)
+    fl.launch((4, 10), 0, _Stream(), ptrs, consts, slow)
+    assert len(slow_calls) == 1 and ck.calls == []
+    fl.launch((4, 11), 0, _Stream(), (4096 + 32, 8192 + 64), consts, slow)   # same alignment: same variant
+    assert len(slow_calls) == 1 and fl.fast_launches == 1
+    assert ck.calls == [((4, 11, 1), (4096 + 32, 8192 + 64, 8192, 8, True), 0xABC)]
+    fl.launch((4, 11), 0, _Stream(), (4096 + 8, 8192), consts, slow)   # 8-byte aligned: another variant
+    fl.launch((4, 11), 1, _Stream(), ptrs, consts, slow)               # another device
+    fl.launch((4, 11), 0, _Stream(), ptrs, (8192, 1, True), slow)      # other constexprs
+    assert len(slow_calls) == 4 and fl.fast_launches == 1
+
+
+def test_a_failing_direct_launch_falls_back_for_good():
+    fl = triton_fast.FastLauncher("k")
+    ck = _Compiled(fail=True)
+    slow_calls = []
+
+    def slow():
+        slow_calls.append(1)
+        return ck
+    for _ in range(3):
+        fl.launch((1, 1), 0, _Stream(), (16,), (1,), slow)
+    assert len(slow_calls) == 3 and fl.disabled and "signature" in fl.disabled and fl.fast_launches == 0
+
+
+def test_variant_key_is_alignment_not_address():
+    assert triton_fast.variant_key(0, (32, 48), (1,)) == triton_fast.variant_key(0, (4096, 16), (1,))
+    assert triton_fast.variant_key(0, (32, 40), (1,)) != triton_fast.variant_key(0, (32, 48), (1,))

@@ -400,3 +400,17 @@ def test_over_rounds_collects_each_rounds_ratio():
     per = over_rounds([[row(0.9, 0.5)], [row(1.3, 0.3)], [row(1.1, 0.4)]])
     assert per == {"w": {"ours/nixl[tuned]": [0.9, 1.3, 1.1], "ours_median_ms": [0.5, 0.3, 0.4]}}
     assert "ours/nixl[tuned] 1.10 (0.90-1.30)" in over_rounds_lines(per)[0]
+
+
+def test_vllm_ttft_layout_and_summaries():
+    """The TTFT bench's pure parts: where each server runs, and the per-rep summaries."""
+    import argparse
+
+    from nixl_connectors.tools.bench.vllm_ttft import cpu_layout, summary
+
+    pinned = cpu_layout(argparse.Namespace(cpu_layout="pinned"))
+    assert pinned["pin_process_tree"] and pinned["plain"] == pinned["decode"]   # same conditions
+    if (os.cpu_count() or 1) > 1:
+        assert pinned["prefill"] != pinned["decode"]
+    assert not cpu_layout(argparse.Namespace(cpu_layout="shared"))["pin_process_tree"]
+    assert summary([0.010, 0.030, 0.020]) == {"median": 20.0, "min": 10.0, "max": 30.0}

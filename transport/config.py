@@ -76,7 +76,9 @@ class AgentConfig:
     handshake_timeout_s: an incoming connection that has not authenticated by then is closed.
     max_pending_handshakes: connections still in their handshake beyond this are refused.
     max_transfers_per_peer: transfers one connection may have in flight at the owner.
-    max_notify_bytes / max_notify_count: bound of the queue behind `notifications()`;
+    max_notify_bytes / max_notify_count: bound of the queue behind `notifications()`, and each
+        also of the notifications and calls waiting for (or running on) an `on_notify` /
+        `on_call` executor;
         when full, further notifications are refused (`notify()` raises Busy) or dropped
         and counted (those riding on a completed read), and logged.
     same_host_copy: read/write host memory of a peer on the same host with one kernel copy

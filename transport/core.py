@@ -11,6 +11,7 @@ from typing import Any, Callable
 from . import cma
 from .config import AgentConfig
 from .grants import GrantBoard
+from .backlog import Backlog
 from .inbox import Inbox
 from .leases import LeaseTable
 from .runtime import Runtime
@@ -27,6 +28,7 @@ CallHandler = Callable[[str, bytes], bytes]
 class CallSlot:
     handler: CallHandler | None = None
     executor: Executor | None = None
+    backlog: Backlog | None = None   # calls waiting for / running on `executor`, bounded
 
 
 class Sessions:
@@ -77,6 +79,8 @@ class Core:
     def __post_init__(self) -> None:
         if self.inbox is None:
             self.inbox = Inbox(self.config.max_notify_bytes, self.config.max_notify_count)
+        if self.calls.backlog is None:
+            self.calls.backlog = Backlog("call handler", self.config.max_notify_count, self.config.max_notify_bytes)
         self.leases.on_end = self.grants.revoke
 
     def serves(self) -> list[str]:

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import Executor
 from typing import Callable
 
+from .backlog import Backlog
 from .errors import Busy
 
 log = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ NotifyCallback = Callable[[str, bytes], None]
 
 class Inbox:
     """Without a callback, notifications queue up to `max_count` entries / `max_bytes` payload
-    bytes; `put` then raises Busy (the sender of a NOTIFY gets it back as an error; a payload
+    bytes, and as many may wait for (or run in) a callback's executor; `put` then raises Busy (the sender of a NOTIFY gets it back as an error; a payload
     riding on a finished read is dropped and counted by the caller)."""
 
     def __init__(self, max_bytes: int, max_count: int):
@@ -27,6 +28,7 @@ class Inbox:
         self._cb: NotifyCallback | None = None
         self._executor: Executor | None = None
         self.dropped = 0
+        self.backlog = Backlog("notification callback", max_count, max_bytes)
 
     def put(self, peer: str, payload: bytes) -> None:
         cb, ex = self._cb, self._executor
@@ -62,12 +64,15 @@ class Inbox:
             if cb is not None:
                 queued, self._queue, self._bytes = self._queue, [], 0
         for peer, payload in queued:
-            self._deliver(cb, executor, peer, payload)
+            try:
+                self._deliver(cb, executor, peer, payload)
+            except Busy as e:
+                self.dropped += 1
+                log.warning("queued notification from %s dropped: %s", peer, e)
 
-    @staticmethod
-    def _deliver(cb: NotifyCallback, ex: Executor | None, peer: str, payload: bytes) -> None:
-        if ex is not None:
-            ex.submit(_run, cb, peer, payload)
+    def _deliver(self, cb: NotifyCallback, ex: Executor | None, peer: str, payload: bytes) -> None:
+        if ex is not None:   # bounded: a slow callback makes senders see Busy, not this process grow
+            self.backlog.submit(ex, _run, len(payload), cb, peer, payload)
         else:
             _run(cb, peer, payload)
 

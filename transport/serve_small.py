@@ -56,7 +56,8 @@ def serve_call(core: Core, s: Session, f: Frame) -> None:
         else:
             reply(fut.result())
 
-    loop.run_in_executor(ex, h, s.name, f.body["payload"]).add_done_callback(done)
+    payload = f.body["payload"]   # bounded: a slow handler makes callers see Busy, not this process grow
+    asyncio.wrap_future(core.calls.backlog.submit(ex, h, len(payload), s.name, payload), loop=loop).add_done_callback(done)
 
 
 def serve_ucx_hello(core: Core, s: Session, f: Frame) -> None:

@@ -9,6 +9,7 @@ CUDA pools are allocated and filled on their device (``blockfill.fill_pool_torch
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 from dataclasses import dataclass
@@ -61,16 +62,16 @@ def _serve(spec: OwnerSpec, conn) -> None:
     if spec.device.startswith("cuda"):
         torch.cuda.set_device(spec.device)  # as a prefill worker pinned to its GPU
     tensors = []
+    shape = (spec.num_blocks, *spec.kv_shape) if spec.kv_shape is not None else (spec.num_blocks, spec.block_bytes)
+    dtype = torch.bfloat16 if spec.kv_shape is not None else torch.uint8  # model-shaped bf16 layers
+    if math.prod(shape[1:]) * dtype.itemsize != spec.block_bytes:
+        raise ValueError("kv_shape does not match block_bytes")
     for layer in range(spec.num_layers):
-        shape = (spec.num_blocks, *spec.kv_shape) if spec.kv_shape is not None else (spec.num_blocks, spec.block_bytes)
-        dtype = torch.bfloat16 if spec.kv_shape is not None else torch.uint8  # model-shaped bf16 layers
         if spec.device.startswith("cuda"):
             t = torch.empty(shape, dtype=dtype, device=spec.device)
         else:   # the run's page policy, the same as NIXL's pools (host_memory.py)
             t = torch.from_numpy(host_pool((spec.num_blocks, spec.block_bytes), fill=None)).view(dtype).reshape(shape)
         raw = t.view(torch.uint8).reshape(spec.num_blocks, -1)
-        if raw.shape[1] != spec.block_bytes:
-            raise ValueError("kv_shape does not match block_bytes")
         if t.is_cuda:
             fill_pool_torch(raw, spec.block_bytes, layer_seed(spec.seed, layer))
         else:

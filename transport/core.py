@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from . import cma
 from .config import AgentConfig
-from .grants import GrantBoard
 from .backlog import Backlog
+from .grants import GrantBoard
 from .inbox import Inbox
 from .leases import LeaseTable
 from .runtime import Runtime

@@ -16,8 +16,9 @@ NotifyCallback = Callable[[str, bytes], None]
 
 class Inbox:
     """Without a callback, notifications queue up to `max_count` entries / `max_bytes` payload
-    bytes, and as many may wait for (or run in) a callback's executor; `put` then raises Busy (the sender of a NOTIFY gets it back as an error; a payload
-    riding on a finished read is dropped and counted by the caller)."""
+    bytes, and as many may wait for (or run in) a callback's executor; `put` then raises Busy (the
+    sender of a NOTIFY gets it back as an error; a payload riding on a finished read is dropped and
+    counted by the caller)."""
 
     def __init__(self, max_bytes: int, max_count: int):
         self.max_bytes = max_bytes

@@ -57,7 +57,8 @@ def serve_call(core: Core, s: Session, f: Frame) -> None:
             reply(fut.result())
 
     payload = f.body["payload"]   # bounded: a slow handler makes callers see Busy, not this process grow
-    asyncio.wrap_future(core.calls.backlog.submit(ex, h, len(payload), s.name, payload), loop=loop).add_done_callback(done)
+    fut = core.calls.backlog.submit(ex, h, len(payload), s.name, payload)
+    asyncio.wrap_future(fut, loop=loop).add_done_callback(done)
 
 
 def serve_ucx_hello(core: Core, s: Session, f: Frame) -> None:

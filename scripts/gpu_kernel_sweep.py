@@ -52,16 +52,20 @@ def main() -> None:
         s = gpu_runs.RunSide(np.array([src.data_ptr()], np.int64), None, sid.astype(np.int64) * rb)
         d = gpu_runs.RunSide(np.array([dst.data_ptr()], np.int64), None, did.astype(np.int64) * rb)
         length = np.full(n, rb, np.int64)
-        buf = torch.empty(gpu_runs.table_words(s, d, length), dtype=torch.int64, device=dev)
-        h = np.empty(len(buf), np.int64)
-        t = gpu_runs.fill_table(s, d, length, h, buf.data_ptr())
-        buf.copy_(torch.from_numpy(h))
+        rbuf = torch.empty(gpu_runs.half_words(s), dtype=torch.int64, device=dev)
+        lbuf = torch.empty(gpu_runs.half_words(d), dtype=torch.int64, device=dev)
+        rh, lh = np.empty(len(rbuf), np.int64), np.empty(len(lbuf), np.int64)
+        rhalf = gpu_runs.fill_half(s, rh, rbuf.data_ptr())
+        lhalf = gpu_runs.fill_half(d, lh, rbuf.data_ptr())
+        rbuf.copy_(torch.from_numpy(rh))
+        lbuf.copy_(torch.from_numpy(lh))
+        ptrs, _ = gpu_runs.kernel_args(rbuf.data_ptr(), rhalf, lhalf, lbuf.data_ptr(), gpu_runs.variant_of(length),
+                                       False)
+        targs = gpu_runs.tensor_args(ptrs, (rbuf, lbuf))
         nbytes = n * rb
         a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         b = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         row = {"contiguous_copy_s": _time(lambda: b.copy_(a), args.reps)}
-        soff, doff = buf[:n], buf[n:2 * n]
-        sbase, dbase = buf[t.at_bases:t.at_bases + 1], buf[t.at_bases + 1:t.edge]
         for piece in (8192, 16384, 32768, 65536):
             if rb % piece and piece > rb:
                 continue
@@ -69,7 +73,7 @@ def main() -> None:
                 per = -(-rb // piece)
 
                 def run(piece=piece, warps=warps, per=per):
-                    kernel[(per, n)](buf, sbase, buf, soff, dbase, buf, doff, buf, PIECE=piece, WORD=8,
+                    kernel[(per, n)](*targs, PIECE=piece, WORD=8,
                                      EVEN=rb % piece == 0, ALIGN=2, S_MULTI=False, D_MULTI=False, ULEN=rb,
                                      num_warps=warps)
                 dst.zero_()

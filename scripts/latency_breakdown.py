@@ -32,7 +32,9 @@ def _pool(bb, device):
 POOL = 16384
 
 
-def _owner(n, bb, device, q_in, q_out):
+def _owner(n, bb, device, q_in, q_out, pool_blocks=POOL):
+    global POOL
+    POOL = pool_blocks
     from transport import Agent, AgentConfig, Descs, trace
     a = Agent("lat-owner", AgentConfig())
     pool = _pool(bb, device)
@@ -52,6 +54,7 @@ def _owner(n, bb, device, q_in, q_out):
 
 
 def main() -> None:
+    global POOL
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--block-bytes", type=int, default=32768)
@@ -64,10 +67,19 @@ def main() -> None:
                          "before it is read, as a serving engine's requests are: first reads, grants sent ahead")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile the reads (cProfile) and print the N functions with the most own time")
+    ap.add_argument("--pool", type=int, default=POOL, help="blocks per pool (each side)")
+    ap.add_argument("--local-table", choices=["device", "mapped"], default=None,
+                    help="CUDA: where the kernel reads a read's own half of its table (gpu_runs.TableHome)")
+    ap.add_argument("--cuda-profile", type=int, default=0, metavar="N",
+                    help="CUDA: also run N reads under torch.profiler and print the GPU time per kernel / copy")
     args = ap.parse_args()
+    POOL = args.pool
+    if args.local_table:
+        from transport import gpu_runs
+        gpu_runs.LOCAL_TABLE = gpu_runs.TableHome(args.local_table)
     ctx = mp.get_context("spawn")
     qi, qo = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_owner, args=(args.blocks, args.block_bytes, args.device, qi, qo), daemon=True)
+    p = ctx.Process(target=_owner, args=(args.blocks, args.block_bytes, args.device, qi, qo, POOL), daemon=True)
     p.start()
     addr, lid = qo.get(timeout=120)
     from transport import Agent, AgentConfig, Descs, trace
@@ -103,6 +115,12 @@ def main() -> None:
         for rep in range(args.reps):
             one(10**7 + rep, prof)
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+    if args.cuda_profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as cprof:
+            for rep in range(args.cuda_profile):
+                one(2 * 10**7 + rep)
+        print(cprof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     trace.enable()
     woke = [one(rep) for rep in range(args.reps)]
     mine = trace.disable()

@@ -32,6 +32,7 @@ class Mapping:
     ptr: int            # device address of the region's first byte in this process
     nbytes: int
     keep: Any = None    # the storage holding the IPC mapping open
+    device: int | None = None   # the CUDA device it was opened on (None: this process's own memory)
 
 
 # (pointer, size) of every region this process exported: the only memory a blob claiming this
@@ -84,7 +85,7 @@ def open_blob(blob: bytes, device_index: int) -> Mapping:
                                                     ev_handle, ev_sync)
     if offset > storage.nbytes() or nbytes > storage.nbytes() - offset:
         raise ValueError("IPC region lies outside the shared storage")
-    return Mapping(storage.data_ptr() + offset, nbytes, storage)
+    return Mapping(storage.data_ptr() + offset, nbytes, storage, device_index)
 
 
 def export_unavailable() -> str | None:

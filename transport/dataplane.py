@@ -36,6 +36,7 @@ class IpcPlan:
     off: np.ndarray
     ln: np.ndarray
     maps: tuple              # (region uid, mapping) pairs it was checked against
+    remote: Any = None       # gpu_runs.RemoteTable: its runs for the paired kernel (device half kept)
 
     def current(self, s: Session) -> bool:
         """Are its mappings still the session's (none dropped or replaced since)?"""
@@ -214,7 +215,22 @@ class DataPlane:
         if int(ln.sum()) != nbytes:
             raise BadMessage("the owner's IPC table does not add up to the transfer size")
         trace.mark("ipc", "checked")
-        return IpcPlan(np.asarray(bases, dtype=np.int64), slot, off, ln, tuple(maps))
+        bases_a = np.asarray(bases, dtype=np.int64)
+        remote = gpu_runs.RemoteTable(gpu_runs.RunSide(bases_a, slot if len(bases) > 1 else None, off), ln)
+        return IpcPlan(bases_a, slot, off, ln, tuple(maps), remote)
+
+    def ipc_preload(self, plan: IpcPlan) -> None:
+        """Put a kept plan's half of the kernel's table on the device now (a lease grant just
+        arrived: its first read then uploads only its own half). Only where the mappings say which
+        device; a failure is left to the read (which uploads it itself)."""
+        devs = {m.device for _, m in plan.maps}
+        if len(devs) != 1 or None in devs or len(plan.ln) > gpu_runs.MAX_PAIRS:
+            return
+        device = torch.device("cuda", devs.pop())
+        try:
+            plan.remote.on(device, self.stream(device))
+        except (RuntimeError, ValueError) as e:
+            log.debug("%s: preloading an IPC table failed (%s); its read uploads it", self.name, e)
 
     def ipc_launch(self, plan: IpcPlan, local: Descs, write: bool):
         """Enqueue the one kernel of a checked plan; returns (event, keep-alive)."""
@@ -223,13 +239,10 @@ class DataPlane:
         stream = self.stream(device)
         bases, slot, off, ln = plan.bases, plan.slot, plan.off, plan.ln
         if gpu_runs.paired(ln, local.length):
-            rside = gpu_runs.RunSide(bases, slot if len(bases) > 1 else None, off)
             lbases = np.array([r.ptr for r in local.regions], dtype=np.int64)
-            lside = gpu_runs.RunSide(lbases, local.region_idx.astype(np.int64) if len(lbases) > 1 else None,
-                                     local.offset)
+            lside = gpu_runs.RunSide(lbases, local.region_idx if len(lbases) > 1 else None, local.offset)
             trace.mark("ipc", "sides")
-            out = gpu_runs.launch(lside, rside, ln, device, stream) if write else \
-                gpu_runs.launch(rside, lside, ln, device, stream)
+            out = gpu_runs.launch(plan.remote, lside, device, stream, write)
             trace.mark("ipc", "launched")
             return out
         remote = copy_plan.run_addresses(bases, slot, off)

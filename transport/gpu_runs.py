@@ -1,17 +1,25 @@
 """The common case of the fused copy, addressed on the device: both sides list the same number
 of runs with the same lengths (a KV hand-off between caches of one block size, whatever the
-block order and the number of per-layer regions). The host uploads the two run tables as they
-are (region slot, byte offset) plus the few region base addresses, and the kernel computes every
-address itself: no per-block arithmetic in Python, one upload, one launch.
+block order and the number of per-layer regions). The kernel computes every address itself from
+two half tables, one per side: no per-block arithmetic in Python, one launch.
 
-Everything is addressed relative to one base pointer (the upload buffer; all device memory
-shares one virtual address space), so the compiler knows the alignment of the element type; told
-that every offset is a multiple of 16 bytes and every length a multiple of the piece, it issues
-unmasked 16-byte loads and stores.
+The remote side's half (the owner's runs of a lease: offsets, region slots, lengths) is uploaded
+once per checked IPC plan, when a lease grant arrives (off the read's path) or at its first read,
+and stays on the device while the plan lives (`RemoteTable`, bounded by `RESIDENT_BYTES`). A read
+uploads only the local half (its own offsets and slots) from a reused pinned slot.
+
+Everything is addressed relative to one base pointer (the remote half's buffer; all device
+memory shares one virtual address space), so the compiler knows the alignment of the element
+type; told that every offset is a multiple of 16 bytes and every length a multiple of the piece,
+it issues unmasked 16-byte loads and stores.
 """
 from __future__ import annotations
 
+import enum
 import functools
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +35,18 @@ PIECE_BYTES = 8192          # bytes one program moves (the smallest launch shape
 LAUNCH_SHAPES: tuple[tuple[int, int, int], ...] = ((0, PIECE_BYTES, 4), (65536, 32768, 8))
 MAX_PAIRS = 65535          # the launch grid's second axis
 MAX_UNIFORM_LEN = 1 << 30  # a uniform run length is compiled in (one variant per block size)
+RESIDENT_BYTES = 64 << 20  # device memory kept by remote halves (least recently used dropped first)
+WORD = 8                   # bytes per table entry (int64)
+
+
+class TableHome(enum.Enum):
+    """Where the kernel reads a read's own (local) half of the table from."""
+
+    DEVICE = "device"   # uploaded from the pinned slot to the slot's device buffer first
+    MAPPED = "mapped"   # the pinned slot itself, over the bus (mapped host memory: no copy to enqueue)
+
+
+LOCAL_TABLE = TableHome.DEVICE
 
 
 @dataclass(frozen=True)
@@ -34,7 +54,7 @@ class RunSide:
     """One side's runs: `bases[slot[i]] + offset[i]` is run i's first byte (slot None: one region)."""
 
     bases: np.ndarray            # int64 device addresses of the regions
-    slot: np.ndarray | None      # int64 region slot per run, or None for a single region
+    slot: np.ndarray | None      # integer region slot per run, or None for a single region
     offset: np.ndarray           # int64 byte offset per run
 
 
@@ -92,123 +112,285 @@ def _kernel():
     return triton, kv_copy_runs
 
 
+# -- the two half tables (pure) -------------------------------------------------------------------
 @dataclass(frozen=True)
-class Table:
-    """Where each part of an uploaded run table lies (int64 words) and the kernel's variant.
+class Half:
+    """Where one side's part of the table lies in its buffer (int64 words):
+    [offset (n) | length (n; the remote half, when not uniform) | base (k) | slot (n, when k > 1)].
+    Region bases are stored as byte offsets from the kernel's base pointer."""
 
-    Layout: [soff | doff | lens? | sbase | dbase | sslot? | dslot?]; region bases are stored as
-    byte offsets from the upload buffer's address (the kernel's one base pointer)."""
-
-    n: int                # runs
-    total: int            # words used
-    edge: int             # end of the part the alignment depends on (offsets, lengths, bases)
-    ulen: int             # the uniform run length (compiled in), or 0: lengths are uploaded
+    n: int
+    k: int
+    at_lens: int | None
     at_bases: int
-    ks: int               # source / destination region count
-    kd: int
-    s_multi: bool         # per-run region slots uploaded for the source / destination
-    d_multi: bool
-    word: int             # 8: the kernel moves int64 words; 1: bytes
-    align: int            # 2: every address is 16-byte aligned
-    even: bool            # every run is a multiple of the piece
-    per: int              # programs per run (grid axis 0)
-    piece: int = PIECE_BYTES   # bytes per program
-    warps: int = 4
+    at_slot: int | None
+    words: int
+    bits: int          # OR of every offset, relative base and stored length: the variant's alignment
 
-    @property
-    def at_slots(self) -> int:
-        return self.edge
+    def addresses(self, buf_addr: int) -> tuple[int, int, int]:
+        """Device addresses of (bases, slots, offsets) in a buffer at `buf_addr`; an unused
+        slot argument points at the buffer (pure)."""
+        at_slot = buf_addr + self.at_slot * WORD if self.at_slot is not None else buf_addr
+        return buf_addr + self.at_bases * WORD, at_slot, buf_addr
 
 
-def table_words(src: RunSide, dst: RunSide, length: np.ndarray) -> int:
-    n = len(length)
-    return (2 + (src.slot is not None) + (dst.slot is not None) + 1) * n + len(src.bases) + len(dst.bases)
+def half_words(side: RunSide, lens: bool = False) -> int:
+    n = len(side.offset)
+    return n * (1 + lens + (side.slot is not None)) + len(side.bases)
 
 
-def fill_table(src: RunSide, dst: RunSide, length: np.ndarray, h: np.ndarray, base_addr: int) -> Table:
-    """Write the run table into `h` (int64, at least `table_words` long) for an upload buffer at
-    device address `base_addr`; returns its layout and the kernel variant (pure)."""
-    n = len(length)
+def fill_half(side: RunSide, h: np.ndarray, base_addr: int, lens: np.ndarray | None = None) -> Half:
+    """Write one side's half into `h` (int64, at least `half_words` long), its region bases
+    relative to the kernel's base pointer `base_addr`; `lens`: the run lengths to store too (pure)."""
+    n, k = len(side.offset), len(side.bases)
+    h[:n] = side.offset
+    bits = int(np.bitwise_or.reduce(side.offset)) if n else 0
+    at = n
+    at_lens = None
+    if lens is not None:
+        h[at:at + n] = lens
+        bits |= int(np.bitwise_or.reduce(lens))
+        at_lens, at = at, at + n
+    rel = h[at:at + k]
+    np.subtract(side.bases, base_addr, out=rel, casting="unsafe")
+    bits |= int(np.bitwise_or.reduce(rel))
+    at_bases, at = at, at + k
+    at_slot = None
+    if side.slot is not None:
+        h[at:at + n] = side.slot
+        at_slot, at = at, at + n
+    return Half(n, k, at_lens, at_bases, at_slot, at, bits)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The kernel variant and grid of one paired copy (pure data)."""
+
+    ulen: int       # the uniform run length (compiled in), or 0: lengths are stored
+    piece: int      # bytes per program
+    warps: int
+    per: int        # programs per run (grid axis 0)
+    even: bool      # every run is a multiple of the piece
+
+
+def variant_of(length: np.ndarray) -> Variant:
     lo, hi = int(length.min()), int(length.max())
     ulen = lo if lo == hi and lo <= MAX_UNIFORM_LEN else 0
-    parts = [src.offset, dst.offset] + ([] if ulen else [length]) + [src.bases, dst.bases]
-    edge = sum(len(p) for p in parts)
-    if src.slot is not None:
-        parts.append(src.slot)
-    if dst.slot is not None:
-        parts.append(dst.slot)
-    total = sum(len(p) for p in parts)
-    np.concatenate(parts, out=h[:total], casting="same_kind")
-    bits = int(np.bitwise_or.reduce(h[:edge])) | ulen
-    ks, kd = len(src.bases), len(dst.bases)
-    h[edge - ks - kd:edge] -= base_addr
     piece, warps = launch_shape(hi)
     even = (ulen % piece == 0) if ulen else bool((length % piece == 0).all())
-    return Table(n, total, edge, ulen, edge - ks - kd, ks, kd, src.slot is not None, dst.slot is not None,
-                 8 if bits & 7 == 0 else 1, 2 if bits & 15 == 0 else 1, even, -(-hi // piece), piece, warps)
+    return Variant(ulen, piece, warps, -(-hi // piece), even)
 
 
-def emulate(h: np.ndarray, t: Table, base_addr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(source address, destination address, length) of every run, computed from an uploaded
-    table the way the kernel computes them (for tests on machines without a GPU)."""
-    n = t.n
-    sb, db = h[t.at_bases:t.at_bases + t.ks] + base_addr, h[t.at_bases + t.ks:t.edge] + base_addr
-    sslot = h[t.at_slots:t.at_slots + n] if t.s_multi else np.zeros(n, np.int64)
-    dslot = h[t.at_slots + n * t.s_multi:][:n] if t.d_multi else np.zeros(n, np.int64)
-    lens = np.full(n, t.ulen, np.int64) if t.ulen else h[2 * n:3 * n]
-    return sb[sslot] + h[:n], db[dslot] + h[n:2 * n], lens
+def word_align(bits: int) -> tuple[int, int]:
+    """(element bytes the kernel moves, 2 when every address is 16-byte aligned else 1)."""
+    return (8 if bits & 7 == 0 else 1), (2 if bits & 15 == 0 else 1)
+
+
+def kernel_args(base: int, remote: Half, local: Half, local_addr: int, v: Variant,
+                write: bool) -> tuple[tuple[int, ...], tuple]:
+    """(pointer arguments, constexprs) of the kernel: `base` is the remote half's buffer (the
+    base pointer), `local_addr` the local half's (pure)."""
+    r_base, r_slot, r_off = remote.addresses(base)
+    l_base, l_slot, l_off = local.addresses(local_addr)
+    lens = base + remote.at_lens * WORD if remote.at_lens is not None else base
+    word, align = word_align(remote.bits | local.bits | v.ulen)
+    r_multi, l_multi = remote.at_slot is not None, local.at_slot is not None
+    if write:
+        ptrs = (base, l_base, l_slot, l_off, r_base, r_slot, r_off, lens)
+        multi = (l_multi, r_multi)
+    else:
+        ptrs = (base, r_base, r_slot, r_off, l_base, l_slot, l_off, lens)
+        multi = (r_multi, l_multi)
+    return ptrs, (v.piece, word, v.even, align, multi[0], multi[1], v.ulen)
+
+
+def emulate(ptrs: tuple[int, ...], consts: tuple, n: int, read_words) -> tuple[np.ndarray, ...]:
+    """(source address, destination address, length) of every run, computed the way the kernel
+    computes them from its arguments; `read_words(addr, count)` reads int64 words of the tables
+    (for tests on machines without a GPU)."""
+    base, sbase, sslot, soff, dbase, dslot, doff, lens = ptrs
+    _, _, _, _, s_multi, d_multi, ulen = consts
+    lengths = np.full(n, ulen, np.int64) if ulen else read_words(lens, n)
+
+    def side(bptr, slptr, optr, multi):
+        slots = read_words(slptr, n) if multi else np.zeros(n, np.int64)
+        nb = int(slots.max()) + 1 if n else 1
+        return read_words(bptr, nb)[slots] + read_words(optr, n) + base
+    return side(sbase, sslot, soff, s_multi), side(dbase, dslot, doff, d_multi), lengths
+
+
+# -- the remote half on the device ------------------------------------------------------------------
+@dataclass(eq=False)
+class DeviceHalf:
+    half: Half
+    dev: Any           # int64 device tensor holding it
+    addr: int          # its address: the kernel's base pointer
+    device_index: int
+    variant: Variant
+
+    @property
+    def nbytes(self) -> int:
+        return self.dev.numel() * WORD
+
+
+class _Resident:
+    """Which remote halves stay on the device: least recently used dropped past the budget
+    (dropping is safe at any time: every use is on the agent's side stream, after which the
+    caching allocator reuses the memory only in that stream's order). Holds its tables weakly:
+    a plan its grant cache dropped takes its half with it."""
+
+    def __init__(self) -> None:
+        self._lru: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()   # (a table collected inside keep() forgets itself)
+
+    def keep(self, table: "RemoteTable", dh: "DeviceHalf") -> None:
+        with self._lock:
+            self._pop(id(table))
+            table._dev = dh
+            self._lru[id(table)] = (weakref.ref(table), dh.nbytes)
+            self._bytes += dh.nbytes
+            while self._bytes > RESIDENT_BYTES and len(self._lru) > 1:
+                key = next(iter(self._lru))
+                ref = self._pop(key)
+                t = ref() if ref is not None else None
+                if t is not None:
+                    t._dev = None
+
+    def touch(self, table: "RemoteTable") -> None:
+        with self._lock:
+            if id(table) in self._lru:
+                self._lru.move_to_end(id(table))
+
+    def forget(self, table: "RemoteTable") -> None:
+        with self._lock:
+            self._pop(id(table))
+            table._dev = None
+
+    def _pop(self, key: int):
+        entry = self._lru.pop(key, None)
+        if entry is None:
+            return None
+        self._bytes -= entry[1]
+        return entry[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+RESIDENT = _Resident()
+
+
+class RemoteTable:
+    """The remote side of a checked IPC plan, uploaded to the device at most once while it stays
+    resident (`on()`)."""
+
+    def __init__(self, side: RunSide, length: np.ndarray):
+        self.side = side
+        self.length = length
+        self._dev: DeviceHalf | None = None
+
+    def on(self, device: Any, stream: Any) -> DeviceHalf:
+        """Its half on `device`, uploading it on `stream` (the side stream every kernel that
+        reads it runs on) if it is not there yet."""
+        dh = self._dev
+        if dh is not None and dh.device_index == device.index:
+            RESIDENT.touch(self)
+            return dh
+        dh = _upload(self.side, self.length, device, stream)
+        RESIDENT.keep(self, dh)
+        return dh
+
+    def resident(self) -> bool:
+        return self._dev is not None
+
+    def __del__(self) -> None:   # (weakly held: stop counting its memory)
+        try:
+            RESIDENT.forget(self)
+        except Exception:   # interpreter shutdown
+            pass
+
+
+def _upload(side: RunSide, length: np.ndarray, device: Any, stream: Any) -> DeviceHalf:
+    import torch
+
+    v = variant_of(length)
+    words = half_words(side, lens=not v.ulen)
+    with torch.cuda.stream(stream):
+        dev = torch.empty(words, dtype=torch.int64, device=device)
+    addr = dev.data_ptr()
+    slot = gpu_upload.SLOTS.take(device, words)
+    ev = None
+    try:
+        half = fill_half(side, slot.words, addr, None if v.ulen else length)
+        with torch.cuda.stream(stream):
+            dev.copy_(slot.host[:words], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+    finally:
+        gpu_upload.SLOTS.release(slot, ev)
+    return DeviceHalf(half, dev, addr, device.index, v)
+
+
+# -- one paired copy -------------------------------------------------------------------------------
+def tensor_args(ptrs: tuple[int, ...], buffers: tuple) -> list:
+    """The kernel's pointer arguments as tensors (what Triton's first launch of a variant takes):
+    for each address, the slice of the int64 buffer holding it that starts there."""
+    out = []
+    for p in ptrs:
+        for t in buffers:
+            a = t.data_ptr()
+            if a <= p < a + t.numel() * WORD:
+                out.append(t[(p - a) // WORD:])
+                break
+        else:
+            raise ValueError(f"kernel argument {p:#x} lies in none of the table buffers")
+    return out
 
 
 _LAUNCHER = triton_fast.FastLauncher("kv_copy_runs")
 
 
-def arg_addresses(buf_addr: int, t: Table) -> tuple[int, ...]:
-    """Device addresses of the kernel's pointer arguments in an upload buffer at `buf_addr`, in
-    its order (base, sbase, sslot, soff, dbase, dslot, doff, lens); unused ones point at the
-    buffer, as the tensor arguments of the first launch do (pure)."""
-    n, w = t.n, 8
-    return (buf_addr, buf_addr + t.at_bases * w,
-            buf_addr + t.at_slots * w if t.s_multi else buf_addr, buf_addr,
-            buf_addr + (t.at_bases + t.ks) * w,
-            buf_addr + (t.at_slots + n * t.s_multi) * w if t.d_multi else buf_addr,
-            buf_addr + n * w, buf_addr + 2 * n * w if not t.ulen else buf_addr)
-
-
-def launch(src: RunSide, dst: RunSide, length: np.ndarray, device: Any, stream: Any) -> tuple[Any, Any]:
-    """Enqueue the copy of run i of `src` to run i of `dst` (equal lengths) on `stream`; returns
-    (event recorded after it, buffers to keep alive until the event completes)."""
+def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write: bool = False) -> tuple[Any, Any]:
+    """Enqueue the copy of run i of `remote` to run i of `local` (or back, `write`) on `stream`
+    (the two pair: `paired()`); returns (event recorded after it, buffers to keep alive until
+    the event completes)."""
     import torch
 
-    slot = gpu_upload.SLOTS.take(device, table_words(src, dst, length))
+    dh = remote.on(device, stream)
+    trace.mark("ipc", "remote half")
+    slot = gpu_upload.SLOTS.take(device, half_words(local))
     trace.mark("ipc", "slot")
     ev = None
     try:
-        buf = slot.dev
-        addr = buf.data_ptr()
-        t = fill_table(src, dst, length, slot.words, addr)
+        lh = fill_half(local, slot.words, dh.addr)
         trace.mark("ipc", "filled")
-        with torch.cuda.stream(stream):
-            buf[:t.total].copy_(slot.host[:t.total], non_blocking=True)
-        trace.mark("ipc", "uploaded")
-        consts = (t.piece, t.word, t.even, t.align, t.s_multi, t.d_multi, t.ulen)
+        if LOCAL_TABLE is TableHome.MAPPED:
+            buf = slot.host
+        else:
+            buf = slot.dev
+            with torch.cuda.stream(stream):
+                buf[:lh.words].copy_(slot.host[:lh.words], non_blocking=True)
+            trace.mark("ipc", "uploaded")
+        laddr = buf.data_ptr()
+        ptrs, consts = kernel_args(dh.addr, dh.half, lh, laddr, dh.variant, write)
+        v, n = dh.variant, lh.n
 
         def through_triton():
-            n = t.n
-            soff, doff = buf[:n], buf[n:2 * n]
-            lens = buf if t.ulen else buf[2 * n:3 * n]
-            sslot = buf[t.at_slots:t.at_slots + n] if t.s_multi else buf
-            dslot = buf[t.at_slots + n * t.s_multi:][:n] if t.d_multi else buf
-            sbase, dbase = buf[t.at_bases:t.at_bases + t.ks], buf[t.at_bases + t.ks:t.edge]
-            base = buf if t.word == 8 else buf.view(torch.uint8)
+            args = tensor_args(ptrs, (dh.dev, buf))
+            if consts[1] == 1:
+                args[0] = args[0].view(torch.uint8)
             _, kernel = _kernel()
             with torch.cuda.stream(stream):
-                return kernel[(t.per, n)](base, sbase, sslot, soff, dbase, dslot, doff, lens,
-                                          PIECE=t.piece, WORD=t.word, EVEN=t.even, ALIGN=t.align,
-                                          S_MULTI=t.s_multi, D_MULTI=t.d_multi, ULEN=t.ulen, num_warps=t.warps)
+                return kernel[(v.per, n)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2], ALIGN=consts[3],
+                                          S_MULTI=consts[4], D_MULTI=consts[5], ULEN=consts[6], num_warps=v.warps)
 
         if torch.cuda.current_device() == device.index:
-            _LAUNCHER.launch((t.per, t.n), device.index, stream, arg_addresses(addr, t), consts, through_triton,
-                              options=(t.warps,))
+            _LAUNCHER.launch((v.per, n), device.index, stream, ptrs, consts, through_triton, options=(v.warps,))
         else:   # the compiled kernel is loaded per device: Triton's path switches device itself
             with torch.cuda.device(device):
                 through_triton()
@@ -216,4 +398,4 @@ def launch(src: RunSide, dst: RunSide, length: np.ndarray, device: Any, stream: 
         ev.record(stream)
     finally:
         gpu_upload.SLOTS.release(slot, ev)
-    return ev, slot
+    return ev, (slot, dh)

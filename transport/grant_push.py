@@ -86,4 +86,5 @@ def on_grant(core: Core, s: Session, f: Frame) -> None:
     except BadMessage as e:
         log.warning("%s: unusable lease grant from %s ignored: %s", core.name, s.name, e)
         return
-    s.grants.add_ipc(b["lease"], b["nbytes"], plan, b["grant"], now)
+    if s.grants.add_ipc(b["lease"], b["nbytes"], plan, b["grant"], now):
+        core.data.ipc_preload(plan)

@@ -116,11 +116,14 @@ class GrantCache:
             return
         self._keep(Grant(lease, nbytes, remote, checked[0], checked[1], sent_at + checked[2]))
 
-    def add_ipc(self, lease: str, nbytes: int, plan: Any, grant: list, sent_at: float) -> None:
-        """Keep the grant of a READ_ACK of CUDA memory, with the IPC plan already checked."""
+    def add_ipc(self, lease: str, nbytes: int, plan: Any, grant: list, sent_at: float) -> bool:
+        """Keep the grant of a READ_ACK of CUDA memory, with the IPC plan already checked; False
+        when the grant is unusable."""
         checked = _check(grant)
-        if checked is not None:
-            self._keep(Grant(lease, nbytes, None, checked[0], checked[1], sent_at + checked[2], ipc=plan))
+        if checked is None:
+            return False
+        self._keep(Grant(lease, nbytes, None, checked[0], checked[1], sent_at + checked[2], ipc=plan))
+        return True
 
     def _keep(self, g: Grant) -> None:
         self._by_lease[g.lease] = g

@@ -165,8 +165,11 @@ def plane(monkeypatch):
 
     def addrs(side):  # gpu_runs addresses runs on the device; the test wants the addresses
         return side.bases[side.slot if side.slot is not None else 0] + side.offset
-    monkeypatch.setattr(gpu_runs, "launch",
-                        lambda src, dst, n, *a, **kw: launched.append((addrs(src), addrs(dst), n)) or (None, None))
+    def paired(remote, local, device, stream, write=False):
+        r, lo = addrs(remote.side), addrs(local)
+        launched.append((lo, r, remote.length) if write else (r, lo, remote.length))
+        return None, None
+    monkeypatch.setattr(gpu_runs, "launch", paired)
     dp = DataPlane("reader", AgentConfig(), None, AgentStats())
     return dp, launched
 

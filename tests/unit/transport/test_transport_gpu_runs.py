@@ -1,69 +1,104 @@
-"""The fused copy's run table (gpu_runs.fill_table): the addresses the kernel computes from the
-uploaded table are exactly each run's, and the kernel variant (word size, alignment, even
-pieces) follows the bits of every offset, length and base. Pure numpy: no GPU needed."""
+"""The fused copy's two half tables (gpu_runs.fill_half, kernel_args): the addresses the kernel
+computes from the remote half (kept on the device) and a read's local half are exactly each run's,
+in both directions, and the kernel variant (word size, alignment, even pieces) follows the bits of
+every offset, length and base. Pure numpy: no GPU needed."""
 from __future__ import annotations
+
+import gc
 
 import numpy as np
 import pytest
 
-from transport.gpu_runs import MAX_UNIFORM_LEN, PIECE_BYTES, RunSide, emulate, fill_table, table_words
+from transport import gpu_runs
+from transport.gpu_runs import (MAX_UNIFORM_LEN, PIECE_BYTES, RunSide, emulate, fill_half, half_words, kernel_args,
+                                variant_of)
 
-BASE = 0x7F00_0000_0000   # where the upload buffer would live on the device
+BASE_R = 0x7F00_0000_0000   # where the remote half's device buffer would live (the kernel's base pointer)
+BASE_L = 0x7F10_0000_0000   # where a read's local half would live
 
 
 def _side(rng, n, regions, align):
     bases = (rng.integers(1, 1 << 20, regions) * 4096 + 0x7E00_0000_0000).astype(np.int64)
-    slot = rng.integers(0, regions, n).astype(np.int64) if regions > 1 else None
+    slot = rng.integers(0, regions, n).astype(np.int32) if regions > 1 else None
     off = (rng.integers(0, 1 << 20, n) * align).astype(np.int64)
     return RunSide(bases, slot, off)
 
 
+def _reader(buffers):
+    """read_words over numpy buffers placed at device addresses: {address: int64 array}."""
+    def read(addr, count):
+        for a, h in buffers.items():
+            if a <= addr < a + 8 * len(h):
+                i = (addr - a) // 8
+                assert i + count <= len(h), "the kernel would read past a table"
+                return h[i:i + count]
+        raise AssertionError(f"address {addr:#x} is in no table")
+    return read
+
+
+def _tables(remote, local, length, write):
+    v = variant_of(length)
+    rh = np.full(half_words(remote, lens=not v.ulen) + 3, -1, np.int64)
+    lh = np.full(half_words(local) + 3, -1, np.int64)
+    r = fill_half(remote, rh, BASE_R, None if v.ulen else length)
+    lo = fill_half(local, lh, BASE_R)
+    assert (rh[r.words:] == -1).all() and (lh[lo.words:] == -1).all(), "wrote past its half"
+    ptrs, consts = kernel_args(BASE_R, r, lo, BASE_L, v, write)
+    return ptrs, consts, v, _reader({BASE_R: rh[:r.words], BASE_L: lh[:lo.words]})
+
+
+def _addr(side):
+    return side.bases[side.slot if side.slot is not None else 0] + side.offset
+
+
 @pytest.mark.parametrize("n", [1, 7, 64, 16384])
-@pytest.mark.parametrize("sregions,dregions", [(1, 1), (32, 1), (1, 6), (4, 3)])
+@pytest.mark.parametrize("rregions,lregions", [(1, 1), (32, 1), (1, 6), (4, 3)])
 @pytest.mark.parametrize("lengths", ["uniform", "varied"])
-def test_kernel_addresses_are_the_runs(n, sregions, dregions, lengths):
-    rng = np.random.default_rng(n * 31 + sregions * 7 + dregions)
-    src, dst = _side(rng, n, sregions, 16), _side(rng, n, dregions, 16)
+@pytest.mark.parametrize("write", [False, True])
+def test_kernel_addresses_are_the_runs(n, rregions, lregions, lengths, write):
+    rng = np.random.default_rng(n * 31 + rregions * 7 + lregions)
+    remote, local = _side(rng, n, rregions, 16), _side(rng, n, lregions, 16)
     length = (np.full(n, 32768, np.int64) if lengths == "uniform"
               else (rng.integers(1, 64, n) * 512).astype(np.int64))
-    h = np.full(table_words(src, dst, length) + 5, -1, np.int64)
-    t = fill_table(src, dst, length, h, BASE)
-    assert t.total <= len(h) - 5 and (h[t.total:] == -1).all(), "wrote past its table"
-    s_addr, d_addr, lens = emulate(h, t, BASE)
-    assert np.array_equal(s_addr, src.bases[src.slot if src.slot is not None else 0] + src.offset)
-    assert np.array_equal(d_addr, dst.bases[dst.slot if dst.slot is not None else 0] + dst.offset)
+    ptrs, consts, v, read = _tables(remote, local, length, write)
+    s_addr, d_addr, lens = emulate(ptrs, consts, n, read)
+    src, dst = (local, remote) if write else (remote, local)
+    assert np.array_equal(s_addr, _addr(src)) and np.array_equal(d_addr, _addr(dst))
     assert np.array_equal(lens, length)
-    assert t.per == -(-int(length.max()) // t.piece) and t.piece >= PIECE_BYTES
-    assert (t.ulen != 0) == bool((length == length[0]).all())
+    assert v.per == -(-int(length.max()) // v.piece) and v.piece >= PIECE_BYTES
+    assert (v.ulen != 0) == bool((length == length[0]).all())
 
 
 @pytest.mark.parametrize("what,word,align", [("aligned16", 8, 2), ("offset8", 8, 1), ("offset1", 1, 1),
-                                             ("length8", 8, 1), ("base8", 8, 1)])
+                                             ("length8", 8, 1), ("base8", 8, 1), ("localbase8", 8, 1),
+                                             ("varied8", 8, 1)])
 def test_kernel_variant_follows_every_bit(what, word, align):
     rng = np.random.default_rng(5)
-    src, dst = _side(rng, 100, 3, 16), _side(rng, 100, 1, 16)
+    remote, local = _side(rng, 100, 3, 16), _side(rng, 100, 1, 16)
     length = np.full(100, 16384, np.int64)
     if what == "offset8":
-        dst.offset[37] += 8
+        local.offset[37] += 8
     elif what == "offset1":
-        src.offset[99] += 1
+        remote.offset[99] += 1
     elif what == "length8":
         length = np.full(100, 16384 + 8, np.int64)
+    elif what == "varied8":
+        length[3] = 8192 + 8
     elif what == "base8":
-        src.bases[2] += 8
-    h = np.zeros(table_words(src, dst, length), np.int64)
-    t = fill_table(src, dst, length, h, BASE)
-    assert (t.word, t.align) == (word, align)
-    assert t.even == (what != "length8")
+        remote.bases[2] += 8
+    elif what == "localbase8":
+        local.bases[0] += 8
+    ptrs, consts, v, _ = _tables(remote, local, length, False)
+    assert consts[1:4:2] == (word, align)
+    assert v.even == (what not in ("length8", "varied8"))
 
 
-def test_lengths_beyond_the_compiled_in_limit_are_uploaded():
+def test_lengths_beyond_the_compiled_in_limit_are_stored():
     rng = np.random.default_rng(1)
-    src, dst = _side(rng, 2, 1, 16), _side(rng, 2, 1, 16)
+    remote, local = _side(rng, 2, 1, 16), _side(rng, 2, 1, 16)
     length = np.full(2, MAX_UNIFORM_LEN + PIECE_BYTES, np.int64)
-    h = np.zeros(table_words(src, dst, length), np.int64)
-    t = fill_table(src, dst, length, h, BASE)
-    assert t.ulen == 0 and np.array_equal(emulate(h, t, BASE)[2], length)
+    ptrs, consts, v, read = _tables(remote, local, length, False)
+    assert v.ulen == 0 and np.array_equal(emulate(ptrs, consts, 2, read)[2], length)
 
 
 def test_launch_shape_grows_with_the_runs_and_divides_them():
@@ -77,3 +112,40 @@ def test_launch_shape_grows_with_the_runs_and_divides_them():
         last = (piece, warps)
     assert [m for m, _, _ in LAUNCH_SHAPES] == sorted(m for m, _, _ in LAUNCH_SHAPES)
     assert all(p <= m or m == 0 for m, p, _ in LAUNCH_SHAPES), "a piece longer than the runs it serves"
+
+
+class _FakeHalf:
+    def __init__(self, nbytes, device_index=0):
+        self.nbytes, self.device_index = nbytes, device_index
+
+
+def test_resident_halves_stay_within_their_budget(monkeypatch):
+    """Remote halves kept on the device are bounded (least recently used dropped), and a table
+    that is garbage-collected stops counting."""
+    monkeypatch.setattr(gpu_runs, "RESIDENT_BYTES", 3000)
+    res = gpu_runs._Resident()
+    side = RunSide(np.zeros(1, np.int64), None, np.zeros(1, np.int64))
+    tables = [gpu_runs.RemoteTable(side, np.ones(1, np.int64)) for _ in range(4)]
+    for t in tables[:3]:
+        res.keep(t, _FakeHalf(1000))
+    assert res.nbytes == 3000 and all(t.resident() for t in tables[:3])
+    res.touch(tables[0])                 # 0 used again: 1 is now the least recently used
+    res.keep(tables[3], _FakeHalf(1000))
+    assert res.nbytes == 3000 and not tables[1].resident()
+    assert tables[0].resident() and tables[2].resident() and tables[3].resident()
+    res.keep(tables[0], _FakeHalf(1500))  # replaced (another device): counted once
+    assert res.nbytes <= 3000 and tables[0].resident()
+    before = len(res)
+    res.forget(tables[3])
+    assert len(res) == before - 1 and not tables[3].resident()
+
+
+def test_a_collected_table_leaves_the_module_budget():
+    side = RunSide(np.zeros(1, np.int64), None, np.zeros(1, np.int64))
+    t = gpu_runs.RemoteTable(side, np.ones(1, np.int64))
+    before = gpu_runs.RESIDENT.nbytes
+    gpu_runs.RESIDENT.keep(t, _FakeHalf(4096))
+    assert gpu_runs.RESIDENT.nbytes == before + 4096
+    del t
+    gc.collect()
+    assert gpu_runs.RESIDENT.nbytes == before

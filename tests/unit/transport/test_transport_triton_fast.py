@@ -1,4 +1,4 @@
-"""Direct launches of compiled Triton kernels (triton_fast.py, gpu_runs.arg_addresses): the
+"""Direct launches of compiled Triton kernels (triton_fast.py, gpu_runs.tensor_args): the
 addresses handed to the compiled kernel are exactly those of the tensor arguments Triton saw on
 the first launch, a variant is compiled per alignment pattern, and an interface that does not
 work falls back to Triton's own launch for good. No GPU needed: CPU tensors have addresses too,
@@ -10,34 +10,34 @@ import pytest
 import torch
 
 from transport import triton_fast
-from transport.gpu_runs import RunSide, arg_addresses, fill_table, table_words
-
-
-def _tensor_args(buf: torch.Tensor, t) -> list[int]:
-    """The slices gpu_runs.launch gives Triton on a variant's first launch, as addresses."""
-    n = t.n
-    return [buf.data_ptr(), buf[t.at_bases:].data_ptr(),
-            (buf[t.at_slots:] if t.s_multi else buf).data_ptr(), buf[:n].data_ptr(),
-            buf[t.at_bases + t.ks:].data_ptr(),
-            (buf[t.at_slots + n * t.s_multi:] if t.d_multi else buf).data_ptr(),
-            buf[n:2 * n].data_ptr(), (buf if t.ulen else buf[2 * n:3 * n]).data_ptr()]
+from transport.gpu_runs import RunSide, fill_half, half_words, kernel_args, tensor_args, variant_of
 
 
 @pytest.mark.parametrize("n", [1, 3, 64])
-@pytest.mark.parametrize("sreg,dreg", [(1, 1), (4, 1), (1, 3), (2, 5)])
+@pytest.mark.parametrize("rreg,lreg", [(1, 1), (4, 1), (1, 3), (2, 5)])
 @pytest.mark.parametrize("uniform", [True, False])
-def test_addresses_match_the_tensor_arguments(n, sreg, dreg, uniform):
-    rng = np.random.default_rng(n + 10 * sreg + 100 * dreg)
+@pytest.mark.parametrize("write", [False, True])
+def test_tensor_arguments_start_at_the_addresses(n, rreg, lreg, uniform, write):
+    """The tensors of a variant's first launch (through Triton) start exactly at the raw addresses
+    every later launch hands to the compiled kernel."""
+    rng = np.random.default_rng(n + 10 * rreg + 100 * lreg)
 
     def side(k):
         return RunSide(np.arange(1, k + 1, dtype=np.int64) << 32,
                        rng.integers(0, k, n).astype(np.int64) if k > 1 else None,
                        (rng.integers(0, 1000, n) * 4096).astype(np.int64))
-    src, dst = side(sreg), side(dreg)
+    remote, local = side(rreg), side(lreg)
     length = np.full(n, 32768, np.int64) if uniform else (rng.integers(1, 9, n) * 4096).astype(np.int64)
-    buf = torch.zeros(table_words(src, dst, length) + 8, dtype=torch.int64)
-    t = fill_table(src, dst, length, buf.numpy(), buf.data_ptr())
-    assert list(arg_addresses(buf.data_ptr(), t)) == _tensor_args(buf, t)
+    v = variant_of(length)
+    rbuf = torch.zeros(half_words(remote, lens=not v.ulen) + 8, dtype=torch.int64)
+    lbuf = torch.zeros(half_words(local) + 8, dtype=torch.int64)
+    rh = fill_half(remote, rbuf.numpy(), rbuf.data_ptr(), None if v.ulen else length)
+    lh = fill_half(local, lbuf.numpy(), rbuf.data_ptr())
+    ptrs, _ = kernel_args(rbuf.data_ptr(), rh, lh, lbuf.data_ptr(), v, write)
+    args = tensor_args(ptrs, (rbuf, lbuf))
+    assert [a.data_ptr() for a in args] == list(ptrs)
+    with pytest.raises(ValueError):
+        tensor_args((1 << 60,), (rbuf, lbuf))
 
 
 class _Compiled:

@@ -221,7 +221,12 @@ def pull_runs(src: PagedLayout, src_first_block: int, num_src_blocks: int, dst: 
     Tokens are mapped in pieces of `min(src.block_size, dst.block_size)` (so `token_start` must be
     a multiple of it). An owner block is read, whole (the heads taken), when any of its pieces has
     a place on the reader; its other pieces go to scratch. So the wire carries at most one range
-    per owner block, however the blocks are cut on the reader."""
+    per owner block, however the blocks are cut on the reader.
+
+    Same block layout on both sides and every head (same TP, same block size: the common
+    hand-off) takes a shortcut with the same result: each owner block read lands whole in one
+    reader block, so the runs are per block, not per head, part and row (a synchronous load
+    plans on the engine thread, right before the forward pass)."""
     _check(src, dst, heads)
     piece = min(src.block_size, dst.block_size)
     if token_start % piece:
@@ -230,6 +235,46 @@ def pull_runs(src: PagedLayout, src_first_block: int, num_src_blocks: int, dst: 
         raise ValueError("negative block index or count")
     dst_table = np.asarray(dst_table, dtype=np.int64)
     stride = dst.block_bytes if dst_stride is None else int(dst_stride)
+    if src == dst and heads.src_start == 0 and heads.dst_start == 0 and heads.count == src.heads:
+        return _whole_block_runs(src.block_bytes, src.block_size, src_first_block, num_src_blocks, dst_table,
+                                 token_start, token_end, stride)
+    return _pull_runs_general(src, src_first_block, num_src_blocks, dst, dst_table, heads, token_start,
+                              token_end, stride)
+
+
+def _merge_dst(dst_off: np.ndarray, length: np.ndarray, scratch: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge neighbouring runs that are adjacent on the reader too (same stream, fewer runs)."""
+    if len(dst_off) <= 1:
+        return dst_off, length, scratch
+    starts = np.flatnonzero(np.concatenate(([True], (scratch[1:] != scratch[:-1])
+                                            | (dst_off[1:] != dst_off[:-1] + length[:-1]))))
+    return dst_off[starts], np.add.reduceat(length, starts), scratch[starts]
+
+
+def _whole_block_runs(block_bytes: int, block_size: int, src_first_block: int, num_src_blocks: int,
+                      dst_table: np.ndarray, token_start: int, token_end: int, stride: int) -> PullRuns:
+    """`pull_runs` when both sides cut blocks alike and the reader takes every head: owner block
+    k is read when its first token is in [token_start, token_end) and the reader keeps block k;
+    its bytes land whole there (no scratch: the whole block has a place)."""
+    b = np.arange(num_src_blocks, dtype=np.int64)
+    k = src_first_block + b
+    t = k * block_size
+    placed = (t >= token_start) & (t < token_end) & (k < len(dst_table))
+    placed[placed] = dst_table[k[placed]] >= 0
+    taken = b[placed]
+    lengths = np.full(len(taken), block_bytes, dtype=np.int64)
+    src_ranges = coalesce_ranges(taken * block_bytes, lengths)
+    dst_off, length, scratch = _merge_dst(dst_table[src_first_block + taken] * stride, lengths,
+                                          np.zeros(len(taken), dtype=bool))
+    return PullRuns(src_ranges, dst_off, length, scratch)
+
+
+def _pull_runs_general(src: PagedLayout, src_first_block: int, num_src_blocks: int, dst: PagedLayout,
+                       dst_table: np.ndarray, heads: HeadRange, token_start: int, token_end: int,
+                       stride: int) -> PullRuns:
+    """`pull_runs` for any pair of layouts (head split/merge, block sizes, transposed parts)."""
+    piece = min(src.block_size, dst.block_size)
     per_block = src.block_size // piece
     # which pieces have a place, and which owner blocks are read at all
     pb, pj = np.divmod(np.arange(num_src_blocks * per_block, dtype=np.int64), per_block)
@@ -265,8 +310,5 @@ def pull_runs(src: PagedLayout, src_first_block: int, num_src_blocks: int, dst: 
     length = np.concatenate(lens)[order]
     scratch = ~np.concatenate(place)[order]
     dst_off[scratch] = np.concatenate(([0], np.cumsum(length[scratch])[:-1])) if scratch.any() else 0
-    if len(dst_off) > 1:  # merge neighbours adjacent on the reader too (same stream, fewer runs)
-        starts = np.flatnonzero(np.concatenate(([True], (scratch[1:] != scratch[:-1])
-                                                | (dst_off[1:] != dst_off[:-1] + length[:-1]))))
-        dst_off, length, scratch = dst_off[starts], np.add.reduceat(length, starts), scratch[starts]
+    dst_off, length, scratch = _merge_dst(dst_off, length, scratch)
     return PullRuns(src_ranges, dst_off, length, scratch)

@@ -223,3 +223,34 @@ def test_pull_runs_rejects_bad_input():
 def test_coalesce_ranges():
     assert coalesce_ranges(np.array([0, 4, 10, 12]), np.array([4, 2, 2, 1])).tolist() == [[0, 6], [10, 3]]
     assert coalesce_ranges(np.array([], np.int64), np.array([], np.int64)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("bs", [1, 4, 8])
+def test_pull_runs_same_layout_shortcut_equals_the_general_mapping(kind, bs):
+    """Same layout on both sides, every head: `pull_runs` takes a per-block shortcut; its runs
+    are the general per-head/part/row mapping's, run for run (offsets, lengths, scratch)."""
+    from nixl_connectors.handoff.layout_transform import _pull_runs_general
+
+    rows, parts = LAYOUTS[kind]
+    rng = np.random.default_rng(bs * 13 + parts)
+    lay = PagedLayout(4, bs, HB, parts, rows)
+    heads = HeadRange(0, 0, 4)
+    for _ in range(40):
+        nd = int(rng.integers(1, 9))
+        table = rng.permutation(nd + 6)[:nd].astype(np.int64)
+        if rng.random() < 0.5:
+            table[:] = np.arange(nd) + int(rng.integers(0, 4))     # adjacent blocks merge
+        table[rng.random(nd) < 0.2] = -1
+        tokens = int(rng.integers(1, nd * bs + 1))
+        first = int(rng.integers(0, -(-tokens // bs)))
+        count = -(-tokens // bs) - first
+        start = int(rng.integers(0, -(-tokens // bs))) * bs
+        end = int(rng.integers(start, tokens + 1))
+        stride = lay.block_bytes * int(rng.integers(1, 3))
+        fast = pull_runs(lay, first, count, lay, table, heads, start, end, dst_stride=stride)
+        slow = _pull_runs_general(lay, first, count, lay, table, heads, start, end, stride)
+        assert fast.src.tolist() == slow.src.tolist()
+        assert fast.dst_offsets.tolist() == slow.dst_offsets.tolist()
+        assert fast.dst_lengths.tolist() == slow.dst_lengths.tolist()
+        assert fast.scratch.tolist() == slow.scratch.tolist()

@@ -158,19 +158,25 @@ def main() -> None:
     steps, rows = (plain, by_kind["granted"]) if granted else (asked, by_kind["asked"])
     print(f"{len(by_kind['granted'])} reads under a lease grant, {len(by_kind['asked'])} asked the owner; "
           f"showing the {'granted' if granted else 'asked'} ones")
-    if ipc:  # the CUDA IPC path's own steps, between reply_handled and copied
-        pts = (["start", "sides", "slot", "filled", "uploaded", "launched", "synced"] if granted else
-               ["mapped", "checked", "start", "sides", "slot", "filled", "uploaded", "launched", "synced"])
-        seq = [ts for p, ts in ipc if p in pts]
-        k = len(pts)
-        arr = np.array(seq[: len(seq) // k * k]).reshape(-1, k)
-        for i in range(k - 1):
-            print(f"{np.median(arr[:, i + 1] - arr[:, i]) * 1e6:9.1f} us    ipc {pts[i]} -> {pts[i + 1]}")
+    ipc_hops: dict[str, float] = {}
+    if ipc:  # the CUDA IPC path's own steps, read by read (each starts at "start"), in the order they came
+        per: dict[str, list[float]] = {}
+        group: list = []
+        for p_, ts in ipc + [("start", None)]:
+            if p_ == "start" and group:
+                for (a_, ta), (b_, tb) in zip(group, group[1:]):
+                    per.setdefault(f"{a_} -> {b_}", []).append(tb - ta)
+                group = []
+            if ts is not None and p_ not in ("mapped", "checked"):
+                group.append((p_, ts))
+        ipc_hops = {k: float(np.median(v) * 1e6) for k, v in per.items() if len(v) >= len(rows) // 2}
+        for k, v in ipc_hops.items():
+            print(f"{v:9.1f} us    ipc {k}")
     a = np.array(rows)
     hops = {f"{steps[i]} -> {steps[i + 1]}": float(np.median(a[:, i + 1] - a[:, i]) * 1e6) for i in range(len(steps) - 1)}
     total = a[:, -1] - a[:, 0]
     out = {"blocks": args.blocks, "block_bytes": args.block_bytes, "reps": len(rows), "granted": granted,
-           "hops_us_median": hops, "end_to_end_ms": {"median": float(np.median(total) * 1e3),
+           "hops_us_median": hops, "ipc_hops_us_median": ipc_hops, "end_to_end_ms": {"median": float(np.median(total) * 1e3),
                                                      "p90": float(np.percentile(total, 90) * 1e3)}}
     for k, v in hops.items():
         print(f"{v:9.1f} us  {k}")

@@ -46,7 +46,7 @@ class TableHome(enum.Enum):
     MAPPED = "mapped"   # the pinned slot itself, over the bus (mapped host memory: no copy to enqueue)
 
 
-LOCAL_TABLE = TableHome.DEVICE
+LOCAL_TABLE = TableHome.MAPPED   # (DEVICE where the driver does not map pinned memory at its address)
 
 
 @dataclass(frozen=True)
@@ -324,15 +324,15 @@ def _upload(side: RunSide, length: np.ndarray, device: Any, stream: Any) -> Devi
         dev = torch.empty(words, dtype=torch.int64, device=device)
     addr = dev.data_ptr()
     slot = gpu_upload.SLOTS.take(device, words)
-    ev = None
+    recorded = False
     try:
         half = fill_half(side, slot.words, addr, None if v.ulen else length)
         with torch.cuda.stream(stream):
             dev.copy_(slot.host[:words], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(stream)
+            slot.event.record(stream)
+            recorded = True
     finally:
-        gpu_upload.SLOTS.release(slot, ev)
+        gpu_upload.SLOTS.release(slot, recorded)
     return DeviceHalf(half, dev, addr, device.index, v)
 
 
@@ -364,12 +364,13 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
     dh = remote.on(device, stream)
     trace.mark("ipc", "remote half")
     slot = gpu_upload.SLOTS.take(device, half_words(local))
+    use = slot.uses
     trace.mark("ipc", "slot")
-    ev = None
+    recorded = False
     try:
         lh = fill_half(local, slot.words, dh.addr)
         trace.mark("ipc", "filled")
-        if LOCAL_TABLE is TableHome.MAPPED:
+        if LOCAL_TABLE is TableHome.MAPPED and slot.mapped:
             buf = slot.host
         else:
             buf = slot.dev
@@ -394,8 +395,10 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
         else:   # the compiled kernel is loaded per device: Triton's path switches device itself
             with torch.cuda.device(device):
                 through_triton()
-        ev = torch.cuda.Event()
+        trace.mark("ipc", "kernel")
+        ev = slot.event
         ev.record(stream)
+        recorded = True
     finally:
-        gpu_upload.SLOTS.release(slot, ev)
-    return ev, (slot, dh)
+        gpu_upload.SLOTS.release(slot, recorded)
+    return ev, gpu_upload.Held(slot, use, dh)

@@ -1,17 +1,28 @@
-"""Reusable upload buffers for the fused copy's run tables: a pinned host buffer and a device
-buffer per slot, per device. A new pinned allocation per transfer (torch's caching host allocator,
-an event query and a page-locked block each time) cost 0.1-0.2 ms of a 0.4 ms small read; a slot
-is filled on the host, copied up on the agent's stream, and reused once the event recorded after
-the kernel that read it has completed.
+"""Reusable table buffers for the fused copy: a pinned host buffer and a device buffer per slot,
+per device, and one CUDA event per slot. A new pinned allocation per transfer (torch's caching
+host allocator, an event query and a page-locked block each time) cost 0.1-0.2 ms of a 0.4 ms
+small read; every CUDA call counts too (on the GPU machine an event query or a copy enqueue takes
+7-25 us of host time), so a slot keeps its event, and a waiter that synchronized it says so
+(`synced`): the next `take` then needs no query.
+
+A slot is filled on the host; the kernel reads it either where it is (pinned host memory is
+mapped into the device's address space at the same address, checked once per slot: `mapped`) or
+from the device buffer it was copied to on the agent's stream. It is reused once the event
+recorded after the kernel that read it has completed.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 MIN_WORDS = 1 << 14        # 128 KiB per slot at least
 MAX_SLOTS = 8              # kept per device; more transfers in flight get buffers of their own
+_CU_POINTER_ATTRIBUTE_DEVICE_POINTER = 3
 
 
 @dataclass(eq=False)
@@ -19,11 +30,31 @@ class Slot:
     host: Any            # pinned int64 tensor
     words: Any           # its numpy view
     dev: Any             # int64 device tensor of the same length
-    event: Any = None    # recorded after the last kernel that read `dev`
+    mapped: bool         # the device reads `host` at its own address (no copy needed)
+    event: Any = None    # one torch.cuda.Event, re-recorded after each kernel that reads the slot
+    pending: bool = False   # the event was recorded and nobody has seen it complete yet
     busy: bool = False   # taken, event not recorded yet
+    uses: int = 0
 
     def free(self) -> bool:
-        return not self.busy and (self.event is None or self.event.query())
+        if self.busy:
+            return False
+        if self.pending and self.event.query():
+            self.pending = False
+        return not self.pending
+
+
+def device_address_of_host(ptr: int) -> int | None:
+    """The device address of pinned host memory at `ptr` in the current CUDA context (None when
+    the driver cannot say: no libcuda, no context, not pinned)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        out = ctypes.c_uint64()
+        rc = lib.cuPointerGetAttribute(ctypes.byref(out), ctypes.c_int(_CU_POINTER_ATTRIBUTE_DEVICE_POINTER),
+                                       ctypes.c_uint64(ptr))
+    except (OSError, AttributeError, TypeError):
+        return None
+    return int(out.value) if rc == 0 else None
 
 
 class UploadSlots:
@@ -38,25 +69,52 @@ class UploadSlots:
         with self._lock:
             slots = self._by_device.setdefault(device.index, [])
             for sl in slots:
-                if sl.free() and len(sl.words) >= n:
+                if len(sl.words) >= n and sl.free():
                     sl.busy = True
+                    sl.uses += 1
                     return sl
             grow = next((sl for sl in slots if sl.free()), None)
             if grow is not None:
                 slots.remove(grow)
             keep = grow is not None or len(slots) < MAX_SLOTS
         size = max(MIN_WORDS, 1 << (n - 1).bit_length())
-        host = torch.empty(size, dtype=torch.int64, pin_memory=True)
-        sl = Slot(host, host.numpy(), torch.empty(size, dtype=torch.int64, device=device), busy=True)
+        with torch.cuda.device(device):
+            host = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            dev = torch.empty(size, dtype=torch.int64, device=device)
+            mapped = device_address_of_host(host.data_ptr()) == host.data_ptr()
+        if not mapped:
+            log.info("pinned host memory is not mapped at its own address on %s: tables are copied to the device",
+                     device)
+        sl = Slot(host, host.numpy(), dev, mapped, torch.cuda.Event(), busy=True, uses=1)
         if keep:
             with self._lock:
                 self._by_device.setdefault(device.index, []).append(sl)
         return sl
 
-    def release(self, sl: Slot, event: Any) -> None:
-        """The kernel reading `sl` was enqueued; `event` completes after it."""
-        sl.event = event
+    def release(self, sl: Slot, recorded: bool) -> None:
+        """The kernel reading `sl` was enqueued (`recorded`: its event recorded after it)."""
+        sl.pending = recorded
         sl.busy = False
+
+    def synced(self, sl: Slot, use: int) -> None:
+        """The waiter of use number `use` of `sl` synchronized its event: no query needed."""
+        with self._lock:
+            if sl.uses == use and not sl.busy:
+                sl.pending = False
 
 
 SLOTS = UploadSlots()
+
+
+@dataclass(eq=False)
+class Held:
+    """What a launched kernel needs kept alive until its event completes: its slot (use number
+    `use`) and anything else it reads (`extra`)."""
+
+    slot: Slot
+    use: int
+    extra: Any = None
+
+    def synced(self) -> None:
+        """The caller synchronized the kernel's event: the slot is free without a query."""
+        SLOTS.synced(self.slot, self.use)

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from . import cma, trace
+from . import cma, gpu_upload, trace
 from .core import Core
 from .descs import Descs
 from .grants import Grant, copy_granted
@@ -99,6 +99,8 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     ev, keep = core.data.ipc_launch(g.ipc, local, False)
     ev.synchronize()
     trace.mark("ipc", "synced")
+    if isinstance(keep, gpu_upload.Held):
+        keep.synced()
     del keep
     return cma.read_word(s.peer.pid, g.word) == g.gen
 

@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import Any
 
-from . import cma, grant_read, trace
+from . import cma, gpu_upload, grant_read, trace
 from .grant_read import GPU_INLINE_BYTES  # kernels this large are waited for on the loop (no thread hop)
 from .core import Core
 from .descs import Descs
@@ -296,6 +296,8 @@ def _start_ipc(x: Initiated, f: Frame) -> None:
     if x.local.nbytes <= GPU_INLINE_BYTES:
         ev.synchronize()
         trace.mark("ipc", "synced")
+        if isinstance(keep, gpu_upload.Held):
+            keep.synced()
         _copied(x)
         return
     x.task = asyncio.get_running_loop().create_task(_wait_event(x, ev, keep))
@@ -303,6 +305,8 @@ def _start_ipc(x: Initiated, f: Frame) -> None:
 
 async def _wait_event(x: Initiated, ev: Any, keep: Any) -> None:
     await asyncio.get_running_loop().run_in_executor(x.core.executor, ev.synchronize)
+    if isinstance(keep, gpu_upload.Held):
+        keep.synced()
     del keep
     if x.pending_error is not None:  # the kernel cannot be stopped; it has ended now
         _abort_owner(x, str(x.pending_error))

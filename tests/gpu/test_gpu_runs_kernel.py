@@ -1,0 +1,59 @@
+"""The paired copy kernel in one process (gpu_runs.launch): the remote half kept on the device,
+the local half read from the mapped pinned slot or from its device copy, reads and writes, one or
+several regions per side, uniform and mixed run lengths; every byte checked, and the rest of both
+pools untouched. (The two-process tests in test_gpu_transport.py run it over CUDA IPC.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _pools(torch, dev, k, blocks, bb, seed):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return [torch.randint(0, 255, (blocks, bb), dtype=torch.uint8, device=dev, generator=g) for _ in range(k)]
+
+
+@pytest.mark.parametrize("home", ["mapped", "device"])
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("rk,lk", [(1, 1), (3, 1), (1, 4)])
+@pytest.mark.parametrize("lengths", ["uniform", "mixed"])
+def test_paired_kernel_moves_exactly_the_runs(monkeypatch, home, write, rk, lk, lengths):
+    torch = pytest.importorskip("torch")
+    from transport import gpu_runs, gpu_upload
+
+    monkeypatch.setattr(gpu_runs, "LOCAL_TABLE", gpu_runs.TableHome(home))
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    bb, blocks, n = 16384, 256, 100
+    rng = np.random.default_rng(rk * 10 + lk + write)
+    rpools, lpools = _pools(torch, dev, rk, blocks, bb, 1), _pools(torch, dev, lk, blocks, bb, 2)
+    r_before = [p.clone() for p in rpools]
+    l_before = [p.clone() for p in lpools]
+    ln = (np.full(n, bb, np.int64) if lengths == "uniform"
+          else (rng.integers(1, bb // 16 + 1, n) * 16).astype(np.int64))
+    # distinct blocks per side (a run never spans blocks), random order
+    rblk, lblk = rng.permutation(blocks * rk)[:n], rng.permutation(blocks * lk)[:n]
+    rslot, roff = rblk // blocks, (rblk % blocks) * bb
+    lslot, loff = lblk // blocks, (lblk % blocks) * bb
+    remote = gpu_runs.RemoteTable(gpu_runs.RunSide(np.array([p.data_ptr() for p in rpools], np.int64),
+                                                   rslot.astype(np.int64) if rk > 1 else None, roff.astype(np.int64)), ln)
+    local = gpu_runs.RunSide(np.array([p.data_ptr() for p in lpools], np.int64),
+                             lslot.astype(np.int32) if lk > 1 else None, loff.astype(np.int64))
+    stream = torch.cuda.Stream(dev)
+    for rep in range(3):   # the remote half is uploaded once and reused
+        ev, keep = gpu_runs.launch(remote, local, dev, stream, write)
+        ev.synchronize()
+        keep.synced()
+        assert isinstance(keep, gpu_upload.Held) and remote.resident()
+    src_p, src_s, src_o, dst_p, dst_s, dst_o = ((lpools, lslot, loff, rpools, rslot, roff) if write
+                                                else (rpools, rslot, roff, lpools, lslot, loff))
+    dst_before = r_before if write else l_before
+    expect = [p.clone() for p in dst_before]
+    for i in range(n):
+        a, b, m = int(src_o[i]), int(dst_o[i]), int(ln[i])
+        srcrow = src_p[int(src_s[i])].view(-1)[a:a + m]
+        expect[int(dst_s[i])].view(-1)[b:b + m] = srcrow
+    for got, want in zip(dst_p, expect):
+        assert torch.equal(got, want), "the kernel wrote other bytes than the runs"
+    for got, want in zip(lpools if write else rpools, l_before if write else r_before):
+        assert torch.equal(got, want), "the source changed"

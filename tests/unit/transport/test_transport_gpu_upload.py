@@ -1,0 +1,61 @@
+"""Table slots (gpu_upload): a slot is reused only after the kernel that read it is known to be
+done, by its event or by a waiter that synchronized it; a waiter of an older use cannot free a
+slot that another read has taken since. No GPU: the event is a stand-in."""
+from __future__ import annotations
+
+import numpy as np
+
+from transport import gpu_upload
+from transport.gpu_upload import Held, Slot
+
+
+class _Event:
+    def __init__(self):
+        self.done = False
+        self.queries = 0
+
+    def query(self):
+        self.queries += 1
+        return self.done
+
+
+def _slot():
+    return Slot(None, np.zeros(4, np.int64), None, True, _Event())
+
+
+def test_a_recorded_slot_is_busy_until_its_event_completes():
+    sl = _slot()
+    assert sl.free()
+    sl.busy = True
+    assert not sl.free()
+    gpu_upload.SLOTS.release(sl, True)
+    assert not sl.free()
+    assert sl.event.queries == 1
+    sl.event.done = True
+    assert sl.free() and sl.free()
+    assert sl.event.queries == 2, "a completed event is not asked again"
+
+
+def test_a_synchronized_waiter_frees_its_slot_without_a_query(monkeypatch):
+    slots = gpu_upload.UploadSlots()
+    monkeypatch.setattr(gpu_upload, "SLOTS", slots)
+    sl = _slot()
+    sl.busy, sl.uses = True, 1
+    slots.release(sl, True)
+    Held(sl, 1).synced()
+    assert sl.free() and sl.event.queries == 0
+
+
+def test_an_old_waiter_cannot_free_a_slot_taken_since(monkeypatch):
+    slots = gpu_upload.UploadSlots()
+    monkeypatch.setattr(gpu_upload, "SLOTS", slots)
+    sl = _slot()
+    sl.busy, sl.uses = True, 1
+    slots.release(sl, True)
+    sl.event.done = True
+    assert sl.free()
+    sl.busy, sl.uses = True, 2            # another read took it and recorded again
+    sl.event.done = False
+    slots.release(sl, True)
+    Held(sl, 1).synced()                  # the first read's waiter, late
+    assert not sl.free(), "freed while the second read's kernel may still read it"

@@ -1,7 +1,8 @@
 """Our transport on a Workload, through the public API only: an owner process exposes leases, a
 reader process (its sibling) times ``read()`` to ``wait()``.
 
-Per rep, outside the timing: expose (NEW_EACH_REP policy), zero the destination blocks; after
+Per rep, outside the timing: expose (NEW_EACH_REP policy) and let 2 ms pass (``EXPOSE_SETTLE_S``),
+zero the destination blocks; after
 it: check every byte of the rep. CUDA reps also synchronize the reader's device inside the
 timing (a no-op when ``wait()`` keeps its contract that the blocks are usable).
 """
@@ -22,6 +23,11 @@ from .workloads import BlockPolicy, Workload
 log = logging.getLogger(__name__)
 
 CHUNK_ENV = "NIXL_CONNECTORS_BENCH_CHUNK"
+# A new lease is read this long after expose() returned, outside the timing: in serving, decode
+# reads milliseconds after prefill exposed (router, decode scheduler), by when the lease grant the
+# owner sent at expose has arrived; back to back, the reader's loop would still be taking that grant
+# in (a GIL shared with the timed read) and the read would often ask the owner instead.
+EXPOSE_SETTLE_S = 0.002
 UCX_ENV = "NIXL_CONNECTORS_BENCH_UCX"
 
 
@@ -182,6 +188,7 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
                 s_ids, d_ids = block_ids(w, rng)
                 lease = owner.expose(s_ids)
                 local = Descs.concat([Descs.from_blocks(r, d_ids, w.block_bytes) for r in regions])
+                time.sleep(EXPOSE_SETTLE_S)
             dest.zero(d_ids)
             t0 = time.perf_counter()
             agent.read(peer, local, lease).wait(timeout_s)
@@ -207,6 +214,7 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
             "granted_reads": int(mine.get("granted_reads", 0)),
             "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
             "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
+            "settle_after_expose_ms": EXPOSE_SETTLE_S * 1e3,
             "host_pages": None if dest.cuda else pages_from_env().value, "huge_page_fraction": huge,
             "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
             "processes": {"reader": [os.getpid(), os.getppid()], "owner": list(owner_pids)}}

@@ -223,7 +223,7 @@ class DataPlane:
         """Put a kept plan's half of the kernel's table on the device now (a lease grant just
         arrived: its first read then uploads only its own half). Only where the mappings say which
         device; a failure is left to the read (which uploads it itself)."""
-        devs = {m.device for _, m in plan.maps}
+        devs = {getattr(m, "device", None) for _, m in plan.maps}
         if len(devs) != 1 or None in devs or len(plan.ln) > gpu_runs.MAX_PAIRS:
             return
         device = torch.device("cuda", devs.pop())

@@ -131,6 +131,62 @@ def plan_reads(segments: Sequence[Segment], target: LocalTarget, remote: RemoteS
                             f"prompt of {remote.block_size}-token blocks")
         firsts.append(n_prompt_blocks - count)
     tables = [np.asarray(t, dtype=np.int64) for t in target.tables]
+    if (remote.tp_size == local_tp and remote.block_size == local_bs
+            and all(s.paged.heads == local_heads for s in segments)):
+        return [_plan_same_layout(segments, target, remote, firsts, tables, rank)]
+    return _plan_general(segments, target, remote, firsts, tables, split=split, total_heads=total_heads,
+                         local_tp=local_tp, rank=rank, local_heads=local_heads)
+
+
+def _plan_same_layout(segments: Sequence[Segment], target: LocalTarget, remote: RemoteSide,
+                      firsts: Sequence[int], tables: Sequence[np.ndarray], rank: int) -> PlannedRead:
+    """`plan_reads` when both sides cut blocks alike and hold the same heads (same TP, same block
+    size: the common hand-off), with the same result: every owner block read lands whole in the
+    reader's block, so which blocks are read, and where they land relative to a segment, is
+    worked out once per KV-cache group (and block geometry), not per segment (a synchronous load
+    plans on the engine thread, right before the forward pass; models have tens of layers)."""
+    bs = remote.block_size
+    taken: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for g, count in enumerate(remote.group_counts):
+        k = firsts[g] + np.arange(count, dtype=np.int64)
+        t = k * bs
+        placed = (t >= target.token_start) & (t < target.token_end) & (k < len(tables[g]))
+        placed[placed] = tables[g][k[placed]] >= 0
+        taken[g] = (np.flatnonzero(placed).astype(np.int64), tables[g][k[placed]])
+    src_rel: dict[tuple[int, int], np.ndarray] = {}          # (group, block bytes) -> lease ranges
+    dst_rel: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+    src_parts, dst = [], []
+    base = 0
+    for s in segments:
+        bb, (blocks, ids) = s.paged.block_bytes, taken[s.group]
+        n = remote.group_counts[s.group]
+        if len(blocks):
+            sk = (s.group, bb)
+            if sk not in src_rel:
+                src_rel[sk] = coalesce_ranges(blocks * bb, np.full(len(blocks), bb, dtype=np.int64))
+            src_parts.append(src_rel[sk] + np.array([base, 0], dtype=np.int64))
+            dk = (s.group, bb, s.stride)
+            if dk not in dst_rel:
+                offs, lens = ids * s.stride, np.full(len(ids), bb, dtype=np.int64)
+                if len(offs) > 1:   # reader blocks back to back: one run
+                    starts = np.flatnonzero(np.concatenate(([True], offs[1:] != offs[:-1] + lens[:-1])))
+                    offs, lens = offs[starts], np.add.reduceat(lens, starts)
+                dst_rel[dk] = (offs, lens)
+            offs, lens = dst_rel[dk]
+            dst.append((s.storage_key, s.base_offset + offs, lens, np.zeros(len(offs), dtype=bool)))
+        base += n * bb
+    ranges = (coalesce_ranges(*np.concatenate(src_parts).T) if src_parts
+              else np.zeros((0, 2), dtype=np.int64))
+    nbytes = int(ranges[:, 1].sum())
+    if len(ranges) == 1 and ranges[0, 0] == 0 and nbytes == base:
+        ranges = None   # the whole lease: no ranges on the wire
+    return PlannedRead(rank, ranges, tuple(dst), nbytes, base, 0)
+
+
+def _plan_general(segments: Sequence[Segment], target: LocalTarget, remote: RemoteSide,
+                  firsts: Sequence[int], tables: Sequence[np.ndarray], *, split: bool, total_heads: int,
+                  local_tp: int, rank: int, local_heads: int) -> list[PlannedRead]:
+    """`plan_reads` for any supported pair (head split/merge, block sizes, transposed parts)."""
     reads = []
     for p, heads in head_sources(split, total_heads, remote.tp_size, local_tp, rank, local_heads):
         base = scratch = 0
@@ -165,10 +221,24 @@ def local_descs(read: PlannedRead, regions: Mapping[int, Any], scratch: Any = No
 
     if read.scratch_bytes and (scratch is None or scratch.nbytes < read.scratch_bytes):
         raise PlanError(f"this read needs a scratch region of {read.scratch_bytes} bytes")
-    parts = []
-    for key, offs, lens, sc in read.dst:
-        if sc.any():
-            parts.append(Descs((regions[key], scratch), sc.astype(np.int32), offs, lens))
-        else:
-            parts.append(Descs.from_ranges(regions[key], offs, lens))
-    return Descs.concat(parts)
+    if not read.dst:
+        return Descs.concat([])
+    # one Descs over every segment's region (not one per segment, then concatenated: tens of
+    # layers, planned on the engine thread for a synchronous load)
+    used: list[Any] = []
+    index: dict[int, int] = {}
+
+    def slot(region: Any) -> int:
+        if region.uid not in index:
+            index[region.uid] = len(used)
+            used.append(region)
+        return index[region.uid]
+
+    idx = []
+    for key, offs, _lens, sc in read.dst:
+        r = slot(regions[key])
+        idx.append(np.where(sc, slot(scratch), r).astype(np.int32) if sc.any()
+                   else np.full(len(offs), r, dtype=np.int32))
+    return Descs(tuple(used), np.concatenate(idx),
+                 np.ascontiguousarray(np.concatenate([d[1] for d in read.dst]), dtype=np.int64),
+                 np.ascontiguousarray(np.concatenate([d[2] for d in read.dst]), dtype=np.int64))

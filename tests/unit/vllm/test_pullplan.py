@@ -139,6 +139,81 @@ def test_hybrid_groups_with_null_blocks():
     run(2, 1, 32, 32, ntok=150, groups=2, null_first=2, cached_blocks=1)
 
 
+def test_same_layout_plan_equals_the_general_plan():
+    """Same TP and block size: plan_reads takes a per-group shortcut; its plan is the general
+    per-segment mapping's, field by field (suffixes, sync loads' last token, null blocks, two
+    groups, and a tokens-outermost layout whose K and V of a block are far apart)."""
+    from nixl_connectors.vllm.pullplan import _plan_general
+
+    def same(segs, target, counts, bs):
+        remote = RemoteSide(1, bs, counts)
+        (fast,) = plan_reads(segs, target, remote, total_heads=HEADS, local_tp=1, rank=0)
+        n_blocks = -(-target.num_prompt_tokens // bs)
+        (slow,) = _plan_general(segs, target, remote, [n_blocks - c for c in counts],
+                                [np.asarray(t, dtype=np.int64) for t in target.tables],
+                                split=segs[0].kind is layout.BlockKind.HEADS_OUTER,
+                                total_heads=HEADS, local_tp=1, rank=0,
+                                local_heads=segs[0].paged.heads)
+        assert (fast.prefill_rank, fast.nbytes, fast.lease_bytes, fast.scratch_bytes) == \
+            (slow.prefill_rank, slow.nbytes, slow.lease_bytes, slow.scratch_bytes)
+        assert (fast.ranges is None) == (slow.ranges is None)
+        if fast.ranges is not None:
+            assert fast.ranges.tolist() == slow.ranges.tolist()
+        assert len(fast.dst) == len(slow.dst)
+        for a, b in zip(fast.dst, slow.dst):
+            assert a[0] == b[0] and [x.tolist() for x in a[1:]] == [x.tolist() for x in b[1:]]
+
+    rng = np.random.default_rng(5)
+    kv_apart = layout.segments_for({"l0": torch.zeros(2, 16, 32, HEADS, D, dtype=torch.bfloat16)}, 16,
+                                   local_heads=HEADS, block_size=32)
+    for groups in (1, 2):
+        _, segs = make_engine(1, 0, 32, 16, groups)
+        for _ in range(30):
+            ntok = int(rng.integers(1, 8 * 32))
+            nb = -(-ntok // 32)
+            table = rng.permutation(16)[:nb].astype(np.int64)
+            if rng.random() < 0.5:
+                table = np.arange(nb, dtype=np.int64) + int(rng.integers(0, 16 - nb + 1))
+            tables = [table.copy() for _ in range(groups)]
+            nulls = int(rng.integers(0, nb))
+            if groups == 2:
+                tables[1][:nulls] = -1
+            counts = (nb,) + ((nb - nulls,) if groups == 2 else ())
+            start = int(rng.integers(0, nb)) * 32
+            end = ntok - int(rng.integers(0, 2)) if ntok > start + 1 else ntok
+            target = LocalTarget(tuple(tuple(t.tolist()) for t in tables), start, end, ntok)
+            same(segs, target, counts, 32)
+            if groups == 1:
+                same(kv_apart, target, counts, 32)
+
+
+def test_local_descs_are_the_per_segment_descriptors_concatenated():
+    """local_descs builds one Descs over every segment's region (and the scratch region); its
+    stream is the per-segment descriptors' concatenated, row for row."""
+    from transport import Descs
+    from transport.region import make_region
+
+    from nixl_connectors.vllm.pullplan import local_descs
+
+    caches, segs = make_engine(2, 0, 32, 12)
+    regions = {s.storage_key: make_region(caches[s.layer], whole_storage=True) for s in segs}
+    scratch = make_region(np.zeros(1 << 20, np.uint8))
+    cases = [(LocalTarget(((0, 1, 2, 3),), 32, 120, 120), RemoteSide(2, 32, (4,))),   # same layout
+             (LocalTarget(((5, 6, 7),), 0, 70, 70), RemoteSide(1, 64, (2,))),         # block size, TP
+             (LocalTarget(((5, 6, 7),), 0, 70, 70), RemoteSide(2, 64, (2,)))]         # scratch tail
+    for target, remote in cases:
+        for rd in plan_reads(segs, target, remote, total_heads=HEADS, local_tp=2, rank=0):
+            got = local_descs(rd, regions, scratch)
+            want = Descs.concat([Descs((regions[k], scratch), sc.astype(np.int32), o, n) if sc.any()
+                                 else Descs.from_ranges(regions[k], o, n) for k, o, n, sc in rd.dst])
+            assert [r.uid for r in got.regions] == [r.uid for r in want.regions]
+            assert got.region_idx.tolist() == want.region_idx.tolist()
+            assert got.offset.tolist() == want.offset.tolist() and got.length.tolist() == want.length.tolist()
+            assert got.nbytes == rd.nbytes
+    assert any(rd.scratch_bytes for rd in plan_reads(segs, cases[2][0], cases[2][1], total_heads=HEADS,
+                                                      local_tp=2, rank=0)), "a case with scratch"
+
+
 def test_whole_lease_needs_no_ranges():
     caches, segs = make_engine(1, 0, 32, 8)
     (rd,) = plan_reads(segs, LocalTarget(((0, 1, 2),), 0, 70, 70), RemoteSide(1, 32, (3,)),

@@ -24,6 +24,18 @@ def ev(name):
         _fd = os.open(f"{_DIR}/ev-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.write(_fd, f"{time.monotonic_ns()} {os.getpid()} {name}\n".encode())
 
+def _timed(f, tag):
+    """`f` stamped on entry (tag>) and exit (tag<)."""
+    @functools.wraps(f)
+    def w(*a, **k):
+        ev(tag + ">")
+        try:
+            return f(*a, **k)
+        finally:
+            ev(tag + "<")
+    return w
+
+
 def wrap(cls, meth, tag):
     f = getattr(cls, meth, None)
     if f is None:
@@ -37,13 +49,7 @@ def wrap(cls, meth, tag):
             finally:
                 ev(tag + "<")
     else:
-        @functools.wraps(f)
-        def w(*a, **k):
-            ev(tag + ">")
-            try:
-                return f(*a, **k)
-            finally:
-                ev(tag + "<")
+        w = _timed(f, tag)
     setattr(cls, meth, w)
 
 def p_serving(m):
@@ -69,15 +75,7 @@ def p_conn(m):
         wrap(C, meth, tag)
 
 def wrapf(m, fname, tag):
-    f = getattr(m, fname)
-    @functools.wraps(f)
-    def w(*a, **k):
-        ev(tag + ">")
-        try:
-            return f(*a, **k)
-        finally:
-            ev(tag + "<")
-    setattr(m, fname, w)
+    setattr(m, fname, _timed(getattr(m, fname), tag))
 def p_wk(m):
     for meth in ("_parts", "_plan", "_pull_now", "_scratch_region", "_notify"):
         wrap(m.UcxWorker, meth, "wk" + meth)

@@ -32,6 +32,18 @@ def _pool(bb, device):
 POOL = 16384
 
 
+def _zero(dst, local, bb, device):
+    """Zero the blocks `local` names (and wait for it), outside the timing."""
+    ids = np.asarray(local.offset) // bb
+    if device == "cpu":
+        dst[ids] = 0
+        return
+    import torch
+
+    dst.index_fill_(0, torch.as_tensor(ids, dtype=torch.int64, device=dst.device), 0)
+    torch.cuda.synchronize()
+
+
 def _owner(n, bb, device, q_in, q_out, pool_blocks=POOL):
     global POOL
     POOL = pool_blocks
@@ -68,6 +80,10 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile the reads (cProfile) and print the N functions with the most own time")
     ap.add_argument("--pool", type=int, default=POOL, help="blocks per pool (each side)")
+    ap.add_argument("--settle-ms", type=float, default=2.0,
+                    help="--new-lease: how long after expose() returned the read starts")
+    ap.add_argument("--zero", action="store_true",
+                    help="zero the destination blocks (and synchronize) before each read, as the bench does")
     ap.add_argument("--local-table", choices=["device", "mapped"], default=None,
                     help="CUDA: where the kernel reads a read's own half of its table (gpu_runs.TableHome)")
     ap.add_argument("--cuda-profile", type=int, default=0, metavar="N",
@@ -99,7 +115,9 @@ def main() -> None:
             state["lid"] = qo.get(timeout=60)
             state["local"] = Descs.from_blocks(rdst, np.random.default_rng(10**6 + rep).permutation(POOL)[:args.blocks],
                                                args.block_bytes)
-            time.sleep(0.002)
+            time.sleep(args.settle_ms / 1e3)
+        if args.zero:
+            _zero(dst, state["local"], args.block_bytes, args.device)
         if prof is not None:
             prof.enable()
         t = b.read(peer, state["local"], state["lid"])

@@ -37,6 +37,14 @@ class IpcPlan:
     ln: np.ndarray
     maps: tuple              # (region uid, mapping) pairs it was checked against
     remote: Any = None       # gpu_runs.RemoteTable: its runs for the paired kernel (device half kept)
+    ulen: int = 0            # the length of every run when they are all equal, else 0
+
+    def pairs_with(self, local: Descs) -> bool:
+        """Do the local runs pair one to one with the owner's (the paired kernel's case)? O(1)
+        when both sides' runs have one length."""
+        if self.ulen and local.uniform_length:
+            return self.ulen == local.uniform_length and len(self.ln) == len(local) <= gpu_runs.MAX_PAIRS
+        return gpu_runs.paired(self.ln, local.length)
 
     def current(self, s: Session) -> bool:
         """Are its mappings still the session's (none dropped or replaced since)?"""
@@ -217,7 +225,8 @@ class DataPlane:
         trace.mark("ipc", "checked")
         bases_a = np.asarray(bases, dtype=np.int64)
         remote = gpu_runs.RemoteTable(gpu_runs.RunSide(bases_a, slot if len(bases) > 1 else None, off), ln)
-        return IpcPlan(bases_a, slot, off, ln, tuple(maps), remote)
+        lo = int(ln.min())
+        return IpcPlan(bases_a, slot, off, ln, tuple(maps), remote, lo if lo == int(ln.max()) else 0)
 
     def ipc_preload(self, plan: IpcPlan) -> None:
         """Put a kept plan's half of the kernel's table on the device now (a lease grant just
@@ -238,7 +247,7 @@ class DataPlane:
         device = local.regions[0].device
         stream = self.stream(device)
         bases, slot, off, ln = plan.bases, plan.slot, plan.off, plan.ln
-        if gpu_runs.paired(ln, local.length):
+        if plan.pairs_with(local):
             lbases = np.array([r.ptr for r in local.regions], dtype=np.int64)
             lside = gpu_runs.RunSide(lbases, local.region_idx if len(lbases) > 1 else None, local.offset)
             trace.mark("ipc", "sides")

@@ -86,8 +86,9 @@ class Descs:
         if ids.size and int(ids.max()) > (_I64_MAX - base_offset - block_bytes) // step:
             raise ValueError(f"block id {int(ids.max())} * stride {step} is outside any region")
         off = base_offset + ids * step
-        return cls((region,), np.zeros(ids.size, dtype=np.int32), off,
-                   np.full(ids.size, block_bytes, dtype=np.int64))
+        d = cls((region,), np.zeros(ids.size, dtype=np.int32), off, np.full(ids.size, block_bytes, dtype=np.int64))
+        d.__dict__["uniform_length"] = block_bytes if ids.size else 0   # known: no pass over the lengths
+        return d
 
     @classmethod
     def concat(cls, parts: "list[Descs]") -> "Descs":
@@ -117,6 +118,14 @@ class Descs:
     def nbytes(self) -> int:
         """Total bytes of the stream (computed once: descriptors are immutable)."""
         return int(self.length.sum()) if len(self) else 0
+
+    @functools.cached_property
+    def uniform_length(self) -> int:
+        """The length every descriptor has, or 0 when they differ (or there are none)."""
+        if not len(self):
+            return 0
+        lo = int(self.length.min())
+        return lo if lo == int(self.length.max()) else 0
 
     def select_stream(self, ranges) -> "Descs":
         """The descriptors covering byte ranges of this stream, in the ranges' order.

@@ -290,3 +290,45 @@ def test_select_stream_rejects_bad_ranges():
             d.select_stream(np.array(bad, dtype=np.int64) if not isinstance(bad, np.ndarray) else bad)
     with pytest.raises(ValueError):
         d.select_stream(np.array([[2**64 - 1, 1]], dtype=np.uint64))
+
+
+# ----------------------------------------------------------------------------- uniform length
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=0, max_size=12), st.integers(1, 64), st.booleans())
+def test_uniform_length_is_the_common_length_or_zero(ids, bb, ragged):
+    """from_blocks sets it without a pass over the lengths; any other Descs computes it; both
+    agree with the lengths themselves."""
+    r = region()
+    blocks = Descs.from_blocks(r, ids, bb)
+    lens = [bb] * len(ids)
+    if ragged and lens:
+        lens[-1] = bb + 1
+    ranges = Descs.from_ranges(r, [i * 80 for i in ids], lens) if ids else blocks
+    for d in (blocks, ranges):
+        want = int(d.length[0]) if len(d) and len(set(d.length.tolist())) == 1 else 0
+        assert d.uniform_length == want
+    assert Descs.concat([blocks, blocks]).uniform_length == (bb if ids else 0)
+
+
+def test_ipc_plan_pairs_with_agrees_with_the_full_comparison():
+    """The O(1) pairing of uniform runs says what comparing every length says (pure)."""
+    from transport import gpu_runs
+    from transport.dataplane import IpcPlan
+
+    r = region(1 << 20)
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(1, 40))
+        ln = np.full(n, int(rng.choice([64, 128])), np.int64)
+        if rng.random() < 0.3:
+            ln[rng.integers(0, n)] = 192
+        lo = int(ln.min())
+        plan = IpcPlan(np.zeros(1, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), ln, (),
+                       None, lo if lo == int(ln.max()) else 0)
+        m = n + int(rng.integers(-1, 2)) if rng.random() < 0.3 else n
+        if m < 1:
+            m = 1
+        bb = int(rng.choice([64, 128]))
+        local = (Descs.from_blocks(r, np.arange(m), bb) if rng.random() < 0.5
+                 else Descs.from_ranges(r, np.arange(m) * 256, rng.choice([64, 128, 192], size=m)))
+        assert plan.pairs_with(local) == gpu_runs.paired(ln, local.length)

@@ -172,7 +172,25 @@ def collect_ipc() -> IpcInfo:
         from transport.cuda_ipc import unavailable
 
         info.unavailable = unavailable()
+        if info.unavailable is None:
+            info.table_mapped = probe_table_mapped()
     return info
+
+
+def probe_table_mapped() -> bool | None:
+    """Is pinned host memory mapped at its own address on cuda:0 (where the fused kernel reads
+    a read's half of its table in place)? None when the probe itself fails."""
+    try:
+        import torch
+
+        from transport.gpu_upload import device_address_of_host
+
+        with torch.cuda.device(0):
+            t = torch.empty(16, dtype=torch.int64, pin_memory=True)
+            return device_address_of_host(t.data_ptr()) == t.data_ptr()
+    except Exception as exc:  # a broken driver: say nothing rather than fail the report
+        logger.debug("pinned-memory mapping probe failed: %s", exc)
+        return None
 
 
 def collect_paths(ucx: UcxProbe, timeout_s: float = 30.0) -> DataPaths:

@@ -49,11 +49,15 @@ class IpcInfo:
     triton_error: str | None = None
     mig: bool = False             # a MIG instance: CUDA IPC is not supported there
     unavailable: str | None = None  # transport.cuda_ipc.unavailable(): why this process cannot use the path
+    # Pinned host memory mapped at its own address on the device (transport.gpu_upload): the kernel
+    # reads each read's half of its table in place; False: copied to the device first (one more
+    # copy enqueued per read); None: not probed.
+    table_mapped: bool | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "IpcInfo":
         return cls(bool(d.get("cuda_available")), int(d.get("device_count") or 0), d.get("triton"),
-                   d.get("triton_error"), bool(d.get("mig")), d.get("unavailable"))
+                   d.get("triton_error"), bool(d.get("mig")), d.get("unavailable"), d.get("table_mapped"))
 
 
 @dataclass
@@ -102,6 +106,12 @@ def _ipc_why(i: IpcInfo) -> str:
     return i.unavailable or "unknown"
 
 
+def _table_home(i: IpcInfo) -> str:
+    if i.table_mapped is None:
+        return ""
+    return ", read tables " + ("mapped (read in place)" if i.table_mapped else "copied to the device")
+
+
 def path_findings(p: DataPaths) -> list[Finding]:
     out: list[Finding] = []
     if not p.cma.ran:
@@ -124,6 +134,11 @@ def path_findings(p: DataPaths) -> list[Finding]:
         out.append(Finding(Severity.OK, "paths", f"same host, CUDA memory: CUDA IPC + one fused Triton kernel per "
                                                  f"transfer ({layout}; Triton {i.triton}); peers without peer access "
                                                  "fall back to UCX"))
+        if i.table_mapped is False:
+            out.append(Finding(Severity.INFO, "paths", "the driver does not map pinned host memory at its own "
+                                                       "address here: each CUDA IPC read copies its half of the "
+                                                       "kernel's table to the device first (one more copy enqueued "
+                                                       "per read, a few microseconds)"))
     else:
         out.append(Finding(Severity.WARN, "paths", f"same host, CUDA memory: CUDA IPC path off: {_ipc_why(i)}; GPU "
                                                    "KV blocks go through UCX (owner packs, UCX moves chunks), far "
@@ -148,7 +163,8 @@ def format_paths(p: DataPaths) -> list[str]:
         "data paths",
         f"  same host, host memory   process_vm_readv: {cma}   (ptrace_scope {scope})",
         f"  same host, CUDA memory   CUDA IPC + fused kernel: {ipc}   (torch CUDA "
-        f"{'yes' if i.cuda_available else 'no'}, {i.device_count} device(s), Triton {i.triton or 'no'})",
+        f"{'yes' if i.cuda_available else 'no'}, {i.device_count} device(s), Triton {i.triton or 'no'}"
+        f"{_table_home(i)})",
         f"  other hosts, fallbacks   UCX; network devices {nets or '-'}; "
         f"{UCX_NET_DEVICES}={p.net_devices or '(unset)'}",
     ]

@@ -275,6 +275,22 @@ def test_paths_cuda_ipc():
                for m in _messages(_paths_report(DataPaths(ipc=refused)), "paths", Severity.WARN))
 
 
+def test_paths_cuda_ipc_table_home():
+    """Where the kernel reads a read's table from: shown in the text, and an INFO finding only when
+    the driver does not map pinned memory (one more copy per read); unprobed says nothing."""
+    from dataclasses import replace
+
+    for mapped, shown in ((True, "read tables mapped (read in place)"), (False, "read tables copied to the device"),
+                          (None, None)):
+        r = _paths_report(DataPaths(cma=CmaProbe(ran=True, ok=True), ipc=replace(GPU_OK, table_mapped=mapped)))
+        text = format_report(r)
+        assert (shown in text) if shown else ("read tables" not in text)
+        info = [m for m in _messages(r, "paths", Severity.INFO) if "pinned host memory" in m]
+        assert len(info) == (1 if mapped is False else 0)
+        d = json.loads(json.dumps(r.to_dict()))
+        assert DoctorReport.from_dict(d) == r
+
+
 def test_paths_net_devices_and_roundtrip():
     p = DataPaths(ptrace_scope=1, cma=CmaProbe(ran=True, ok=True), ipc=GPU_OK, net_devices="mlx5_0:1",
                   ucx_devices=["rc_mlx5/mlx5_0:1", "tcp/ib0"])

@@ -68,6 +68,11 @@ class UploadSlots:
 
         with self._lock:
             slots = self._by_device.setdefault(device.index, [])
+            for sl in slots:   # first one known to be free: no event query (a driver call)
+                if len(sl.words) >= n and not sl.busy and not sl.pending:
+                    sl.busy = True
+                    sl.uses += 1
+                    return sl
             for sl in slots:
                 if len(sl.words) >= n and sl.free():
                     sl.busy = True

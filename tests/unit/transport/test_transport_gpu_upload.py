@@ -59,3 +59,19 @@ def test_an_old_waiter_cannot_free_a_slot_taken_since(monkeypatch):
     slots.release(sl, True)
     Held(sl, 1).synced()                  # the first read's waiter, late
     assert not sl.free(), "freed while the second read's kernel may still read it"
+
+
+def test_take_prefers_a_slot_known_free_over_asking_an_event():
+    """A slot whose kernel may still run (say, the one a lease grant's upload just used) is asked
+    (an event query: a driver call) only when no slot is known to be free."""
+    class Dev:
+        index = 0
+
+    slots = gpu_upload.UploadSlots()
+    pending, idle = _slot(), _slot()
+    pending.pending = True
+    pending.event.done = True
+    slots._by_device[0] = [pending, idle]
+    assert slots.take(Dev(), 4) is idle and pending.event.queries == 0
+    assert slots.take(Dev(), 4) is pending and pending.event.queries == 1
+    assert pending.busy and idle.busy

@@ -8,7 +8,18 @@ fixed pool of slots per agent and device, so memory stays bounded however many t
 Data endpoints are made per transfer from the peer's worker address with UCX peer error
 handling *off* (which keeps UCX's shared-memory transports, ~10x faster here than the tcp
 that error handling forces); a dead peer is detected on the control channel, and aborting the
-per-transfer endpoint cancels exactly that transfer's outstanding UCX requests.
+per-transfer endpoint cancels that transfer's UCX requests that have not matched a message yet.
+
+A receive that has already matched its message (a rendezvous, or an eager message of several
+fragments, part-way in) cannot be cancelled at all: not by aborting the endpoint, not by the
+worker (ucp_request_cancel only removes a receive that is still waiting to match). If its
+sender stops (SIGSTOP, a hung process), it waits for the sender, and when the sender runs again
+it writes the rest of the message into its buffer and completes. So the initiator of a read
+(`StagedReceiver`) never receives into the caller's memory: every chunk lands in a staging slot
+of ours and is unpacked in a thread, which stops (and is waited for) on abort. A receive still
+stranded after abort then holds only a staging slot, which is retired (StagingPool.retire), and
+the read reports its error at its deadline. The owner's side keeps zero-copy chunks: the memory
+is a lease it holds until its stranded operations end (`token.lingering`).
 """
 from __future__ import annotations
 
@@ -30,6 +41,9 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_GRACE_S = 10.0
 PEER_GONE_GRACE_S = 1.0
+# After an abort, how long a UCX operation that touches only a staging slot gets to confirm its
+# cancel before its slot is retired (no memory of the caller is at stake, so no longer wait).
+STAGED_SETTLE_S = 0.25
 
 
 class CancelToken:
@@ -122,14 +136,27 @@ def _unpack_sync(descs: Descs, unit: int, cp, slot: torch.Tensor, stream) -> Non
     stream.synchronize()
 
 
+def _copy_in_sync(dst: torch.Tensor, src: torch.Tensor, stream) -> None:
+    if stream is None:
+        dst.copy_(src)
+        return
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+    stream.synchronize()
+
+
 class StreamIO:
     """Shared machinery of one side of one transfer.
 
     Each chunk task is either waiting (for its turn or a staging slot), or busy in an operation
     that touches memory (pack/unpack in a worker thread, or a UCX send/receive). On abort, the
-    endpoint is aborted first (UCX then cancels the busy transfers' requests), waiting tasks
-    are cancelled, and busy ones are awaited up to QUARANTINE_GRACE_S; any still busy after that
-    are left in `token.lingering`, and whoever owns the memory must keep it until they end.
+    endpoint is aborted first (UCX then cancels the requests that have not matched a message),
+    waiting tasks are cancelled, and busy ones are awaited: a UCX operation on a staging slot
+    for STAGED_SETTLE_S (then its slot is retired), any other (a thread, or a zero-copy UCX
+    operation on the transfer's memory) up to the grace (QUARANTINE_GRACE_S). Any still busy
+    after that are left in `token.lingering`, and whoever owns the memory they touch must keep it
+    until they end. No chunk task touches the transfer's memory after the abort began, except
+    the operations it waits for or leaves lingering.
     """
 
     def __init__(self, ep: Any, plan: StreamPlan, pool: StagingPool, executor: Executor,
@@ -151,6 +178,7 @@ class StreamIO:
         self._window = asyncio.Semaphore(max(2, pool.slots))
         self._token: CancelToken | None = None
         self._slots: dict[asyncio.Task, torch.Tensor] = {}  # staging slot held by each busy chunk task
+        self._staged_ucx: set[asyncio.Task] = set()  # busy in a UCX operation on a staging slot only
 
     @contextlib.asynccontextmanager
     async def _turn(self, staged: bool):
@@ -174,20 +202,29 @@ class StreamIO:
                 self.pool.put(slot)
             self._window.release()
 
-    async def _busy_op(self, aw):
+    async def _busy_op(self, aw, staged_ucx: bool = False):
+        """Run `aw`, an operation on memory (`staged_ucx`: a UCX operation on a staging slot only),
+        unless the transfer was aborted: after that no new operation starts."""
         if self.aborted:
             if asyncio.iscoroutine(aw):
                 aw.close()
             raise TransferCancelled("transfer aborted")
         task = asyncio.current_task()
         self._busy.add(task)
+        if staged_ucx:
+            self._staged_ucx.add(task)
         try:
             return await aw
         finally:
             self._busy.discard(task)
+            self._staged_ucx.discard(task)
 
-    def _in_thread(self, fn, *args):
-        return self._busy_op(asyncio.get_running_loop().run_in_executor(self.executor, fn, *args))
+    async def _in_thread(self, fn, *args):
+        # Checked before the work is handed to a thread: a chunk whose receive ends after the
+        # abort (its sender ran again) must not unpack into the caller's memory.
+        if self.aborted:
+            raise TransferCancelled("transfer aborted")
+        return await self._busy_op(asyncio.get_running_loop().run_in_executor(self.executor, fn, *args))
 
     async def _run_all(self, make_task, deadline: float, cancel: "CancelToken") -> None:
         loop = asyncio.get_running_loop()
@@ -215,8 +252,10 @@ class StreamIO:
             raise PeerLost(f"data path failed: {type(e).__name__}: {e}") from None
         finally:
             canceller.cancel()
-            if gather.done() and not gather.cancelled():
-                gather.exception()
+            if gather.done():
+                _retrieve(gather)
+            else:  # a lingering operation: its outcome no longer matters
+                gather.add_done_callback(_retrieve)
 
     async def abort(self, grace_s: float = 10.0) -> None:
         """Cancel this transfer's UCX requests and wait (bounded) until the data path has let go
@@ -228,19 +267,42 @@ class StreamIO:
                 t.cancel()
         pending = [t for t in self.tasks if not t.done()]
         if pending:
-            _, still = await asyncio.wait(pending, timeout=grace_s)
+            loop = asyncio.get_running_loop()
+            t_end = loop.time() + grace_s
+            _, still = await asyncio.wait(pending, timeout=min(grace_s, STAGED_SETTLE_S))
+            # Only operations that may touch the transfer's own memory are worth a longer wait.
+            touching = [t for t in still if t not in self._staged_ucx]
+            if touching and t_end > loop.time():
+                await asyncio.wait(touching, timeout=t_end - loop.time())
+            still = [t for t in still if not t.done()]
             if still:
-                log.error("%d chunk operation(s) did not stop after abort; their memory stays quarantined "
-                          "until they do", len(still))
+                staged = sum(t in self._staged_ucx for t in still)
+                if staged == len(still):
+                    log.warning("%d UCX operation(s) on staging slots did not stop after abort (a matched "
+                                "receive waits for its sender); their slots are retired", staged)
+                else:
+                    log.error("%d chunk operation(s) did not stop after abort (%d on staging only); their "
+                              "memory stays quarantined until they do", len(still), staged)
                 for t in still:
                     slot = self._slots.pop(t, None)
                     if slot is not None:
                         self.pool.retire(slot)
+                    t.add_done_callback(_lingering_ended)
                 if self._token is not None:
                     self._token.lingering = list(still)
         for t in self.tasks:
             if t.done() and not t.cancelled():
                 t.exception()  # mark retrieved
+
+
+def _retrieve(f: asyncio.Future) -> None:
+    if not f.cancelled():
+        f.exception()  # mark retrieved
+
+
+def _lingering_ended(t: asyncio.Task) -> None:
+    _retrieve(t)  # its outcome no longer matters: the transfer failed already
+    log.info("a chunk operation stranded by an abort has ended")
 
 
 class Sender(StreamIO):
@@ -257,25 +319,44 @@ class Sender(StreamIO):
                         await self._in_thread(_sync_device, buf)
                 else:
                     buf = await self._in_thread(_pack_sync, descs, plan.unit, cp, slot, self.stream)
-                await self._busy_op(self.ep.send(as_ucx_buffer(buf), tag=tag, force_tag=True))
+                await self._busy_op(self.ep.send(as_ucx_buffer(buf), tag=tag, force_tag=True),
+                                    staged_ucx=slot is not None)
 
         await self._run_all(one, deadline, cancel)
 
 
 class Receiver(StreamIO):
+    """Receives a transfer's chunks; a contiguous chunk zero-copy into the transfer's memory when
+    `zero_copy` (the owner's side of a write: the lease is its memory, kept while a stranded
+    receive lingers)."""
+
+    zero_copy = True
+
     async def run(self, descs: Descs, deadline: float, cancel: "CancelToken") -> None:
         plan = self.plan
 
         async def one(k: int) -> None:
             cp = plan.chunk(k)
             tag = self.tag_base + k
-            async with self._turn(staged=cp.contiguous is None) as slot:
+            direct = self.zero_copy and cp.contiguous is not None
+            async with self._turn(staged=not direct) as slot:
                 if slot is None:
                     buf = packing.contiguous_view(descs, cp)
                     await self._busy_op(self.ep.recv(as_ucx_buffer(buf), tag=tag, force_tag=True))
                     return
                 view = slot.narrow(0, 0, cp.nbytes)
-                await self._busy_op(self.ep.recv(as_ucx_buffer(view), tag=tag, force_tag=True))
-                await self._in_thread(_unpack_sync, descs, plan.unit, cp, slot, self.stream)
+                await self._busy_op(self.ep.recv(as_ucx_buffer(view), tag=tag, force_tag=True), staged_ucx=True)
+                if cp.contiguous is not None:
+                    await self._in_thread(_copy_in_sync, packing.contiguous_view(descs, cp), view, self.stream)
+                else:
+                    await self._in_thread(_unpack_sync, descs, plan.unit, cp, slot, self.stream)
 
         await self._run_all(one, deadline, cancel)
+
+
+class StagedReceiver(Receiver):
+    """The initiator's side of a read: the caller's memory is written only by unpack threads
+    (which an abort waits for), never by UCX, so a receive stranded by a stopped sender cannot
+    write it after the read has failed (see the module docstring)."""
+
+    zero_copy = False

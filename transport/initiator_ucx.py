@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .datapath import CancelToken, Receiver, Sender
+from .datapath import CancelToken, Sender, StagedReceiver
 from .errors import BadMessage, TransferError
 from .initiated import Initiated, XState, _abort_owner, _settle, abort
 from .runtime import TAG_CHUNK_BITS
@@ -28,8 +28,16 @@ def _start_ucx(x: Initiated, f: Frame) -> None:
 async def _ucx(x: Initiated, tag: int) -> None:
     s = x.session
     try:
-        await x.core.data.run_stream(Sender if x.write else Receiver, s, x.local, tag, x.deadline, x.token)
+        # A read receives into staging only: a receive stranded by a stopped owner cannot write
+        # the caller's memory after the read failed (datapath.py).
+        await x.core.data.run_stream(Sender if x.write else StagedReceiver, s, x.local, tag, x.deadline, x.token)
     except TransferError as e:
+        if x.token.lingering:
+            # a read's are receives into retired staging slots; a write's may be zero-copy sends
+            # that still read the caller's memory (logged by the data path)
+            log.warning("%s: %s of lease %.12s with %s failed; %d UCX operation(s) still pending after "
+                        "the abort%s: %s", x.core.name, "write" if x.write else "read", x.lease_id, s.name,
+                        len(x.token.lingering), "" if x.write else " (on retired staging slots only)", e)
         _abort_owner(x, str(e))
         _settle(x, e)
         return

@@ -249,7 +249,8 @@ class DataPlane:
         bases, slot, off, ln = plan.bases, plan.slot, plan.off, plan.ln
         if plan.pairs_with(local):
             lbases = np.array([r.ptr for r in local.regions], dtype=np.int64)
-            lside = gpu_runs.RunSide(lbases, local.region_idx if len(lbases) > 1 else None, local.offset)
+            lside = gpu_runs.RunSide(lbases, local.region_idx if len(lbases) > 1 else None, local.offset,
+                                     local.offset_low_bits)
             trace.mark("ipc", "sides")
             out = gpu_runs.launch(plan.remote, lside, device, stream, write)
             trace.mark("ipc", "launched")

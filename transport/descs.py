@@ -21,6 +21,13 @@ def _int64(values, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
 
 
+def low_bits_of_progression(base: int, step: int) -> int:
+    """A superset of bits 0-3 set in any of base + k * step (k >= 0): every such number equals
+    base modulo step's lowest set bit, and may have any bit from that one up (pure)."""
+    low = step & -step
+    return ((base & 15) | (~(low - 1) & 15)) & 15
+
+
 @dataclass(frozen=True)
 class Descs:
     """An ordered list of byte ranges over registered regions.
@@ -88,6 +95,7 @@ class Descs:
         off = base_offset + ids * step
         d = cls((region,), np.zeros(ids.size, dtype=np.int32), off, np.full(ids.size, block_bytes, dtype=np.int64))
         d.__dict__["uniform_length"] = block_bytes if ids.size else 0   # known: no pass over the lengths
+        d.__dict__["offset_low_bits"] = low_bits_of_progression(base_offset, step) if ids.size else 0
         return d
 
     @classmethod
@@ -126,6 +134,12 @@ class Descs:
             return 0
         lo = int(self.length.min())
         return lo if lo == int(self.length.max()) else 0
+
+    @functools.cached_property
+    def offset_low_bits(self) -> int:
+        """Bits 0-3 that some offset may have set (their OR, or a superset of it): where every
+        offset is 8- or 16-byte aligned, this says so (the CUDA copy kernels' variant)."""
+        return int(np.bitwise_or.reduce(self.offset)) & 15 if len(self) else 0
 
     def select_stream(self, ranges) -> "Descs":
         """The descriptors covering byte ranges of this stream, in the ranges' order.

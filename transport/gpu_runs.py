@@ -56,6 +56,7 @@ class RunSide:
     bases: np.ndarray            # int64 device addresses of the regions
     slot: np.ndarray | None      # integer region slot per run, or None for a single region
     offset: np.ndarray           # int64 byte offset per run
+    low_bits: int | None = None  # bits 0-3 any offset may have (Descs.offset_low_bits), or None: computed
 
 
 def launch_shape(longest: int) -> tuple[int, int]:
@@ -125,7 +126,7 @@ class Half:
     at_bases: int
     at_slot: int | None
     words: int
-    bits: int          # OR of every offset, relative base and stored length: the variant's alignment
+    bits: int          # OR of every offset (at least bits 0-3), relative base and stored length: the alignment
 
     def addresses(self, buf_addr: int) -> tuple[int, int, int]:
         """Device addresses of (bases, slots, offsets) in a buffer at `buf_addr`; an unused
@@ -144,7 +145,10 @@ def fill_half(side: RunSide, h: np.ndarray, base_addr: int, lens: np.ndarray | N
     relative to the kernel's base pointer `base_addr`; `lens`: the run lengths to store too (pure)."""
     n, k = len(side.offset), len(side.bases)
     h[:n] = side.offset
-    bits = int(np.bitwise_or.reduce(side.offset)) if n else 0
+    if side.low_bits is not None:
+        bits = side.low_bits
+    else:
+        bits = int(np.bitwise_or.reduce(side.offset)) if n else 0
     at = n
     at_lens = None
     if lens is not None:

@@ -332,3 +332,24 @@ def test_ipc_plan_pairs_with_agrees_with_the_full_comparison():
         local = (Descs.from_blocks(r, np.arange(m), bb) if rng.random() < 0.5
                  else Descs.from_ranges(r, np.arange(m) * 256, rng.choice([64, 128, 192], size=m)))
         assert plan.pairs_with(local) == gpu_runs.paired(ln, local.length)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=30), st.integers(1, 70000), st.integers(0, 99),
+       st.sampled_from([None, 1, 8, 16, 24, 4096, 32768]))
+def test_offset_low_bits_cover_every_offset(ids, bb, base, stride):
+    """from_blocks states the low bits without a pass over the offsets: a superset of their OR,
+    exact when block size and base are 16-byte multiples; alignment is never overstated."""
+    from transport.descs import low_bits_of_progression
+
+    r = region(1 << 30)
+    d = Descs.from_blocks(r, ids, bb, base_offset=base, stride=stride)
+    exact = int(np.bitwise_or.reduce(d.offset)) & 15
+    hint = d.offset_low_bits
+    assert hint & exact == exact, (hint, exact)
+    step = bb if stride is None else stride
+    if step % 16 == 0 and base % 16 == 0:
+        assert hint == 0
+    assert low_bits_of_progression(base, step) == hint
+    plain = Descs.from_ranges(r, d.offset, d.length)
+    assert plain.offset_low_bits == exact

@@ -149,3 +149,18 @@ def test_a_collected_table_leaves_the_module_budget():
     del t
     gc.collect()
     assert gpu_runs.RESIDENT.nbytes == before
+
+
+@pytest.mark.parametrize("hint", [0, 8, 1, None])
+def test_a_low_bits_hint_replaces_the_pass_over_offsets(hint):
+    """RunSide.low_bits (from Descs.offset_low_bits) stands for the offsets' OR in the variant:
+    the addresses stay the runs', and the alignment follows the hint (a superset of the bits)."""
+    rng = np.random.default_rng(9)
+    remote, local = _side(rng, 50, 2, 16), _side(rng, 50, 1, 16)
+    local = RunSide(local.bases, local.slot, local.offset, hint)
+    length = np.full(50, 32768, np.int64)
+    ptrs, consts, v, read = _tables(remote, local, length, False)
+    s_addr, d_addr, _ = emulate(ptrs, consts, 50, read)
+    assert np.array_equal(s_addr, _addr(remote)) and np.array_equal(d_addr, _addr(local))
+    want = {0: (8, 2), 8: (8, 1), 1: (1, 1), None: (8, 2)}[hint]
+    assert consts[1:4:2] == want

@@ -15,9 +15,10 @@ check decides which bytes a correct reader touches.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -27,12 +28,20 @@ from .region import Region
 log = logging.getLogger(__name__)
 
 
-@dataclass
+_serials = itertools.count(1)
+
+
+@dataclass(eq=False)
 class Mapping:
+    """One opened region. Only the session's map (and a kernel in flight over it) may hold it:
+    the storage in `keep` closes the IPC mapping when the last reference goes, and only then does
+    the driver free a dead owner's memory. Plans name it by `serial`."""
+
     ptr: int            # device address of the region's first byte in this process
     nbytes: int
     keep: Any = None    # the storage holding the IPC mapping open
     device: int | None = None   # the CUDA device it was opened on (None: this process's own memory)
+    serial: int = field(default_factory=lambda: next(_serials))
 
 
 # (pointer, size) of every region this process exported: the only memory a blob claiming this

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import copy_plan, cuda_ipc, gpu_copy, gpu_runs, trace
+from . import copy_plan, cuda_ipc, gpu_copy, gpu_runs, gpu_upload, trace
 from . import handshake as hs
 from .config import AgentConfig
 from .datapath import CancelToken, StagingPool
@@ -35,7 +35,7 @@ class IpcPlan:
     slot: np.ndarray
     off: np.ndarray
     ln: np.ndarray
-    maps: tuple              # (region uid, mapping) pairs it was checked against
+    maps: tuple              # (region uid, mapping serial, device) of the mappings it was checked against
     remote: Any = None       # gpu_runs.RemoteTable: its runs for the paired kernel (device half kept)
     ulen: int = 0            # the length of every run when they are all equal, else 0
 
@@ -46,9 +46,18 @@ class IpcPlan:
             return self.ulen == local.uniform_length and len(self.ln) == len(local) <= gpu_runs.MAX_PAIRS
         return gpu_runs.paired(self.ln, local.length)
 
-    def current(self, s: Session) -> bool:
-        """Are its mappings still the session's (none dropped or replaced since)?"""
-        return all(s.ipc_maps.get(uid) is m for uid, m in self.maps)
+    def live(self, s: Session) -> list | None:
+        """The session's mappings it was checked against, to hold while a kernel runs over them;
+        None when one was dropped or replaced since (region gone, owner lost or restarted). A plan
+        holds no mapping itself: a plan kept somewhere (a grant of a session not yet collected)
+        must not keep a dead owner's memory mapped."""
+        out = []
+        for uid, serial, _ in self.maps:
+            m = s.ipc_maps.get(uid)
+            if m is None or m.serial != serial:
+                return None
+            out.append(m)
+        return out
 
 
 def _ipc_label(uid: int) -> bytes:
@@ -177,7 +186,7 @@ class DataPlane:
         """Initiator: map what is new, check the owner's table against the mappings, and launch
         the one kernel. Returns (event, keep-alive, plan). Raises BadMessage for a lying owner."""
         plan = self.ipc_prepare(s, local.regions[0].device.index, offer, table, nbytes)
-        ev, keep = self.ipc_launch(plan, local, write)
+        ev, keep = self.ipc_launch(plan, local, write, plan.live(s))
         return ev, keep, plan
 
     def ipc_prepare(self, s: Session, device: int | None, offer: Any, table: Any, nbytes: int,
@@ -206,7 +215,7 @@ class DataPlane:
                 raise BadMessage("IPC region size changed")
             bases.append(m.ptr)
             sizes.append(m.nbytes)
-            maps.append((uid, m))
+            maps.append((uid, m.serial, m.device))
         trace.mark("ipc", "mapped")
         try:
             slot, off, ln = copy_plan.decode_runs(table)
@@ -232,7 +241,7 @@ class DataPlane:
         """Put a kept plan's half of the kernel's table on the device now (a lease grant just
         arrived: its first read then uploads only its own half). Only where the mappings say which
         device; a failure is left to the read (which uploads it itself)."""
-        devs = {getattr(m, "device", None) for _, m in plan.maps}
+        devs = {dev for _, _, dev in plan.maps}
         if len(devs) != 1 or None in devs or len(plan.ln) > gpu_runs.MAX_PAIRS:
             return
         device = torch.device("cuda", devs.pop())
@@ -241,8 +250,19 @@ class DataPlane:
         except (RuntimeError, ValueError) as e:
             log.debug("%s: preloading an IPC table failed (%s); its read uploads it", self.name, e)
 
-    def ipc_launch(self, plan: IpcPlan, local: Descs, write: bool):
-        """Enqueue the one kernel of a checked plan; returns (event, keep-alive)."""
+    def ipc_launch(self, plan: IpcPlan, local: Descs, write: bool, live: list | None):
+        """Enqueue the one kernel of a checked plan over the mappings `live` (`plan.live()`);
+        returns (event, keep-alive: the kernel's buffers and those mappings)."""
+        if live is None:
+            raise PeerLost("a CUDA IPC mapping of this read was dropped (region gone or owner lost)")
+        ev, keep = self._ipc_launch(plan, local, write)
+        if isinstance(keep, gpu_upload.Held):
+            keep.extra = (keep.extra, live)
+        else:
+            keep = (keep, live)
+        return ev, keep
+
+    def _ipc_launch(self, plan: IpcPlan, local: Descs, write: bool):
         trace.mark("ipc", "start")
         device = local.regions[0].device
         stream = self.stream(device)
@@ -269,7 +289,11 @@ class DataPlane:
         return out
 
     def drop_mappings(self, s: Session, uid: int | None = None) -> None:
+        """Forget the session's mappings (all, or one region's); the last reference closes each
+        (a kernel in flight over one holds it until it ends). Without `uid` (the session ended)
+        its lease grants go too: their plans name mappings that are gone."""
         if uid is None:
             s.ipc_maps.clear()
+            s.grants.clear()
         else:
             s.ipc_maps.pop(uid, None)

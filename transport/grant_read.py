@@ -94,14 +94,15 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     ended before the check."""
     if kind is MemoryKind.HOST:
         return g.remote is not None and copy_granted(s.peer.pid, g, local)
-    if g.ipc is None or not g.ipc.current(s):   # a mapping was dropped since (region gone, restart)
+    live = g.ipc.live(s) if g.ipc is not None else None
+    if live is None:   # a mapping was dropped since (region gone, restart)
         return False
-    ev, keep = core.data.ipc_launch(g.ipc, local, False)
+    ev, keep = core.data.ipc_launch(g.ipc, local, False, live)
     ev.synchronize()
     trace.mark("ipc", "synced")
     if isinstance(keep, gpu_upload.Held):
         keep.synced()
-    del keep
+    del keep, live
     return cma.read_word(s.peer.pid, g.word) == g.gen
 
 

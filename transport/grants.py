@@ -143,6 +143,9 @@ class GrantCache:
     def drop(self, lease: str) -> None:
         self._by_lease.pop(lease, None)
 
+    def clear(self) -> None:
+        self._by_lease.clear()
+
     def __len__(self) -> int:
         return len(self._by_lease)
 

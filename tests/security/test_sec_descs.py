@@ -154,8 +154,8 @@ def test_edge_blocks_land_exactly(sec, path):
 
 # ---------------------------------------------------------------------------------- lying IPC table
 class _FakeMapping:
-    def __init__(self, ptr, nbytes):
-        self.ptr, self.nbytes = ptr, nbytes
+    def __init__(self, ptr, nbytes, serial=1):
+        self.ptr, self.nbytes, self.serial, self.device = ptr, nbytes, serial, None
 
 
 @pytest.fixture

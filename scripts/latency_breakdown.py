@@ -32,27 +32,34 @@ def _pool(bb, device):
 POOL = 16384
 
 
-def _zero(dst, local, bb, device):
-    """Zero the blocks `local` names (and wait for it), outside the timing."""
-    ids = np.asarray(local.offset) // bb
+def _zero(dsts, ids, device):
+    """Zero blocks `ids` of every pool (and wait for it), outside the timing."""
     if device == "cpu":
-        dst[ids] = 0
+        for d in dsts:
+            d[ids] = 0
         return
     import torch
 
-    dst.index_fill_(0, torch.as_tensor(ids, dtype=torch.int64, device=dst.device), 0)
+    idx = torch.as_tensor(ids, dtype=torch.int64, device=dsts[0].device)
+    for d in dsts:
+        d.index_fill_(0, idx, 0)
     torch.cuda.synchronize()
 
 
-def _owner(n, bb, device, q_in, q_out, pool_blocks=POOL):
+def _descs(regions, ids, bb):
+    """Blocks `ids` of every region (one per layer), layer after layer."""
+    from transport import Descs
+
+    return Descs.concat([Descs.from_blocks(r, ids, bb) for r in regions])
+
+
+def _owner(n, bb, device, q_in, q_out, pool_blocks=POOL, layers=1):
     global POOL
     POOL = pool_blocks
-    from transport import Agent, AgentConfig, Descs, trace
+    from transport import Agent, AgentConfig, trace
     a = Agent("lat-owner", AgentConfig())
-    pool = _pool(bb, device)
-    lease = a.expose(Descs.from_blocks(a.register(pool), np.random.default_rng(2).permutation(POOL)[:n], bb),
-                     ttl_s=3600)
-    region = a.register(pool)
+    regions = [a.register(_pool(bb, device)) for _ in range(layers)]
+    lease = a.expose(_descs(regions, np.random.default_rng(2).permutation(POOL)[:n], bb), ttl_s=3600)
     trace.enable()
     q_out.put((a.address, lease.id))
     while True:
@@ -60,7 +67,7 @@ def _owner(n, bb, device, q_in, q_out, pool_blocks=POOL):
         if msg == "done":
             break
         ids = np.random.default_rng(msg).permutation(POOL)[:n]   # ("--new-lease") a new lease per read
-        q_out.put(a.expose(Descs.from_blocks(region, ids, bb), ttl_s=3600).id)
+        q_out.put(a.expose(_descs(regions, ids, bb), ttl_s=3600).id)
     q_out.put([(str(t), p, ts) for t, p, ts in trace.disable()])
     a.close()
 
@@ -80,6 +87,9 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile the reads (cProfile) and print the N functions with the most own time")
     ap.add_argument("--pool", type=int, default=POOL, help="blocks per pool (each side)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="pools (regions) per side, one per layer; a read covers the blocks in every one "
+                         "(the vLLM 8B shape: --layers 32 --blocks 256 --block-bytes 65536 --pool 1024)")
     ap.add_argument("--settle-ms", type=float, default=2.0,
                     help="--new-lease: how long after expose() returned the read starts")
     ap.add_argument("--zero", action="store_true",
@@ -95,29 +105,30 @@ def main() -> None:
         gpu_runs.LOCAL_TABLE = gpu_runs.TableHome(args.local_table)
     ctx = mp.get_context("spawn")
     qi, qo = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_owner, args=(args.blocks, args.block_bytes, args.device, qi, qo, POOL), daemon=True)
+    p = ctx.Process(target=_owner, args=(args.blocks, args.block_bytes, args.device, qi, qo, POOL, args.layers),
+                    daemon=True)
     p.start()
     addr, lid = qo.get(timeout=120)
-    from transport import Agent, AgentConfig, Descs, trace
+    from transport import Agent, AgentConfig, trace
     b = Agent("lat-reader", AgentConfig(lease_grants=not args.no_grants))
-    dst = _pool(args.block_bytes, args.device)
-    rdst = b.register(dst)
-    local = Descs.from_blocks(rdst, np.arange(args.blocks), args.block_bytes)
+    dsts = [_pool(args.block_bytes, args.device) for _ in range(args.layers)]
+    rdsts = [b.register(d) for d in dsts]
+    local = _descs(rdsts, np.arange(args.blocks), args.block_bytes)
     peer = b.connect(addr)
     for _ in range(50):  # warm-up
         b.read(peer, local, lid).wait(10)
-    state = {"lid": lid, "local": local}
+    state = {"lid": lid, "local": local, "ids": np.arange(args.blocks)}
 
     def one(rep: int, prof=None):
         """One read (of a new lease with --new-lease); profiled when `prof` is given."""
         if args.new_lease:
             qi.put(rep)
             state["lid"] = qo.get(timeout=60)
-            state["local"] = Descs.from_blocks(rdst, np.random.default_rng(10**6 + rep).permutation(POOL)[:args.blocks],
-                                               args.block_bytes)
+            state["ids"] = np.random.default_rng(10**6 + rep).permutation(POOL)[:args.blocks]
+            state["local"] = _descs(rdsts, state["ids"], args.block_bytes)
             time.sleep(args.settle_ms / 1e3)
         if args.zero:
-            _zero(dst, state["local"], args.block_bytes, args.device)
+            _zero(dsts, state["ids"], args.device)
         if prof is not None:
             prof.enable()
         t = b.read(peer, state["local"], state["lid"])
@@ -193,7 +204,7 @@ def main() -> None:
     a = np.array(rows)
     hops = {f"{steps[i]} -> {steps[i + 1]}": float(np.median(a[:, i + 1] - a[:, i]) * 1e6) for i in range(len(steps) - 1)}
     total = a[:, -1] - a[:, 0]
-    out = {"blocks": args.blocks, "block_bytes": args.block_bytes, "reps": len(rows), "granted": granted,
+    out = {"blocks": args.blocks, "block_bytes": args.block_bytes, "layers": args.layers, "reps": len(rows), "granted": granted,
            "hops_us_median": hops, "ipc_hops_us_median": ipc_hops, "end_to_end_ms": {"median": float(np.median(total) * 1e3),
                                                      "p90": float(np.percentile(total, 90) * 1e3)}}
     for k, v in hops.items():

@@ -15,7 +15,7 @@ from . import copy_plan, cuda_ipc, gpu_copy, gpu_runs, gpu_upload, trace
 from . import handshake as hs
 from .config import AgentConfig
 from .datapath import CancelToken, StagingPool
-from .descs import Descs
+from .descs import Descs, common_value
 from .errors import BadMessage, PeerLost, TransferError, TransferTimeout
 from .plan import StreamPlan
 from .session import Session
@@ -234,8 +234,7 @@ class DataPlane:
         trace.mark("ipc", "checked")
         bases_a = np.asarray(bases, dtype=np.int64)
         remote = gpu_runs.RemoteTable(gpu_runs.RunSide(bases_a, slot if len(bases) > 1 else None, off), ln)
-        lo = int(ln.min())
-        return IpcPlan(bases_a, slot, off, ln, tuple(maps), remote, lo if lo == int(ln.max()) else 0)
+        return IpcPlan(bases_a, slot, off, ln, tuple(maps), remote, common_value(ln))
 
     def ipc_preload(self, plan: IpcPlan) -> None:
         """Put a kept plan's half of the kernel's table on the device now (a lease grant just

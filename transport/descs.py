@@ -21,6 +21,14 @@ def _int64(values, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
 
 
+def common_value(a: np.ndarray) -> int:
+    """The value every element of `a` has, or 0 when they differ or `a` is empty (pure)."""
+    if not a.size:
+        return 0
+    lo = int(a.min())
+    return lo if lo == int(a.max()) else 0
+
+
 def low_bits_of_progression(base: int, step: int) -> int:
     """A superset of bits 0-3 set in any of base + k * step (k >= 0): every such number equals
     base modulo step's lowest set bit, and may have any bit from that one up (pure)."""
@@ -130,10 +138,7 @@ class Descs:
     @functools.cached_property
     def uniform_length(self) -> int:
         """The length every descriptor has, or 0 when they differ (or there are none)."""
-        if not len(self):
-            return 0
-        lo = int(self.length.min())
-        return lo if lo == int(self.length.max()) else 0
+        return common_value(self.length)
 
     @functools.cached_property
     def offset_low_bits(self) -> int:

@@ -373,6 +373,15 @@ def test_host_pool_follows_its_page_policy():
     never gets huge pages (MADV_NOHUGEPAGE), a huge one may (the kernel may lack free huge pages)."""
     from nixl_connectors.tools.bench.host_memory import HostPages, host_pool, huge_fraction
 
+    # What the rest of a test process leaves behind: glibc raises its mmap threshold after a big
+    # free, and later arrays come from a heap already faulted in as huge pages (numpy advises
+    # them). A pool must not inherit those pages (it did, when it came from numpy's allocator).
+    big = np.empty(30 << 20, np.uint8)
+    big.fill(1)
+    del big
+    warm = np.empty(12 << 20, np.uint8)
+    warm.fill(1)
+    del warm
     small = host_pool((64, 1 << 16), HostPages.SMALL, fill=3)
     assert small.ctypes.data % (2 << 20) == 0 and small.shape == (64, 1 << 16) and (small == 3).all()
     assert huge_fraction(small) == 0.0

@@ -57,7 +57,11 @@ def host_pool(shape: tuple[int, ...], pages: HostPages | None = None, fill: int 
     nbytes = int(np.prod(shape, dtype=np.int64))
     if nbytes <= 0:
         raise ValueError(f"empty bench pool {shape}")
-    raw = np.empty(nbytes + _HUGE, dtype=np.uint8)   # untouched beyond numpy's header page
+    # A fresh anonymous mapping, never numpy's allocator: malloc may hand back memory an earlier
+    # pool already faulted in (as huge pages, since numpy advises them), and advice given after
+    # the first touch does not change the pages already there.
+    mm = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(mm, dtype=np.uint8)          # keeps `mm` alive as long as the array lives
     start = (-raw.ctypes.data) % _HUGE
     arr = raw[start:start + nbytes]
     span = (nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE

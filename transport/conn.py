@@ -66,14 +66,10 @@ class Conn(asyncio.Protocol):
         self._on_lost: list[Callable[[BaseException], None]] = []
         self._armed: tuple[Msg, framing.FrameMac | None, int, bool] | None = None
         self._connected = asyncio.get_running_loop().create_future()
-        self.refuse_on_connect = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.refuse_on_connect:
-            self.abort(PeerLost(f"{self.label}: too many connections in their handshake"))
-            return
         sock = transport.get_extra_info("socket")
         tune_socket(sock, self.keepalive_s)
         self.peer_addr = transport.get_extra_info("peername")

@@ -226,17 +226,20 @@ def test_unauthenticated_flood_is_bounded_timed_out_and_quiet(target):
 
     # (b) 300 half-open connections: at most MAX_PENDING wait in their handshake, the rest are
     # closed at once; all are closed by the handshake deadline; the honest peer is served.
-    flood = [dial(t["oaddr"]) for _ in range(300)]
-    honest_read(t, 48, 1)
+    # The listener resets a connection over the bound inside the accept that took it, so no
+    # sample, however the loop is scheduled, sees more than MAX_PENDING held (a connection the
+    # kernel holds in the backlog, not yet accepted, is not the process's socket).
+    flood = []
     samples = []
+    for i in range(300):
+        flood.append(dial(t["oaddr"]))
+        if i % 25 == 24:
+            samples.append(tcp_connections(pid, port) - conns0)
+    honest_read(t, 48, 1)
     for _ in range(3):
         samples.append(tcp_connections(pid, port) - conns0)
         honest_read(t, 16, 2)
-    # asyncio accepts up to its backlog (256) per loop iteration and closes the refused ones in
-    # the next: that is the transient peak; once accepted, only MAX_PENDING stay
-    assert max(samples) <= 256 + MAX_PENDING, f"{samples} unauthenticated connections held"
-    wait_until(lambda: tcp_connections(pid, port) - conns0 <= MAX_PENDING, 5,
-               what=f"at most {MAX_PENDING} unauthenticated connections held")
+    assert max(samples) <= MAX_PENDING, f"{samples} unauthenticated connections held"
     t0 = time.monotonic()
     sel = selectors.DefaultSelector()
     for i, s in enumerate(flood):

@@ -7,6 +7,7 @@ share state through an explicit `Core` (core.py).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
@@ -279,7 +280,8 @@ class Agent:
         except asyncio.TimeoutError:
             raise TransferTimeout(f"connect to {address}: no answer within {timeout:.1f}s") from None
         except OSError as e:
-            raise PeerLost(f"connect to {address} failed: {e.strerror or e}") from None
+            raise PeerLost(f"connect to {address} failed: {e.strerror or e}"
+                           f"{f' ({errno.errorcode.get(e.errno, e.errno)})' if e.errno else ''}") from None
         try:
             s = await client_handshake(core, conn, address, timeout, self._handle)
         except BaseException as e:

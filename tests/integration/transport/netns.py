@@ -85,6 +85,15 @@ class Link:
         for side in (self.a, self.b):
             _ip("-n", side.netns, "link", "set", side.dev, "up")
 
+    def state(self) -> str:
+        """Addresses, routes and neighbours of both namespaces (for a failure's message)."""
+        out = []
+        for side in (self.a, self.b):
+            for what in (["-br", "addr"], ["route"], ["neigh"]):
+                r = subprocess.run(["ip", "-n", side.netns, *what], capture_output=True, text=True, timeout=30)
+                out.append(f"[{side.netns} ip {' '.join(what)}] {r.stdout.strip()} {r.stderr.strip()}")
+        return "\n".join(out)
+
     def close(self) -> None:
         for ns in self._made:  # deleting a namespace deletes its end of the veth, and so the pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)

@@ -413,8 +413,15 @@ class _Child:
         return os.getpid()
 
 
+class NodeDied(RuntimeError):
+    """A test node's process ended while the test talked to it (a crash of the code under test)."""
+
+
 def _node_main(conn, transports: str, protocol_version: int | None, ucx_options: dict | None = None) -> None:
+    import faulthandler
     import logging
+
+    faulthandler.enable()   # a crash in native code (UCX, torch) prints every thread's stack
 
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(name)s: %(message)s")
     child = _Child(transports)
@@ -499,10 +506,15 @@ class Node:
     def call(self, cmd: str, *args, call_timeout: float = 90.0, **kw):
         """Run `cmd` in the node; keyword arguments (`timeout` included) go to the command."""
         self.wait_ready()
-        self._conn.send((cmd, args, kw))
-        if not self._conn.poll(call_timeout):
-            raise TimeoutError(f"node {self.label} did not answer {cmd!r} within {call_timeout}s")
-        r = self._conn.recv()
+        try:
+            self._conn.send((cmd, args, kw))
+            if not self._conn.poll(call_timeout):
+                raise TimeoutError(f"node {self.label} did not answer {cmd!r} within {call_timeout}s")
+            r = self._conn.recv()
+        except (EOFError, OSError) as e:
+            self.proc.join(5)
+            raise NodeDied(f"node {self.label} (pid {self.pid}) is gone, exit code {self.proc.exitcode}, "
+                           f"during {cmd!r}: {e!r}") from e
         if r[0] == "ok":
             return r[1]
         raise RemoteError(*r[1:])

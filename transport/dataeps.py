@@ -13,20 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-ABORT_PERIOD_NS = 1_000_000_000
+# How long ucxx's blocking abort waits for each step it hands to the progress thread. When a step
+# times out, ucxx (0.52) returns but leaves the step queued, holding references into the
+# returned call's stack; if the progress thread runs it later, it writes a dead frame. So this is
+# ucxx's own default, long enough that a busy progress thread gets there first, not 1 s: an
+# owner died (SIGSEGV in a native thread) after a partition healed in about 1 in 30 runs of
+# test_partition_mid_read with 1 s; whether this was the cause is not confirmed.
+ABORT_PERIOD_NS = 10_000_000_000
+SLOW_ABORT_S = 1.0
 
 
 async def abort_endpoint(ep: Any) -> None:
     """Abort without blocking the event loop (ucxx's abort waits for its progress thread)."""
     loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
     try:
         await loop.run_in_executor(None, lambda: ep.abort(period=ABORT_PERIOD_NS, max_attempts=1))
     except Exception as e:
         log.debug("endpoint abort failed: %s", e)
+    took = time.monotonic() - t0
+    if took >= SLOW_ABORT_S:
+        log.warning("endpoint abort took %.2fs: UCX's progress thread was slow to take it (bound %.0fs a step)",
+                    took, ABORT_PERIOD_NS * 1e-9)
 
 
 class DataEndpoints:

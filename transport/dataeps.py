@@ -18,12 +18,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# How long ucxx's blocking abort waits for each step it hands to the progress thread. When a step
-# times out, ucxx (0.52) returns but leaves the step queued, holding references into the
-# returned call's stack; if the progress thread runs it later, it writes a dead frame. So this is
-# ucxx's own default, long enough that a busy progress thread gets there first, not 1 s: an
-# owner died (SIGSEGV in a native thread) after a partition healed in about 1 in 30 runs of
-# test_partition_mid_read with 1 s; whether this was the cause is not confirmed.
+# How long ucxx's blocking abort waits for each step it hands to the progress thread. When the
+# step that submits the UCP close times out, ucxx cancels it and the endpoint gives up its
+# handle anyway: the UCP endpoint stays open, its error callback pointing at an object freed
+# later, and an error on it (after a partition heals, say) calls into freed memory. So this is
+# ucxx's own default, long enough for a busy progress thread, not 1 s. An owner died (SIGSEGV in a
+# native thread) after a partition healed in 2 of about 80 runs of test_partition_mid_read with
+# 1 s; that this was the cause is suspected from ucxx's source, not confirmed by a stack.
 ABORT_PERIOD_NS = 10_000_000_000
 SLOW_ABORT_S = 1.0
 

@@ -18,14 +18,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# How long ucxx's blocking abort waits for each step it hands to the progress thread. When the
-# step that submits the UCP close times out, ucxx cancels it and the endpoint gives up its
-# handle anyway: the UCP endpoint stays open, its error callback pointing at an object freed
-# later, and an error on it (after a partition heals, say) calls into freed memory. So this is
-# ucxx's own default, long enough for a busy progress thread, not 1 s. An owner died (SIGSEGV in a
-# native thread) after a partition healed in 2 of about 80 runs of test_partition_mid_read with
-# 1 s; that this was the cause is suspected from ucxx's source, not confirmed by a stack.
-ABORT_PERIOD_NS = 10_000_000_000
+# How long ucxx's blocking abort waits for each step it hands to the progress thread.
+ABORT_PERIOD_NS = 1_000_000_000
 SLOW_ABORT_S = 1.0
 
 

@@ -361,6 +361,7 @@ class Agent:
         """Counters plus the data paths taken and every fallback with its reason."""
         d = self.stats.snapshot()
         d["staging_slots_quarantined"] = self._core.data.quarantined_slots()
+        d["endpoints_parked"] = self._core.data.parked_endpoints()
         d["notifications_dropped"] = self._core.inbox.dropped
         return d
 

@@ -1,7 +1,8 @@
 """Per-peer pool of data endpoints (UCX peer error handling off), one per transfer at a time.
 
 A transfer borrows an endpoint and gives it back when it succeeded; a failed or cancelled
-transfer aborts its endpoint instead, which cancels that transfer's UCX requests. Endpoints
+transfer aborts its endpoint instead, which cancels that transfer's UCX requests (the sending
+side first waits for sends still blocked in UCX: `abort_when_idle`). Endpoints
 given back stay in the pool until the session ends: closing one endpoint disturbs the other
 endpoints between the same two workers (measured: after a burst of 32 concurrent reads, closing
 the surplus made transfers of the next burst fail with "Request canceled"), so the pool grows to
@@ -35,6 +36,37 @@ async def abort_endpoint(ep: Any) -> None:
     if took >= SLOW_ABORT_S:
         log.warning("endpoint abort took %.2fs: UCX's progress thread was slow to take it (bound %.0fs a step)",
                     took, ABORT_PERIOD_NS * 1e-9)
+
+
+# How long an endpoint whose sends outlived a failed transfer is kept open for them (see
+# `abort_when_idle`); after that it is aborted anyway, which frees whatever they still hold.
+ENDPOINT_PARK_S = 60.0
+
+
+def abort_when_idle(ep: Any, sends: list[asyncio.Task], parked: set[asyncio.Task]) -> None:
+    """Abort `ep` once `sends` (its sends that outlived a failed transfer) have ended, or after
+    ENDPOINT_PARK_S; until then its closer is in `parked`.
+
+    Why not at once: aborting an endpoint whose tcp socket is blocked on writes (a partition, a
+    peer that stopped reading) leaves UCX's tcp endpoint, with only its receive side, waiting
+    for the socket. When the peer's own close arrives in the same wake-up as the socket turning
+    writable, UCX 1.21 frees that endpoint on the receive and then runs its send progress on the
+    freed memory (uct_tcp_cm_handle_conn_fin, then uct_tcp_iface_handle_events: SIGSEGV; seen
+    after a partition healed). An endpoint that still sends keeps its send side, so the peer's
+    close only ends its receive side; the blocked send ends when the socket drains, or fails
+    when the peer resets it, and the abort after that finds nothing blocked."""
+    async def closer() -> None:
+        left = [t for t in sends if not t.done()]
+        if left:
+            _, still = await asyncio.wait(left, timeout=ENDPOINT_PARK_S)
+            if still:
+                log.warning("%d UCX send(s) still blocked %.0fs after their transfer failed: aborting "
+                            "their endpoint anyway", len(still), ENDPOINT_PARK_S)
+        await abort_endpoint(ep)
+
+    task = asyncio.get_running_loop().create_task(closer())
+    parked.add(task)
+    task.add_done_callback(parked.discard)
 
 
 class DataEndpoints:

@@ -20,6 +20,13 @@ of ours and is unpacked in a thread, which stops (and is waited for) on abort. A
 stranded after abort then holds only a staging slot, which is retired (StagingPool.retire), and
 the read reports its error at its deadline. The owner's side keeps zero-copy chunks: the memory
 is a lease it holds until its stranded operations end (`token.lingering`).
+
+The mirror case: on an endpoint with UCX peer error handling (no shared memory, so a network
+socket may carry it), a send blocks for as long as its peer does not read. The sending side of
+such an endpoint stages every chunk, so a blocked send holds a staging slot and never the
+transfer's memory, and it does not abort the endpoint under a blocked send: the endpoint is
+aborted once the send ends (dataeps.abort_when_idle; UCX 1.21's tcp transport can crash on the
+abort otherwise).
 """
 from __future__ import annotations
 
@@ -96,6 +103,10 @@ class StagingPool:
             return
         self._q.put_nowait(t)
 
+    def stranded(self) -> int:
+        """Retired slots that their stranded operation still holds."""
+        return len(self._retired)
+
     def retire(self, t: torch.Tensor) -> bool:
         """`t` stays with a stranded operation; replace it if the bound allows."""
         self._retired.add(id(t))
@@ -154,7 +165,8 @@ class StreamIO:
 
     Each chunk task is either waiting (for its turn or a staging slot), or busy in an operation
     that touches memory (pack/unpack in a worker thread, or a UCX send/receive). On abort, the
-    endpoint is aborted first (UCX then cancels the requests that have not matched a message),
+    endpoint is aborted first (UCX then cancels the requests that have not matched a message;
+    a sender whose sends may block keeps it open for them instead: dataeps.abort_when_idle),
     waiting tasks are cancelled, and busy ones are awaited: a UCX operation on a staging slot
     for STAGED_SETTLE_S (then its slot is retired), any other (a thread, or a zero-copy UCX
     operation on the transfer's memory) up to the grace (QUARANTINE_GRACE_S). Any still busy
@@ -163,8 +175,15 @@ class StreamIO:
     the operations it waits for or leaves lingering.
     """
 
+    sends = False  # the sending side of the stream (Sender)
+
     def __init__(self, ep: Any, plan: StreamPlan, pool: StagingPool, executor: Executor,
-                 tag_base: int, stream=None):
+                 tag_base: int, stream=None, sends_may_block: bool = False):
+        """`sends_may_block`: the endpoint may carry the data over a network socket (UCX peer
+        error handling is on, so no shared memory), where a send can block for as long as the
+        peer does not read. The sending side then stages every chunk, so that a blocked send
+        holds a staging slot and never the transfer's memory, and keeps the endpoint open until
+        its blocked sends end (dataeps.abort_when_idle says why)."""
         if plan.chunk_bytes > pool.slot_bytes:
             raise TransferError(f"chunk {plan.chunk_bytes} larger than staging slot {pool.slot_bytes}")
         self.ep = ep
@@ -173,8 +192,10 @@ class StreamIO:
         self.executor = executor
         self.tag_base = tag_base
         self.stream = stream
+        self.sends_may_block = sends_may_block
         self.tasks: list[asyncio.Task] = []
         self.aborted = False
+        self.endpoint_busy: list[asyncio.Task] = []  # after an abort: operations the open endpoint waits for
         self._busy: set[asyncio.Task] = set()
         self._order = asyncio.Lock()  # take turns in chunk order so the pipeline fills front to back
         # At most this many chunks of the transfer have a UCX operation posted, zero-copy ones
@@ -230,6 +251,22 @@ class StreamIO:
             raise TransferCancelled("transfer aborted")
         return await self._busy_op(asyncio.get_running_loop().run_in_executor(self.executor, fn, *args))
 
+    async def _unstage(self, descs: Descs, cp, slot: torch.Tensor, view: torch.Tensor) -> None:
+        """Copy a received chunk from its staging slot into the transfer's memory: a small host
+        chunk on the loop (a memcpy of at most INLINE_UNSTAGE_BYTES, less work than handing it to
+        a thread), anything else in a thread. Never after an abort (see `_in_thread`)."""
+        if cp.nbytes <= INLINE_UNSTAGE_BYTES and self.stream is None and slot.device.type == "cpu":
+            if self.aborted:
+                raise TransferCancelled("transfer aborted")
+            if cp.contiguous is not None:
+                packing.contiguous_view(descs, cp).copy_(view)
+            else:
+                packing.unpack(descs, self.plan.unit, cp, slot)
+        elif cp.contiguous is not None:
+            await self._in_thread(_copy_in_sync, packing.contiguous_view(descs, cp), view, self.stream)
+        else:
+            await self._in_thread(_unpack_sync, descs, self.plan.unit, cp, slot, self.stream)
+
     async def _run_all(self, make_task, deadline: float, cancel: "CancelToken") -> None:
         loop = asyncio.get_running_loop()
         self._token = cancel
@@ -263,9 +300,14 @@ class StreamIO:
 
     async def abort(self, grace_s: float = 10.0) -> None:
         """Cancel this transfer's UCX requests and wait (bounded) until the data path has let go
-        of every buffer; operations still running after that are left in `token.lingering`."""
+        of every buffer; operations still running after that are left in `token.lingering`.
+        The sending side of an endpoint whose sends may block leaves the endpoint open while
+        sends are in UCX: it aborts it only if they all ended within the grace, else it lists
+        them in `endpoint_busy` for the owner of the endpoint (dataeps.abort_when_idle)."""
         self.aborted = True
-        await abort_endpoint(self.ep)
+        deferred = self.sends and self.sends_may_block and bool(self._busy)
+        if not deferred:
+            await abort_endpoint(self.ep)
         for t in self.tasks:
             if not t.done() and t not in self._busy:
                 t.cancel()
@@ -282,8 +324,9 @@ class StreamIO:
             if still:
                 staged = sum(t in self._staged_ucx for t in still)
                 if staged == len(still):
-                    log.warning("%d UCX operation(s) on staging slots did not stop after abort (a matched "
-                                "receive waits for its sender); their slots are retired", staged)
+                    log.warning("%d UCX operation(s) on staging slots did not stop after abort (a send blocked "
+                                "by its peer, or a matched receive waiting for its sender); their slots "
+                                "are retired", staged)
                 else:
                     log.error("%d chunk operation(s) did not stop after abort (%d on staging only); their "
                               "memory stays quarantined until they do", len(still), staged)
@@ -293,10 +336,16 @@ class StreamIO:
                         self.pool.retire(slot)
                     t.add_done_callback(_lingering_ended)
                 if self._token is not None:
-                    self._token.lingering = list(still)
+                    # what may still touch the transfer's memory: an operation on a staging slot
+                    # only (retired above) holds none of it, and unstages nothing after the abort
+                    self._token.lingering = [t for t in still if t not in self._staged_ucx]
         for t in self.tasks:
             if t.done() and not t.cancelled():
                 t.exception()  # mark retrieved
+        if deferred:
+            self.endpoint_busy = [t for t in self.tasks if not t.done()]
+            if not self.endpoint_busy:
+                await abort_endpoint(self.ep)
 
 
 def _retrieve(f: asyncio.Future) -> None:
@@ -310,17 +359,22 @@ def _lingering_ended(t: asyncio.Task) -> None:
 
 
 class Sender(StreamIO):
+    sends = True
+
     async def run(self, descs: Descs, deadline: float, cancel: "CancelToken") -> None:
         plan = self.plan
 
         async def one(k: int) -> None:
             cp = plan.chunk(k)
             tag = self.tag_base + k
-            async with self._turn(staged=cp.contiguous is None) as slot:
+            async with self._turn(staged=cp.contiguous is None or self.sends_may_block) as slot:
                 if slot is None:
                     buf = packing.contiguous_view(descs, cp)
                     if buf.device.type == "cuda":
                         await self._in_thread(_sync_device, buf)
+                elif cp.contiguous is not None:  # staged only because the send may block
+                    buf = slot.narrow(0, 0, cp.nbytes)
+                    await self._in_thread(_copy_in_sync, buf, packing.contiguous_view(descs, cp), self.stream)
                 else:
                     buf = await self._in_thread(_pack_sync, descs, plan.unit, cp, slot, self.stream)
                 await self._busy_op(self.ep.send(as_ucx_buffer(buf), tag=tag, force_tag=True),
@@ -350,19 +404,7 @@ class Receiver(StreamIO):
                     return
                 view = slot.narrow(0, 0, cp.nbytes)
                 await self._busy_op(self.ep.recv(as_ucx_buffer(view), tag=tag, force_tag=True), staged_ucx=True)
-                if cp.nbytes <= INLINE_UNSTAGE_BYTES and self.stream is None and slot.device.type == "cpu":
-                    # a few microseconds of memcpy: cheaper on the loop than a hop to a thread
-                    # (which, on a busy 2-core host, took longer than the 4 KiB it moved)
-                    if self.aborted:
-                        raise TransferCancelled("transfer aborted")
-                    if cp.contiguous is not None:
-                        packing.contiguous_view(descs, cp).copy_(view)
-                    else:
-                        packing.unpack(descs, plan.unit, cp, slot)
-                elif cp.contiguous is not None:
-                    await self._in_thread(_copy_in_sync, packing.contiguous_view(descs, cp), view, self.stream)
-                else:
-                    await self._in_thread(_unpack_sync, descs, plan.unit, cp, slot, self.stream)
+                await self._unstage(descs, cp, slot, view)
 
         await self._run_all(one, deadline, cancel)
 

@@ -14,6 +14,7 @@ import torch
 from . import copy_plan, cuda_ipc, gpu_copy, gpu_runs, gpu_upload, trace
 from . import handshake as hs
 from .config import AgentConfig
+from .dataeps import abort_when_idle
 from .datapath import CancelToken, StagingPool
 from .descs import Descs, common_value
 from .errors import BadMessage, PeerLost, TransferError, TransferTimeout
@@ -76,6 +77,7 @@ class DataPlane:
         self._export_reason: str | None | bool = False
         self.exporter = cuda_ipc.Exporter()
         self._warned_staged: set[str] = set()
+        self._parked: set[asyncio.Task] = set()  # endpoints left open for their blocked sends
 
     # -- resources ----------------------------------------------------------------------------
     def pool(self, device: torch.device) -> StagingPool:
@@ -93,6 +95,10 @@ class DataPlane:
 
     def quarantined_slots(self) -> int:
         return sum(p.retired_total for p in self._pools.values())
+
+    def parked_endpoints(self) -> int:
+        """UCX endpoints of failed transfers kept open until their blocked sends end."""
+        return len(self._parked)
 
     # -- UCX ----------------------------------------------------------------------------------
     async def run_stream(self, kind, s: Session, descs: Descs, tag: int, deadline: float,
@@ -122,11 +128,14 @@ class DataPlane:
             ep = await asyncio.wait_for(eps.borrow(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise TransferTimeout(f"no UCX endpoint to {s.name} before the transfer's deadline") from None
-        io = kind(ep, plan, self.pool(device), self.executor, tag, self.stream(device))
+        io = kind(ep, plan, self.pool(device), self.executor, tag, self.stream(device),
+                  sends_may_block=eps.error_handling)
         try:
             await io.run(descs, deadline, tok)
         finally:
-            if not io.aborted and s.lost is None:
+            if io.endpoint_busy:
+                abort_when_idle(ep, io.endpoint_busy, self._parked)
+            elif not io.aborted and s.lost is None:
                 await eps.give_back(ep)
 
     def _warn_staged_cuda(self, s: Session) -> None:

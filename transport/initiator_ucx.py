@@ -33,11 +33,11 @@ async def _ucx(x: Initiated, tag: int) -> None:
         await x.core.data.run_stream(Sender if x.write else StagedReceiver, s, x.local, tag, x.deadline, x.token)
     except TransferError as e:
         if x.token.lingering:
-            # a read's are receives into retired staging slots; a write's may be zero-copy sends
-            # that still read the caller's memory (logged by the data path)
-            log.warning("%s: %s of lease %.12s with %s failed; %d UCX operation(s) still pending after "
-                        "the abort%s: %s", x.core.name, "write" if x.write else "read", x.lease_id, s.name,
-                        len(x.token.lingering), "" if x.write else " (on retired staging slots only)", e)
+            # operations that may still touch the caller's memory: a write's zero-copy sends (on
+            # an endpoint whose sends cannot block), a copy thread that outlived the grace
+            log.warning("%s: %s of lease %.12s with %s failed; %d operation(s) on the caller's memory "
+                        "still pending after the abort: %s", x.core.name, "write" if x.write else "read",
+                        x.lease_id, s.name, len(x.token.lingering), e)
         _abort_owner(x, str(e))
         _settle(x, e)
         return

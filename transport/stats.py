@@ -19,6 +19,7 @@ class AgentStats:
     leases_expired: int = 0
     notifications_dropped: int = 0
     staging_slots_quarantined: int = 0
+    endpoints_parked: int = 0        # UCX endpoints of failed transfers open until their blocked sends end
     granted_reads: int = 0           # reads done under a lease grant, with no round trip (grants.py)
     paths: Counter = field(default_factory=Counter)       # DataPath value -> transfers (either side)
     fallbacks: Counter = field(default_factory=Counter)   # "path: reason" -> times a path was not used

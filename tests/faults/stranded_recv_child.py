@@ -99,9 +99,13 @@ async def main(cls_name: str, deadline_s: float, grace_s: float) -> dict:
         lingering_ended = not still
     else:
         lingering_ended = True
+    t0 = time.monotonic()
+    while pool.stranded() and time.monotonic() - t0 < 30:   # the stranded receive lets its slot go
+        await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)                 # an unpack started by a late receive would land by now
     return {"error": error, "failed_after": round(failed_after, 3), "lingering": len(lingering),
             "lingering_ended": lingering_ended, "retired": pool.retired_total,
+            "stranded_after": pool.stranded(),
             "written_at_failure": written_at_failure, "written_after": int(np.count_nonzero(dst))}
 
 

@@ -1,7 +1,7 @@
 """Crossing a real network: owner and reader on two test hosts (network namespaces joined by a
 veth pair, UCX over tcp), over a rate-limited link (`tc tbf`; this kernel has no netem for
-latency and loss), and a partition made by taking the link down. Real processes, real UCX;
-nothing is mocked."""
+latency and loss), a partition made by taking the link down, and a reader that stops reading.
+Real processes, real UCX; nothing is mocked."""
 from __future__ import annotations
 
 import os
@@ -140,4 +140,45 @@ def test_partition_mid_read(hosts, agents):
         raise AssertionError(f"{owner_state}\n"
                              f"{e}; the reads failed with: {errors[:3]} ... {errors[-3:]}\n"
                              f"{link.state()}") from None
+    assert b.bad_blocks(reader, np.arange(64), src, 5) == 0
+
+
+def test_blocked_sends_keep_their_endpoint_until_they_end(hosts, agents):
+    """A reader that stops reading (SIGSTOP) blocks the owner's sends in its tcp socket. The
+    owner's read fails at its deadline and the lease comes back (its chunks were staged), but
+    the sending endpoint is not aborted under the blocked sends: it stays open ("parked") until
+    they end. UCX 1.21 frees an aborted tcp endpoint whose socket was blocked when the peer's
+    close arrives as the socket turns writable, then uses it (the owner died of SIGSEGV after
+    a partition healed). Once the reader runs again and gives up its read, the sends end, the
+    endpoint is aborted, and the owner serves the reader again."""
+    link, a, b = hosts
+    slow = {"chunk_bytes": 4096, "staging_bytes": 8192, "timeout_s": 4.0}
+    owner, oaddr, reader = _pair(agents, link, a, b, slow, {"timeout_s": 4.0})
+    b.connect(reader, oaddr)
+    link.throttle(80)  # 16 MiB take about 1.7 s: the reader is stopped long before the end
+    try:
+        lid, _, _ = a.expose(owner, np.random.default_rng(6).permutation(4096))
+        tid = b.read(reader, oaddr, np.arange(4096), lid, wait=False)
+        wait_until(lambda: b.zero_blocks(reader, [0]) == 0, 30, 0.01, "first block landed")
+        b.stop_signal()
+        try:
+            # the socket buffers fill within a second at this rate; the owner's deadline is 4 s
+            wait_until(lambda: a.snapshot(owner)["transfers_failed"] == 1, 30, what="the owner's read failed")
+            assert a.snapshot(owner)["endpoints_parked"] == 1, "the sending endpoint was not kept for its blocked sends"
+            assert a.release(owner, lid)
+            assert wait_until(lambda: a.freed(owner), 15, what="lease freed with sends blocked") == [lid]
+        finally:
+            b.cont_signal()
+        with pytest.raises(RemoteError) as ei:
+            b.wait(tid, 30)
+        # its own deadline, or the owner's abort (sent while it was stopped)
+        assert ei.value.type in ("TransferTimeout", "PeerLost", "TransferError"), ei.value
+        wait_until(lambda: a.snapshot(owner)["endpoints_parked"] == 0, 30, what="the parked endpoint aborted")
+    finally:
+        link.unthrottle()
+    assert a.alive(), "the owner died"
+    src = np.arange(300, 364)
+    lid2, _, _ = a.expose(owner, src)
+    b.connect(reader, oaddr, timeout=10)
+    b.read(reader, oaddr, np.arange(64), lid2, timeout=20)
     assert b.bad_blocks(reader, np.arange(64), src, 5) == 0

@@ -183,6 +183,10 @@ class _Child:
     def stats(self, name):
         return self.agents[name].agent.stats.snapshot()
 
+    def snapshot(self, name):
+        """The agent's counters plus its live state (quarantined slots, parked endpoints)."""
+        return self.agents[name].agent.snapshot()
+
     def peer_names(self, name):
         return self.agents[name].agent.peers()
 

@@ -245,10 +245,11 @@ def _busy_cores(pid: int, secs: float) -> float:
     """CPU cores the process kept busy over the next `secs` seconds (all its threads)."""
     return busy_cores([pid], secs)[pid]
 
-def test_reader_killed_with_every_chunk_zero_copy(spares, agents):
-    """4096 one-block chunks, all zero-copy sends: the owner keeps only a window of them posted,
-    so a reader that dies mid-read leaves few UCX requests behind; the lease comes back and the
-    owner's process goes quiet (with every chunk posted at once, UCX spun a core forever)."""
+def test_reader_killed_mid_read_of_4096_chunks(spares, agents):
+    """4096 one-block chunks (contiguous each; staged, as every send on an endpoint with UCX
+    peer error handling is): the owner keeps only a window of them posted, so a reader that
+    dies mid-read leaves few UCX requests behind; the lease comes back and the owner's process
+    goes quiet (when every chunk was posted at once, zero-copy, UCX spun a core forever)."""
     owner_node, victim = spares["quiet-owner-shm"], spares["victim-reader2-shm"]
     owner, oaddr = agents(owner_node, "owner", **_slow_owner(owner_node))
     vreader, _ = agents(victim, "victim", 4096, 4096, same_host_copy=False, timeout_s=DEADLINE_S)

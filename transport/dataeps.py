@@ -38,14 +38,15 @@ async def abort_endpoint(ep: Any) -> None:
                     took, ABORT_PERIOD_NS * 1e-9)
 
 
-# How long an endpoint whose sends outlived a failed transfer is kept open for them (see
-# `abort_when_idle`); after that it is aborted anyway, which frees whatever they still hold.
-ENDPOINT_PARK_S = 60.0
+# At most this many endpoints per agent wait in `abort_when_idle`; beyond that the oldest is
+# aborted anyway (a peer stopped for good never drains its socket, and each parked endpoint keeps
+# a socket open).
+MAX_PARKED = 64
 
 
-def abort_when_idle(ep: Any, sends: list[asyncio.Task], parked: set[asyncio.Task]) -> None:
-    """Abort `ep` once `sends` (its sends that outlived a failed transfer) have ended, or after
-    ENDPOINT_PARK_S; until then its closer is in `parked`.
+def abort_when_idle(ep: Any, sends: list[asyncio.Task], parked: dict[asyncio.Task, Any]) -> None:
+    """Abort `ep` once `sends` (its sends that outlived a failed transfer) have ended; until then
+    its closer is in `parked` (oldest first).
 
     Why not at once: aborting an endpoint whose tcp socket is blocked on writes (a partition, a
     peer that stopped reading) leaves UCX's tcp endpoint, with only its receive side, waiting
@@ -53,20 +54,26 @@ def abort_when_idle(ep: Any, sends: list[asyncio.Task], parked: set[asyncio.Task
     writable, UCX 1.21 frees that endpoint on the receive and then runs its send progress on the
     freed memory (uct_tcp_cm_handle_conn_fin, then uct_tcp_iface_handle_events: SIGSEGV; seen
     after a partition healed). An endpoint that still sends keeps its send side, so the peer's
-    close only ends its receive side; the blocked send ends when the socket drains, or fails
-    when the peer resets it, and the abort after that finds nothing blocked."""
+    close only ends its receive side; the blocked send ends when the socket drains, or fails when
+    the peer resets it (after a partition heals) or TCP gives up on it (its retransmission
+    timeout, about 15 minutes), and the abort after that finds nothing blocked. No time limit:
+    aborting at one would bring the crash back to a partition that outlasts it."""
+    if len(parked) >= MAX_PARKED:
+        oldest = next(iter(parked))
+        log.error("%d UCX endpoints kept open for blocked sends: aborting the oldest anyway", len(parked))
+        oldest.cancel()  # its closer aborts its endpoint on the way out
+
     async def closer() -> None:
-        left = [t for t in sends if not t.done()]
-        if left:
-            _, still = await asyncio.wait(left, timeout=ENDPOINT_PARK_S)
-            if still:
-                log.warning("%d UCX send(s) still blocked %.0fs after their transfer failed: aborting "
-                            "their endpoint anyway", len(still), ENDPOINT_PARK_S)
-        await abort_endpoint(ep)
+        try:
+            left = [t for t in sends if not t.done()]
+            if left:
+                await asyncio.wait(left)
+        finally:
+            await abort_endpoint(ep)
 
     task = asyncio.get_running_loop().create_task(closer())
-    parked.add(task)
-    task.add_done_callback(parked.discard)
+    parked[task] = ep
+    task.add_done_callback(lambda t: parked.pop(t, None))
 
 
 class DataEndpoints:

@@ -77,7 +77,7 @@ class DataPlane:
         self._export_reason: str | None | bool = False
         self.exporter = cuda_ipc.Exporter()
         self._warned_staged: set[str] = set()
-        self._parked: set[asyncio.Task] = set()  # endpoints left open for their blocked sends
+        self._parked: dict[asyncio.Task, Any] = {}  # endpoints left open for their blocked sends
 
     # -- resources ----------------------------------------------------------------------------
     def pool(self, device: torch.device) -> StagingPool:

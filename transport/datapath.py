@@ -195,7 +195,9 @@ class StreamIO:
         self.sends_may_block = sends_may_block
         self.tasks: list[asyncio.Task] = []
         self.aborted = False
-        self.endpoint_busy: list[asyncio.Task] = []  # after an abort: operations the open endpoint waits for
+        # after an abort that left the endpoint open: the operations it waits for (maybe none);
+        # the owner of the endpoint hands it to dataeps.abort_when_idle. None: nothing deferred.
+        self.endpoint_busy: list[asyncio.Task] | None = None
         self._busy: set[asyncio.Task] = set()
         self._order = asyncio.Lock()  # take turns in chunk order so the pipeline fills front to back
         # At most this many chunks of the transfer have a UCX operation posted, zero-copy ones
@@ -302,8 +304,8 @@ class StreamIO:
         """Cancel this transfer's UCX requests and wait (bounded) until the data path has let go
         of every buffer; operations still running after that are left in `token.lingering`.
         The sending side of an endpoint whose sends may block leaves the endpoint open while
-        sends are in UCX: it aborts it only if they all ended within the grace, else it lists
-        them in `endpoint_busy` for the owner of the endpoint (dataeps.abort_when_idle)."""
+        sends are in UCX: it lists those still running after the grace in `endpoint_busy`, and
+        the owner of the endpoint aborts it once they end (dataeps.abort_when_idle)."""
         self.aborted = True
         deferred = self.sends and self.sends_may_block and bool(self._busy)
         if not deferred:
@@ -344,8 +346,6 @@ class StreamIO:
                 t.exception()  # mark retrieved
         if deferred:
             self.endpoint_busy = [t for t in self.tasks if not t.done()]
-            if not self.endpoint_busy:
-                await abort_endpoint(self.ep)
 
 
 def _retrieve(f: asyncio.Future) -> None:

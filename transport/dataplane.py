@@ -133,7 +133,7 @@ class DataPlane:
         try:
             await io.run(descs, deadline, tok)
         finally:
-            if io.endpoint_busy:
+            if io.endpoint_busy is not None:
                 abort_when_idle(ep, io.endpoint_busy, self._parked)
             elif not io.aborted and s.lost is None:
                 await eps.give_back(ep)

@@ -5,6 +5,9 @@ Per rep, outside the timing: expose (NEW_EACH_REP policy) and let 2 ms pass (``E
 zero the destination blocks; after
 it: check every byte of the rep. CUDA reps also synchronize the reader's device inside the
 timing (a no-op when ``wait()`` keeps its contract that the blocks are usable).
+
+``NIXL_CONNECTORS_BENCH_TRACE=1`` also records each timed read's hops (``transport.trace``, a few
+perf_counter calls per read) and reports their medians as ``hops_us_median`` (hops.py).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ CHUNK_ENV = "NIXL_CONNECTORS_BENCH_CHUNK"
 # in (a GIL shared with the timed read) and the read would often ask the owner instead.
 EXPOSE_SETTLE_S = 0.002
 UCX_ENV = "NIXL_CONNECTORS_BENCH_UCX"
+TRACE_ENV = "NIXL_CONNECTORS_BENCH_TRACE"
 
 
 def block_ids(w: Workload, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -165,9 +169,11 @@ def run_ours(w: Workload, devices: Devices | None = None, seed: int = 0, timeout
 
 
 def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk: int, owner: OwnerClient) -> dict:
-    from transport import Agent, AgentConfig, Descs
+    from transport import Agent, AgentConfig, Descs, trace
 
     import torch
+
+    from .hops import median_hops, rep_hops
 
     if devices.reader.startswith("cuda"):
         torch.cuda.set_device(devices.reader)  # as a decode worker pinned to its GPU
@@ -178,6 +184,8 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
     cfg = AgentConfig(timeout_s=timeout_s, chunk_bytes=chunk, staging_bytes=max(64 << 20, 4 * chunk),
                       ucx_options=bench_ucx_options())
     times: list[float] = []
+    traced: list[list[tuple[str, float]]] = []
+    tracing = os.environ.get(TRACE_ENV) == "1"
     bad = 0
     with Agent("reader", cfg) as agent:
         regions = [agent.register(p) for p in dest.pools]
@@ -190,10 +198,18 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
                 local = Descs.concat([Descs.from_blocks(r, d_ids, w.block_bytes) for r in regions])
                 time.sleep(EXPOSE_SETTLE_S)
             dest.zero(d_ids)
+            if tracing:
+                trace.enable()
             t0 = time.perf_counter()
             agent.read(peer, local, lease).wait(timeout_s)
+            trace.mark("bench", "returned")
             dest.sync()
             dt = time.perf_counter() - t0
+            if tracing:
+                trace.mark("bench", "done")
+                marks = trace.disable()
+                if rep >= w.warmup:
+                    traced.append(rep_hops(marks))
             if rep >= w.warmup:
                 times.append(dt)
             bad += dest.bad_blocks(s_ids, d_ids)
@@ -217,4 +233,5 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
             "settle_after_expose_ms": EXPOSE_SETTLE_S * 1e3,
             "host_pages": None if dest.cuda else pages_from_env().value, "huge_page_fraction": huge,
             "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
+            "hops_us_median": median_hops(traced) if tracing else None,
             "processes": {"reader": [os.getpid(), os.getppid()], "owner": list(owner_pids)}}

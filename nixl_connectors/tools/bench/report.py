@@ -61,6 +61,8 @@ def format_row(row: Mapping[str, Any]) -> list[str]:
             huge = ours.get("huge_page_fraction", {})
             lines.append(f"      host pools (every implementation, references too): {ours['host_pages']} pages; "
                          f"huge-page backed: owner {huge.get('owner')}, reader {huge.get('reader')}")
+        if ours.get("hops_us_median"):
+            lines.append("      hops (median us): " + ", ".join(f"{k} {v:.1f}" for k, v in ours["hops_us_median"].items()))
     for key, ref in row["references"].items():
         lines.append(fmt_entry(ref.get("name", key), ref, ours, latency))
     nixl = row.get("nixl")

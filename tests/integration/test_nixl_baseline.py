@@ -153,10 +153,67 @@ def test_cuda_suite_code_on_cpu_devices():
         assert row["references"]["index_select_index_copy"]["gbps"] > 0
         assert "ours/contiguous_copy" in row["ratios"]
         if find_nixl().available:
-            nixl = row["nixl"]["configs"][0]
-            assert nixl["verified"] and nixl["bad_blocks"] == 0, nixl
-            assert nixl["descriptors_per_request"] == row["workload"]["num_blocks"] * row["workload"]["num_layers"]
+            configs = row["nixl"]["configs"]
+            assert [c["name"] for c in configs] == ["read", "write"]   # READ first: configs[0] as before
+            for nixl in configs:
+                assert nixl["verified"] and nixl["bad_blocks"] == 0 and nixl["gbps"] > 0, nixl
+                assert nixl["verified_reps"] == row["workload"]["reps"] + row["workload"]["warmup"]
+                assert nixl["descriptors_per_request"] == row["workload"]["num_blocks"] * row["workload"]["num_layers"]
+            assert {"ours/nixl[read]", "ours/nixl[write]"} <= set(row["ratios"])
     assert any("data path:" in line for line in lines)
+    if find_nixl().available:
+        assert any("nixl[write]" in line for line in lines)
+
+
+def _corrupting_write_initiator(*args):
+    """WRITE's initiator (owner process) with one byte of every block of its pool flipped after
+    the fill: the reader must count every block it receives as wrong."""
+    from nixl_connectors.tools import blockfill
+    from nixl_connectors.tools.bench import gpu_nixl_write
+
+    fill = blockfill.fill_pool_torch
+
+    def flipped(t, block_bytes, seed):
+        fill(t, block_bytes, seed)
+        t.view(-1, block_bytes)[:, 7] ^= 0x5A
+
+    blockfill.fill_pool_torch = flipped
+    gpu_nixl_write.initiator(*args)
+
+
+def _crashing_write_initiator(*args):
+    os._exit(3)  # the owner process dies without a word
+
+
+@needs_nixl
+def test_nixl_vram_write_detects_wrong_bytes_and_read_still_runs(monkeypatch):
+    """Both ops on CPU (DRAM): a WRITE that delivers wrong bytes is counted block by block, every
+    rep; READ in its own processes is not affected."""
+    from nixl_connectors.tools.bench import gpu_nixl_write
+    from nixl_connectors.tools.bench.gpu_nixl import nixl_vram
+
+    monkeypatch.setattr(gpu_nixl_write, "initiator", _corrupting_write_initiator)
+    w = Workload("c", 4096, 4, memory=Memory.CUDA, num_layers=2, reps=2, warmup=1)
+    read, write = nixl_vram(w, Devices(), timeout_s=60.0)["configs"]
+    assert read["name"] == "read" and read["verified"] and read["bad_blocks"] == 0 and read["gbps"] > 0
+    assert write["name"] == "write" and write["op"] == "WRITE" and write["initiator"] == "owner"
+    assert not write["verified"] and write["bad_blocks"] == 3 * 4 * 2, write   # every block of every rep
+    assert "wrong bytes" in write["reason"]
+
+
+@needs_nixl
+def test_nixl_vram_write_initiator_crash_is_reported_at_once(monkeypatch):
+    """The owner process dies mid-run: the entry says so as soon as its pipes close, not at the
+    deadline (the reader process, waiting for its next command, sees the pipe close too)."""
+    from nixl_connectors.tools.bench import gpu_nixl_write
+    from nixl_connectors.tools.bench.gpu_nixl import Op, nixl_vram
+
+    monkeypatch.setattr(gpu_nixl_write, "initiator", _crashing_write_initiator)
+    t0 = time.monotonic()
+    (write,) = nixl_vram(Workload("c", 4096, 4, memory=Memory.CUDA, reps=1), Devices(), timeout_s=120.0,
+                         ops=(Op.WRITE,))["configs"]
+    assert write["gbps"] is None and "initiator went away" in write["reason"], write
+    assert time.monotonic() - t0 < 30
 
 
 def test_bench_command_writes_json_and_plot(tmp_path):

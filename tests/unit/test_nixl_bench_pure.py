@@ -354,6 +354,14 @@ def test_nixl_request_rows_and_descs():
     assert descs.tolist() == [[1000, 64, 1], [1064, 64, 1], [1128, 64, 1]]
 
 
+def test_nixl_ops_name_their_configs_and_initiators():
+    from nixl_connectors.tools.bench.gpu_nixl import TIMING, Op
+
+    assert [(op.config, op.initiator) for op in Op] == [("read", "reader"), ("write", "owner")]
+    assert 'make_prepped_xfer("WRITE")' in TIMING[Op.WRITE] and "synchronize(owner device)" in TIMING[Op.WRITE]
+    assert "synchronize(reader device)" in TIMING[Op.READ]
+
+
 def test_nixl_config_entry():
     from nixl_connectors.tools.bench.nixl_baseline import TIMING, config_entry
     from nixl_connectors.tools.bench.nixl_types import NixlReadResult

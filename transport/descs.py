@@ -123,8 +123,20 @@ class Descs:
             lens.append(p.length)
         if not parts:
             return cls((), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return cls(tuple(regions), np.concatenate(ridx).astype(np.int32), np.concatenate(offs),
-                   np.concatenate(lens))
+        out = cls(tuple(regions), np.concatenate(ridx).astype(np.int32), np.concatenate(offs),
+                  np.concatenate(lens))
+        # what every part already knows (from_blocks: per-layer block lists) needs no pass over
+        # the joined arrays at read time
+        known = [p.__dict__ for p in parts if len(p)]
+        if known and all("uniform_length" in k for k in known):
+            ul = {k["uniform_length"] for k in known}
+            out.__dict__["uniform_length"] = ul.pop() if len(ul) == 1 else 0
+        if known and all("offset_low_bits" in k for k in known):
+            bits = 0
+            for k in known:
+                bits |= k["offset_low_bits"]
+            out.__dict__["offset_low_bits"] = bits
+        return out
 
     # -- properties -----------------------------------------------------------------------
     def __len__(self) -> int:

@@ -353,3 +353,22 @@ def test_offset_low_bits_cover_every_offset(ids, bb, base, stride):
     assert low_bits_of_progression(base, step) == hint
     plain = Descs.from_ranges(r, d.offset, d.length)
     assert plain.offset_low_bits == exact
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 50), min_size=0, max_size=8), st.sampled_from([16, 24, 64]),
+                          st.integers(0, 40), st.booleans()), min_size=1, max_size=5))
+def test_concat_carries_what_its_parts_know(parts):
+    """A concat of per-layer block lists knows its uniform length and offset bits without a pass
+    over the joined arrays; the values agree with the arrays (never overstating alignment), and a
+    part that knows nothing makes the concat compute them."""
+    r = region(1 << 16)
+    ds = [Descs.from_blocks(r, ids, bb, base_offset=base) if blocks
+          else Descs.from_ranges(r, [base + 80 * i for i in ids], [bb] * len(ids)) if ids
+          else Descs.from_blocks(r, ids, bb)
+          for ids, bb, base, blocks in parts]
+    c = Descs.concat(ds)
+    lens = c.length.tolist()
+    assert c.uniform_length == (lens[0] if lens and len(set(lens)) == 1 else 0)
+    exact = int(np.bitwise_or.reduce(c.offset)) & 15 if len(c) else 0
+    assert c.offset_low_bits & exact == exact

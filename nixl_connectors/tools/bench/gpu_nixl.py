@@ -133,6 +133,26 @@ def prepped_lists(agent, t, device: str, meta: bytes, rbase: int, remote_dev: in
     return local_prep, remote_prep
 
 
+def initiator_side(w: Workload, device: str, name: str, filled: bool, meta: bytes, rbase: int,
+                   remote_dev: int):
+    """An initiator's (pool, agent, local prepped list, remote prepped list): its pool registered,
+    the passive side's added and connected."""
+    t = pool(w, device, filled=filled)
+    agent = registered_agent(name, t, device)
+    return (t, agent, *prepped_lists(agent, t, device, meta, rbase, remote_dev))
+
+
+def rep_rows(w: Workload):
+    """(rep, (owner rows, reader rows)) for every rep, warm-up included: new rows each rep or the
+    same ones throughout, as the workload's block policy says (the same seed for READ and WRITE)."""
+    rng = np.random.default_rng(ROWS_SEED)
+    rows = None
+    for rep in range(w.warmup + w.reps):
+        if rows is None or w.policy is BlockPolicy.NEW_EACH_REP:
+            rows = request_rows(w, rng)
+        yield rep, rows
+
+
 def timed_xfer(agent, op: Op, local_prep, local_ids, remote_prep, remote_ids, tag: bytes, device: str,
                deadline: float) -> float:
     """Seconds from make_prepped_xfer() to DONE plus a synchronize of ``device`` (the timed part)."""
@@ -201,15 +221,13 @@ def _reader(w: Workload, device: str, meta: bytes, rbase: int, remote_dev: int, 
 
         from ..blockfill import mismatched_blocks_torch
 
-        t = pool(w, device, filled=False)
-        agent = registered_agent("nixl-reader", t, device)
-        local_prep, remote_prep = prepped_lists(agent, t, device, meta, rbase, remote_dev)
-        rng = np.random.default_rng(ROWS_SEED)
+        t, agent, local_prep, remote_prep = initiator_side(w, device, "nixl-reader", False, meta, rbase, remote_dev)
         deadline = time.monotonic() + deadline_s
-        times, bad = [], 0
-        for rep in range(w.warmup + w.reps):
-            if rep == 0 or w.policy is BlockPolicy.NEW_EACH_REP:
-                r_ids, l_ids = request_rows(w, rng)
+        times, bad, rows = [], 0, None
+        for rep, new in rep_rows(w):
+            if new is not rows:
+                rows = new
+                r_ids, l_ids = rows
                 l_idx = torch.as_tensor(l_ids.astype(np.int64), device=device)
                 r_idx = torch.as_tensor(r_ids.astype(np.int64), device=device)
             t.index_fill_(0, l_idx, 0)

@@ -17,20 +17,19 @@ from enum import Enum
 import numpy as np
 
 from .gpu_nixl import (
-    ROWS_SEED,
     SEED,
     Op,
+    initiator_side,
     pool,
-    prepped_lists,
     recv,
     registered_agent,
-    request_rows,
+    rep_rows,
     result,
     send_error,
     sync,
     timed_xfer,
 )
-from .workloads import BlockPolicy, Workload
+from .workloads import Workload
 
 
 class Cmd(str, Enum):
@@ -80,15 +79,11 @@ def initiator(w: Workload, device: str, meta: bytes, rbase: int, remote_dev: int
     """The owner: WRITEs every rep's rows from its filled pool into the reader's, timed; the
     reader zeroes before and verifies after each."""
     try:
-        t = pool(w, device, filled=True)
-        agent = registered_agent("nixl-write-initiator", t, device)
-        local_prep, remote_prep = prepped_lists(agent, t, device, meta, rbase, remote_dev)
-        rng = np.random.default_rng(ROWS_SEED)
+        _, agent, local_prep, remote_prep = initiator_side(w, device, "nixl-write-initiator", True, meta, rbase,
+                                                           remote_dev)
         deadline = time.monotonic() + deadline_s
         times, bad = [], 0
-        for rep in range(w.warmup + w.reps):
-            if rep == 0 or w.policy is BlockPolicy.NEW_EACH_REP:
-                src, dst = request_rows(w, rng)
+        for rep, (src, dst) in rep_rows(w):
             peer.send((Cmd.ZERO, src, dst))
             recv(peer, deadline - time.monotonic(), "NIXL WRITE target (reader)", Cmd.ZEROED)
             dt = timed_xfer(agent, Op.WRITE, local_prep, src, remote_prep, dst, f"rep-{rep}".encode(),

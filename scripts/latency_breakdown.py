@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from nixl_connectors.tools.bench.settle import SettleMode, settle
+
 
 def _pool(bb, device):
     if device == "cpu":
@@ -92,6 +94,8 @@ def main() -> None:
                          "(the vLLM 8B shape: --layers 32 --blocks 256 --block-bytes 65536 --pool 1024)")
     ap.add_argument("--settle-ms", type=float, default=2.0,
                     help="--new-lease: how long after expose() returned the read starts")
+    ap.add_argument("--settle-spin", action="store_true",
+                    help="--new-lease: spin through the settle time instead of sleeping (a busy worker thread)")
     ap.add_argument("--zero", action="store_true",
                     help="zero the destination blocks (and synchronize) before each read, as the bench does")
     ap.add_argument("--local-table", choices=["device", "mapped"], default=None,
@@ -126,7 +130,7 @@ def main() -> None:
             state["lid"] = qo.get(timeout=60)
             state["ids"] = np.random.default_rng(10**6 + rep).permutation(POOL)[:args.blocks]
             state["local"] = _descs(rdsts, state["ids"], args.block_bytes)
-            time.sleep(args.settle_ms / 1e3)
+            settle(args.settle_ms / 1e3, SettleMode.SPIN if args.settle_spin else SettleMode.SLEEP)
         if args.zero:
             _zero(dsts, state["ids"], args.device)
         if prof is not None:
@@ -205,6 +209,7 @@ def main() -> None:
     hops = {f"{steps[i]} -> {steps[i + 1]}": float(np.median(a[:, i + 1] - a[:, i]) * 1e6) for i in range(len(steps) - 1)}
     total = a[:, -1] - a[:, 0]
     out = {"blocks": args.blocks, "block_bytes": args.block_bytes, "layers": args.layers, "reps": len(rows), "granted": granted,
+           "new_lease": args.new_lease, "settle": "spin" if args.settle_spin else "sleep",
            "hops_us_median": hops, "ipc_hops_us_median": ipc_hops, "end_to_end_ms": {"median": float(np.median(total) * 1e3),
                                                      "p90": float(np.percentile(total, 90) * 1e3)}}
     for k, v in hops.items():

@@ -1,7 +1,8 @@
 """Our transport on a Workload, through the public API only: an owner process exposes leases, a
 reader process (its sibling) times ``read()`` to ``wait()``.
 
-Per rep, outside the timing: expose (NEW_EACH_REP policy) and let 2 ms pass (``EXPOSE_SETTLE_S``),
+Per rep, outside the timing: expose (NEW_EACH_REP policy) and let 2 ms pass (``EXPOSE_SETTLE_S``;
+idle or busy: settle.py),
 zero the destination blocks; after
 it: check every byte of the rep. CUDA reps also synchronize the reader's device inside the
 timing (a no-op when ``wait()`` keeps its contract that the blocks are usable).
@@ -20,6 +21,7 @@ import numpy as np
 from .gpu_workloads import Devices
 from .host_memory import host_pool, huge_fraction, pages_from_env
 from .owner_proc import OwnerClient, OwnerProcess, OwnerSpec, layer_seed
+from .settle import mode_from_env, settle
 from .timing import Timings
 from .workloads import BlockPolicy, Workload
 
@@ -186,6 +188,7 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
     times: list[float] = []
     traced: list[list[tuple[str, float]]] = []
     tracing = os.environ.get(TRACE_ENV) == "1"
+    settle_mode = mode_from_env()
     bad = 0
     with Agent("reader", cfg) as agent:
         regions = [agent.register(p) for p in dest.pools]
@@ -196,7 +199,7 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
                 s_ids, d_ids = block_ids(w, rng)
                 lease = owner.expose(s_ids)
                 local = Descs.concat([Descs.from_blocks(r, d_ids, w.block_bytes) for r in regions])
-                time.sleep(EXPOSE_SETTLE_S)
+                settle(EXPOSE_SETTLE_S, settle_mode)
             dest.zero(d_ids)
             if tracing:
                 trace.enable()
@@ -230,7 +233,7 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
             "granted_reads": int(mine.get("granted_reads", 0)),
             "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
             "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
-            "settle_after_expose_ms": EXPOSE_SETTLE_S * 1e3,
+            "settle_after_expose_ms": EXPOSE_SETTLE_S * 1e3, "settle_mode": settle_mode.value,
             "host_pages": None if dest.cuda else pages_from_env().value, "huge_page_fraction": huge,
             "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
             "hops_us_median": median_hops(traced) if tracing else None,

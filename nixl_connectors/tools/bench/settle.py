@@ -1,0 +1,42 @@
+"""How a bench reader passes the settle time between expose() and its read (outside the timing).
+
+`sleep` leaves the reader's thread idle, as a decode worker that waits in the kernel; a CPU core
+that idles for milliseconds may enter a deep C-state, which on many servers flushes its private
+caches, so the read that follows runs on cold caches. `spin` keeps the thread busy (a loop on the
+clock), as vLLM's workers are between engine steps: they poll their shared-memory message queue.
+Which one a run used is in the JSON (`settle_mode`). ``NIXL_CONNECTORS_BENCH_SETTLE`` picks it.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import time
+
+SETTLE_ENV = "NIXL_CONNECTORS_BENCH_SETTLE"
+
+
+class SettleMode(enum.Enum):
+    SLEEP = "sleep"
+    SPIN = "spin"
+
+
+def mode_from_env(default: SettleMode = SettleMode.SLEEP) -> SettleMode:
+    """The mode ``NIXL_CONNECTORS_BENCH_SETTLE`` names; ValueError names the choices."""
+    raw = os.environ.get(SETTLE_ENV, "").strip().lower()
+    if not raw:
+        return default
+    try:
+        return SettleMode(raw)
+    except ValueError:
+        raise ValueError(f"{SETTLE_ENV}={raw!r}: expected one of "
+                         f"{', '.join(m.value for m in SettleMode)}") from None
+
+
+def settle(seconds: float, mode: SettleMode) -> None:
+    """Let `seconds` pass, idle (`sleep`) or busy (`spin`)."""
+    if mode is SettleMode.SLEEP:
+        time.sleep(seconds)
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -17,8 +17,9 @@ import torch
 from nixl_connectors.tools.bench.settle import SettleMode, settle
 from transport import gpu_runs
 
-SHAPES = {"64 x 32 KiB": (64, 32 << 10, 1024), "16,384 x 32 KiB": (16384, 32 << 10, 65536),
-          "1,024 x 1 MiB": (1024, 1 << 20, 1024)}
+SHAPES = {   # name: (runs per layer, run bytes, pool blocks per layer, layers)
+    "64 x 32 KiB": (64, 32 << 10, 1024, 1), "16,384 x 32 KiB": (16384, 32 << 10, 65536, 1),
+    "1,024 x 1 MiB": (1024, 1 << 20, 1024, 1), "vLLM 32 x 256 x 64 KiB": (256, 64 << 10, 1024, 32)}
 
 
 def _median_us(fn, reps: int, before=None) -> float:
@@ -65,45 +66,58 @@ def main() -> None:
         print(f"{name:28s} " + "  ".join(f"{k} {v:7.1f}" for k, v in row.items()))
 
     out["launch_us"] = {}
-    for name, (n, rb, pool) in SHAPES.items():
-        src = torch.randint(0, 255, (pool, rb), dtype=torch.uint8, device=dev)
-        dst = torch.zeros((pool, rb), dtype=torch.uint8, device=dev)
+    for name, (n, rb, pool, layers) in SHAPES.items():
+        srcs = [torch.randint(0, 255, (pool, rb), dtype=torch.uint8, device=dev) for _ in range(layers)]
+        dsts = [torch.zeros((pool, rb), dtype=torch.uint8, device=dev) for _ in range(layers)]
         rng = np.random.default_rng(0)
         sid = rng.permutation(pool)[:n] if pool > n else np.arange(n)
         did = rng.permutation(pool)[:n] if pool > n else np.arange(n)
-        remote = gpu_runs.RemoteTable(gpu_runs.RunSide(np.array([src.data_ptr()], np.int64), None,
-                                                       sid.astype(np.int64) * rb), np.full(n, rb, np.int64))
-        local = gpu_runs.RunSide(np.array([dst.data_ptr()], np.int64), None, did.astype(np.int64) * rb)
-
-        def launch_only():
-            e, held = gpu_runs.launch(remote, local, dev, stream)
-            e.synchronize()   # (outside the host time measured by `launch` below)
-            held.synced()
-
-        launch_only()
+        slot = np.repeat(np.arange(layers, dtype=np.int64), n) if layers > 1 else None
+        remote = gpu_runs.RemoteTable(gpu_runs.RunSide(np.array([t.data_ptr() for t in srcs], np.int64), slot,
+                                                       np.tile(sid.astype(np.int64) * rb, layers)),
+                                      np.full(n * layers, rb, np.int64))
+        local = gpu_runs.RunSide(np.array([t.data_ptr() for t in dsts], np.int64), slot,
+                                 np.tile(did.astype(np.int64) * rb, layers))
+        flat = torch.empty(n * layers * rb, dtype=torch.uint8, device=dev)
+        flat2 = torch.empty_like(flat)
         row = {}
-        for mode, before in (("warm", None), ("after_sleep", idle), ("after_spin", busy)):
-            host, total = [], []
-            for _ in range(args.reps // 4):
-                if before is not None:
-                    before()
-                t0 = time.perf_counter()
-                e, held = gpu_runs.launch(remote, local, dev, stream)
-                t1 = time.perf_counter()
-                e.synchronize()
-                t2 = time.perf_counter()
-                held.synced()
-                host.append(t1 - t0)
-                total.append(t2 - t0)
-            row[mode] = {"launch_host_us": float(np.median(host) * 1e6),
-                         "launch_to_synced_us": float(np.median(total) * 1e6)}
-        ok = bool(torch.equal(dst[torch.as_tensor(did, device=dev)], src[torch.as_tensor(sid, device=dev)]))
+        for home in gpu_runs.TableHome:
+            gpu_runs.LOCAL_TABLE = home
+            e, held = gpu_runs.launch(remote, local, dev, stream)   # (compiles the variant)
+            e.synchronize()
+            held.synced()
+            for mode, before in (("warm", None), ("after_sleep", idle), ("after_spin", busy)):
+                host, total = [], []
+                for _ in range(max(10, args.reps // 4)):
+                    if before is not None:
+                        before()
+                    t0 = time.perf_counter()
+                    e, held = gpu_runs.launch(remote, local, dev, stream)
+                    t1 = time.perf_counter()
+                    e.synchronize()
+                    t2 = time.perf_counter()
+                    held.synced()
+                    host.append(t1 - t0)
+                    total.append(t2 - t0)
+                row[f"{home.value}/{mode}"] = {"launch_host_us": float(np.median(host) * 1e6),
+                                               "launch_to_synced_us": float(np.median(total) * 1e6)}
+        gpu_runs.LOCAL_TABLE = gpu_runs.TableHome.MAPPED
+        copy = []
+        for _ in range(max(10, args.reps // 4)):
+            t0 = time.perf_counter()
+            flat2.copy_(flat)
+            torch.cuda.synchronize()
+            copy.append(time.perf_counter() - t0)
+        row["contiguous copy_ + synchronize us"] = float(np.median(copy) * 1e6)
+        ok = all(bool(torch.equal(d[torch.as_tensor(did, device=dev)], s_[torch.as_tensor(sid, device=dev)]))
+                 for s_, d in zip(srcs, dsts))
         row["bytes_ok"] = ok
         out["launch_us"][name] = row
-        print(f"{name:16s} bytes {'ok' if ok else 'WRONG'}  " + "  ".join(
-            f"{m}: host {r['launch_host_us']:6.1f} total {r['launch_to_synced_us']:7.1f}"
-            for m, r in row.items() if isinstance(r, dict)))
-        del src, dst
+        print(f"{name}: bytes {'ok' if ok else 'WRONG'}; contiguous copy {row['contiguous copy_ + synchronize us']:.1f} us")
+        for k, r in row.items():
+            if isinstance(r, dict):
+                print(f"   {k:20s} host {r['launch_host_us']:7.1f} us   launch->synced {r['launch_to_synced_us']:7.1f} us")
+        del srcs, dsts, flat, flat2
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -74,7 +74,7 @@ def main() -> None:
 
                 def run(piece=piece, warps=warps, per=per):
                     kernel[(per, n)](*targs, PIECE=piece, WORD=8,
-                                     EVEN=rb % piece == 0, ALIGN=2, S_MULTI=False, D_MULTI=False, ULEN=rb,
+                                     EVEN=rb % piece == 0, ALIGN=2, ULEN=rb,
                                      num_warps=warps)
                 dst.zero_()
                 run()

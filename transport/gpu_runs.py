@@ -1,12 +1,13 @@
 """The common case of the fused copy, addressed on the device: both sides list the same number
 of runs with the same lengths (a KV hand-off between caches of one block size, whatever the
-block order and the number of per-layer regions). The kernel computes every address itself from
-two half tables, one per side: no per-block arithmetic in Python, one launch.
+block order and the number of per-layer regions). The kernel reads every run's address from
+two half tables, one per side: one launch, one load per side and run.
 
-The remote side's half (the owner's runs of a lease: offsets, region slots, lengths) is uploaded
+The remote side's half (the owner's runs of a lease: addresses, lengths) is uploaded
 once per checked IPC plan, when a lease grant arrives (off the read's path) or at its first read,
 and stays on the device while the plan lives (`RemoteTable`, bounded by `RESIDENT_BYTES`). A read
-uploads only the local half (its own offsets and slots) from a reused pinned slot.
+fills only the local half (its own run addresses: region base + offset, one numpy pass or two)
+in a reused pinned slot.
 
 Everything is addressed relative to one base pointer (the remote half's buffer; all device
 memory shares one virtual address space), so the compiler knows the alignment of the element
@@ -79,9 +80,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def kv_copy_runs(base, sbase, sslot, soff, dbase, dslot, doff, lens,
+    def kv_copy_runs(base, saddr, daddr, lens,
                      PIECE: tl.constexpr, WORD: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
-                     S_MULTI: tl.constexpr, D_MULTI: tl.constexpr, ULEN: tl.constexpr):
+                     ULEN: tl.constexpr):
         j = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1)
         if ULEN > 0:
@@ -90,16 +91,8 @@ def _kernel():
             n = tl.load(lens + i)
         start = j * PIECE
         if start < n:
-            if S_MULTI:
-                sb = tl.load(sbase + tl.load(sslot + i))
-            else:
-                sb = tl.load(sbase)
-            if D_MULTI:
-                db = tl.load(dbase + tl.load(dslot + i))
-            else:
-                db = tl.load(dbase)
-            s = (sb + tl.load(soff + i) + start) // WORD
-            d = (db + tl.load(doff + i) + start) // WORD
+            s = (tl.load(saddr + i) + start) // WORD
+            d = (tl.load(daddr + i) + start) // WORD
             if ALIGN > 1:
                 s = tl.multiple_of(s, ALIGN)
                 d = tl.multiple_of(d, ALIGN)
@@ -117,53 +110,51 @@ def _kernel():
 @dataclass(frozen=True)
 class Half:
     """Where one side's part of the table lies in its buffer (int64 words):
-    [offset (n) | length (n; the remote half, when not uniform) | base (k) | slot (n, when k > 1)].
-    Region bases are stored as byte offsets from the kernel's base pointer."""
+    [address (n) | length (n; the remote half, when not uniform)]. Each run's first byte is
+    stored as its byte offset from the kernel's base pointer (region base + offset, folded on the
+    host): the kernel makes one load per side and run, none that depends on another (a read's
+    own half is read over the bus from mapped host memory, where every dependent load costs a
+    round trip)."""
 
     n: int
-    k: int
     at_lens: int | None
-    at_bases: int
-    at_slot: int | None
     words: int
     bits: int          # OR of every offset (at least bits 0-3), relative base and stored length: the alignment
 
-    def addresses(self, buf_addr: int) -> tuple[int, int, int]:
-        """Device addresses of (bases, slots, offsets) in a buffer at `buf_addr`; an unused
-        slot argument points at the buffer (pure)."""
-        at_slot = buf_addr + self.at_slot * WORD if self.at_slot is not None else buf_addr
-        return buf_addr + self.at_bases * WORD, at_slot, buf_addr
+    def address(self, buf_addr: int) -> int:
+        """Device address of the run addresses in a buffer at `buf_addr` (pure)."""
+        return buf_addr
 
 
 def half_words(side: RunSide, lens: bool = False) -> int:
-    n = len(side.offset)
-    return n * (1 + lens + (side.slot is not None)) + len(side.bases)
+    return len(side.offset) * (1 + lens)
 
 
 def fill_half(side: RunSide, h: np.ndarray, base_addr: int, lens: np.ndarray | None = None) -> Half:
-    """Write one side's half into `h` (int64, at least `half_words` long), its region bases
+    """Write one side's half into `h` (int64, at least `half_words` long): each run's first byte
     relative to the kernel's base pointer `base_addr`; `lens`: the run lengths to store too (pure)."""
-    n, k = len(side.offset), len(side.bases)
-    h[:n] = side.offset
+    n = len(side.offset)
+    rel = side.bases - np.int64(base_addr)
     if side.low_bits is not None:
         bits = side.low_bits
     else:
         bits = int(np.bitwise_or.reduce(side.offset)) if n else 0
-    at = n
+    # (an address's low bits are set only where its base's or its offset's are: for the alignment,
+    # the OR of both parts is a superset)
+    bits |= int(np.bitwise_or.reduce(rel)) if len(rel) else 0
+    out = h[:n]
+    if side.slot is None:
+        np.add(side.offset, rel[0], out=out)
+    else:
+        np.take(rel, side.slot, out=out, mode="clip")   # (slots were checked: Descs, the owner's table)
+        np.add(out, side.offset, out=out)
     at_lens = None
+    at = n
     if lens is not None:
         h[at:at + n] = lens
         bits |= int(np.bitwise_or.reduce(lens))
         at_lens, at = at, at + n
-    rel = h[at:at + k]
-    np.subtract(side.bases, base_addr, out=rel, casting="unsafe")
-    bits |= int(np.bitwise_or.reduce(rel))
-    at_bases, at = at, at + k
-    at_slot = None
-    if side.slot is not None:
-        h[at:at + n] = side.slot
-        at_slot, at = at, at + n
-    return Half(n, k, at_lens, at_bases, at_slot, at, bits)
+    return Half(n, at_lens, at, bits)
 
 
 @dataclass(frozen=True)
@@ -194,33 +185,21 @@ def kernel_args(base: int, remote: Half, local: Half, local_addr: int, v: Varian
                 write: bool) -> tuple[tuple[int, ...], tuple]:
     """(pointer arguments, constexprs) of the kernel: `base` is the remote half's buffer (the
     base pointer), `local_addr` the local half's (pure)."""
-    r_base, r_slot, r_off = remote.addresses(base)
-    l_base, l_slot, l_off = local.addresses(local_addr)
+    r_addr, l_addr = remote.address(base), local.address(local_addr)
     lens = base + remote.at_lens * WORD if remote.at_lens is not None else base
     word, align = word_align(remote.bits | local.bits | v.ulen)
-    r_multi, l_multi = remote.at_slot is not None, local.at_slot is not None
-    if write:
-        ptrs = (base, l_base, l_slot, l_off, r_base, r_slot, r_off, lens)
-        multi = (l_multi, r_multi)
-    else:
-        ptrs = (base, r_base, r_slot, r_off, l_base, l_slot, l_off, lens)
-        multi = (r_multi, l_multi)
-    return ptrs, (v.piece, word, v.even, align, multi[0], multi[1], v.ulen)
+    ptrs = (base, l_addr, r_addr, lens) if write else (base, r_addr, l_addr, lens)
+    return ptrs, (v.piece, word, v.even, align, v.ulen)
 
 
 def emulate(ptrs: tuple[int, ...], consts: tuple, n: int, read_words) -> tuple[np.ndarray, ...]:
     """(source address, destination address, length) of every run, computed the way the kernel
     computes them from its arguments; `read_words(addr, count)` reads int64 words of the tables
     (for tests on machines without a GPU)."""
-    base, sbase, sslot, soff, dbase, dslot, doff, lens = ptrs
-    _, _, _, _, s_multi, d_multi, ulen = consts
+    base, saddr, daddr, lens = ptrs
+    ulen = consts[4]
     lengths = np.full(n, ulen, np.int64) if ulen else read_words(lens, n)
-
-    def side(bptr, slptr, optr, multi):
-        slots = read_words(slptr, n) if multi else np.zeros(n, np.int64)
-        nb = int(slots.max()) + 1 if n else 1
-        return read_words(bptr, nb)[slots] + read_words(optr, n) + base
-    return side(sbase, sslot, soff, s_multi), side(dbase, dslot, doff, d_multi), lengths
+    return read_words(saddr, n) + base, read_words(daddr, n) + base, lengths
 
 
 # -- the remote half on the device ------------------------------------------------------------------
@@ -392,7 +371,7 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
             _, kernel = _kernel()
             with torch.cuda.stream(stream):
                 return kernel[(v.per, n)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2], ALIGN=consts[3],
-                                          S_MULTI=consts[4], D_MULTI=consts[5], ULEN=consts[6], num_warps=v.warps)
+                                          ULEN=consts[4], num_warps=v.warps)
 
         if torch.cuda.current_device() == device.index:
             _LAUNCHER.launch((v.per, n), device.index, stream, ptrs, consts, through_triton, options=(v.warps,))

@@ -40,11 +40,6 @@ def test_paired_kernel_moves_exactly_the_runs(monkeypatch, home, write, rk, lk, 
     local = gpu_runs.RunSide(np.array([p.data_ptr() for p in lpools], np.int64),
                              lslot.astype(np.int32) if lk > 1 else None, loff.astype(np.int64))
     stream = torch.cuda.Stream(dev)
-    for rep in range(3):   # the remote half is uploaded once and reused
-        ev, keep = gpu_runs.launch(remote, local, dev, stream, write)
-        ev.synchronize()
-        keep.synced()
-        assert isinstance(keep, gpu_upload.Held) and remote.resident()
     src_p, src_s, src_o, dst_p, dst_s, dst_o = ((lpools, lslot, loff, rpools, rslot, roff) if write
                                                 else (rpools, rslot, roff, lpools, lslot, loff))
     dst_before = r_before if write else l_before
@@ -53,7 +48,35 @@ def test_paired_kernel_moves_exactly_the_runs(monkeypatch, home, write, rk, lk, 
         a, b, m = int(src_o[i]), int(dst_o[i]), int(ln[i])
         srcrow = src_p[int(src_s[i])].view(-1)[a:a + m]
         expect[int(dst_s[i])].view(-1)[b:b + m] = srcrow
-    for got, want in zip(dst_p, expect):
-        assert torch.equal(got, want), "the kernel wrote other bytes than the runs"
-    for got, want in zip(lpools if write else rpools, l_before if write else r_before):
-        assert torch.equal(got, want), "the source changed"
+    launches = gpu_runs._LAUNCHER.raw_launches + gpu_runs._LAUNCHER.fast_launches
+    for rep in range(3):   # the remote half is uploaded once and reused; later launches go direct
+        for p, b in zip(dst_p, dst_before):   # every rep starts from the old bytes: each must copy
+            p.copy_(b)
+        torch.cuda.synchronize(dev)
+        ev, keep = gpu_runs.launch(remote, local, dev, stream, write)
+        ev.synchronize()
+        keep.synced()
+        assert isinstance(keep, gpu_upload.Held) and remote.resident()
+        for got, want in zip(dst_p, expect):
+            assert torch.equal(got, want), f"rep {rep}: the kernel wrote other bytes than the runs"
+        for got, want in zip(lpools if write else rpools, l_before if write else r_before):
+            assert torch.equal(got, want), f"rep {rep}: the source changed"
+    assert gpu_runs._LAUNCHER.raw_launches + gpu_runs._LAUNCHER.fast_launches >= launches + 2, \
+        "later launches of a variant did not go direct"
+    assert gpu_runs._LAUNCHER.disabled is None, gpu_runs._LAUNCHER.disabled
+
+
+def test_direct_launches_take_the_raw_c_launcher_on_a_known_triton():
+    """On a Triton whose launcher triton_fast knows, the kernel's launches (checked byte for byte
+    above) went straight to its C launcher, and none of them failed."""
+    pytest.importorskip("torch")
+    import triton
+
+    from transport import gpu_runs, triton_fast
+    if not triton.__version__.startswith(triton_fast.RAW_LAUNCH_VERSIONS):
+        pytest.skip(f"triton {triton.__version__}: not a release the raw launch knows")
+    if gpu_runs._LAUNCHER.raw_launches == 0:   # (run alone: launch once)
+        with pytest.MonkeyPatch.context() as mp:
+            test_paired_kernel_moves_exactly_the_runs(mp, "mapped", False, 1, 1, "uniform")
+    assert gpu_runs._LAUNCHER.raw_disabled is None, gpu_runs._LAUNCHER.raw_disabled
+    assert gpu_runs._LAUNCHER.raw_launches > 0

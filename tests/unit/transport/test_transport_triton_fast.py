@@ -95,3 +95,57 @@ def test_a_failing_direct_launch_falls_back_for_good():
 def test_variant_key_is_alignment_not_address():
     assert triton_fast.variant_key(0, (32, 48), (1,)) == triton_fast.variant_key(0, (4096, 16), (1,))
     assert triton_fast.variant_key(0, (32, 40), (1,)) != triton_fast.variant_key(0, (32, 48), (1,))
+
+
+class CudaLauncher:
+    """Stands in for Triton 3.6's CudaLauncher (the name is what raw_launcher checks)."""
+
+    def __init__(self, fail=False, scratch=0):
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl, self.num_ctas = False, False, 1
+        self.calls, self.fail = [], fail
+
+    def launch(self, *args):
+        if self.fail:
+            raise TypeError("function takes exactly 20 arguments")
+        self.calls.append(args)
+
+
+class _CompiledWithLauncher(_Compiled):
+    def __init__(self, run):
+        super().__init__()
+        self.run, self.function, self.packed_metadata = run, 0xF00, (4, 1, 0)
+
+
+def test_raw_launch_hands_the_c_launcher_its_arguments_in_order():
+    run = CudaLauncher()
+    go = triton_fast.raw_launcher(_CompiledWithLauncher(run), "3.6.0")
+    go(4, 9, 0xABC, (16, 32, 8192, True))
+    assert run.calls == [(4, 9, 1, 0xABC, 0xF00, False, False, None, None, (4, 1, 0), None, None, None,
+                          16, 32, 8192, True)]
+
+
+@pytest.mark.parametrize("why", ["version", "scratch", "launcher", "function"])
+def test_raw_launch_only_where_it_is_known_to_be_right(why):
+    ck = _CompiledWithLauncher(CudaLauncher(scratch=256 if why == "scratch" else 0))
+    if why == "launcher":
+        ck.run = object()
+    if why == "function":
+        ck.function = None
+    assert triton_fast.raw_launcher(ck, "3.5.1" if why == "version" else "3.6.0") is None
+
+
+def test_fast_launcher_goes_raw_then_falls_back_to_the_compiled_path(monkeypatch):
+    monkeypatch.setattr(triton_fast, "_triton_version", lambda: "3.6.0")
+    run = CudaLauncher()
+    ck = _CompiledWithLauncher(run)
+    fl = triton_fast.FastLauncher("k")
+    fl.launch((2, 3), 0, _Stream(), (4096, 8192), (8192, 8), lambda: ck)   # first: Triton's path
+    fl.launch((2, 3), 0, _Stream(), (4096, 8192), (8192, 8), lambda: ck)
+    assert fl.raw_launches == 1 and fl.fast_launches == 0 and ck.calls == []
+    assert run.calls[0][:4] == (2, 3, 1, 0xABC) and run.calls[0][13:] == (4096, 8192, 8192, 8)
+    run.fail = True     # the launcher's interface changed: the compiled kernel's own path, for good
+    fl.launch((2, 3), 0, _Stream(), (4096, 8192), (8192, 8), lambda: ck)
+    fl.launch((2, 3), 0, _Stream(), (4096, 8192), (8192, 8), lambda: ck)
+    assert fl.raw_disabled and "20 arguments" in fl.raw_disabled
+    assert fl.raw_launches == 1 and fl.fast_launches == 2 and len(ck.calls) == 2 and fl.disabled is None

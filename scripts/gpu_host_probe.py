@@ -119,6 +119,9 @@ def main() -> None:
                 print(f"   {k:20s} host {r['launch_host_us']:7.1f} us   launch->synced {r['launch_to_synced_us']:7.1f} us")
         del srcs, dsts, flat, flat2
         torch.cuda.empty_cache()
+    la = gpu_runs._LAUNCHER
+    out["launcher"] = {k: getattr(la, k, None) for k in ("raw_launches", "fast_launches", "disabled", "raw_disabled")}
+    print("launcher:", out["launcher"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

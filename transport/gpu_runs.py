@@ -121,10 +121,6 @@ class Half:
     words: int
     bits: int          # OR of every offset (at least bits 0-3), relative base and stored length: the alignment
 
-    def address(self, buf_addr: int) -> int:
-        """Device address of the run addresses in a buffer at `buf_addr` (pure)."""
-        return buf_addr
-
 
 def half_words(side: RunSide, lens: bool = False) -> int:
     return len(side.offset) * (1 + lens)
@@ -185,10 +181,10 @@ def kernel_args(base: int, remote: Half, local: Half, local_addr: int, v: Varian
                 write: bool) -> tuple[tuple[int, ...], tuple]:
     """(pointer arguments, constexprs) of the kernel: `base` is the remote half's buffer (the
     base pointer), `local_addr` the local half's (pure)."""
-    r_addr, l_addr = remote.address(base), local.address(local_addr)
     lens = base + remote.at_lens * WORD if remote.at_lens is not None else base
     word, align = word_align(remote.bits | local.bits | v.ulen)
-    ptrs = (base, l_addr, r_addr, lens) if write else (base, r_addr, l_addr, lens)
+    # (each half's run addresses start its buffer)
+    ptrs = (base, local_addr, base, lens) if write else (base, base, local_addr, lens)
     return ptrs, (v.piece, word, v.even, align, v.ulen)
 
 

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from .env_choice import choice_from_env
+
 PAGES_ENV = "NIXL_CONNECTORS_BENCH_HOST_PAGES"
 
 _MADV_HUGEPAGE = 14
@@ -34,11 +36,7 @@ class HostPages(enum.Enum):
 
 def pages_from_env() -> HostPages:
     """The page policy of this run (``NIXL_CONNECTORS_BENCH_HOST_PAGES``; default huge)."""
-    raw = os.environ.get(PAGES_ENV, HostPages.HUGE.value)
-    try:
-        return HostPages(raw)
-    except ValueError:
-        raise ValueError(f"{PAGES_ENV}={raw!r}: expected one of {[p.value for p in HostPages]}") from None
+    return choice_from_env(PAGES_ENV, HostPages, HostPages.HUGE)
 
 
 def _madvise(addr: int, length: int, advice: int) -> None:

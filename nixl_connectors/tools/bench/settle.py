@@ -9,8 +9,9 @@ Which one a run used is in the JSON (`settle_mode`). ``NIXL_CONNECTORS_BENCH_SET
 from __future__ import annotations
 
 import enum
-import os
 import time
+
+from .env_choice import choice_from_env
 
 SETTLE_ENV = "NIXL_CONNECTORS_BENCH_SETTLE"
 
@@ -22,14 +23,7 @@ class SettleMode(enum.Enum):
 
 def mode_from_env(default: SettleMode = SettleMode.SLEEP) -> SettleMode:
     """The mode ``NIXL_CONNECTORS_BENCH_SETTLE`` names; ValueError names the choices."""
-    raw = os.environ.get(SETTLE_ENV, "").strip().lower()
-    if not raw:
-        return default
-    try:
-        return SettleMode(raw)
-    except ValueError:
-        raise ValueError(f"{SETTLE_ENV}={raw!r}: expected one of "
-                         f"{', '.join(m.value for m in SettleMode)}") from None
+    return choice_from_env(SETTLE_ENV, SettleMode, default)
 
 
 def settle(seconds: float, mode: SettleMode) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..blockfill import fill_pool_torch
 from .gpu_workloads import Devices
+from .harness_wait import mode_from_env as wait_mode, sync_device
 from .limits import CONTIGUOUS, INDEX_COPY, NAMES, Reference
 from .timing import Timings
 from .workloads import Measure, Workload
@@ -27,11 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def _sync(devices: Devices) -> None:
-    import torch
-
+    mode = wait_mode()
     for dev in {devices.owner, devices.reader}:
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize(dev)
+        sync_device(dev, mode)
 
 
 def _timed(fn, devices: Devices, reps: int, warmup: int) -> list[float]:

@@ -1,22 +1,43 @@
 """Does the way a thread waits for the GPU slow down what it runs next? In one process: a ~0.4 ms
 kernel (a 512 MiB copy) is waited for by `event.synchronize()`, `torch.cuda.synchronize()`, or a
-hot poll of the event (`transport.event_wait`); right after, fixed host work is timed: pure
+hot poll of the event (cuEventQuery through ctypes, the GIL released per call); right after, fixed host work is timed: pure
 Python, a numpy pass over 16,384 int64, a tiny kernel launch, an event record, and the read's real
 launch path (`gpu_runs.launch`, 16,384 runs of 32 KiB). "warm" runs the same with no wait before.
 Modes are interleaved rep by rep. Medians in microseconds.
+
+Measured on one H100 (2026-12-07, docs/gpu-results/2026-12-07-c/wait.log): no difference. The work
+after each kind of wait took as long as with no wait before it, so the transport kept its blocking
+waits (the poll was then `transport/event_wait.py` of commit 0c5bd1e, reverted; inlined here).
 
     python3 scripts/gpu_wait_probe.py [--reps 200] [--json F]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import time
 
 import numpy as np
 import torch
 
-from transport import event_wait, gpu_runs
+from transport import gpu_runs
+
+
+def _poller():
+    q = ctypes.CDLL("libcuda.so.1").cuEventQuery
+    q.argtypes, q.restype = [ctypes.c_void_p], ctypes.c_int
+
+    def wait(ev, spin_s: float = 0.01) -> None:
+        end = time.perf_counter() + spin_s
+        while True:
+            rc = q(ev.cuda_event)
+            if rc == 0:
+                return
+            if rc != 600 or time.perf_counter() > end:   # 600: CUDA_ERROR_NOT_READY
+                break
+        ev.synchronize()   # (raises the driver's errors)
+    return wait
 
 
 def python_work(d: dict, n: int = 60) -> int:
@@ -33,6 +54,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    poll_wait = _poller()
     dev = torch.device("cuda:0")
     torch.cuda.set_device(dev)
     side = torch.cuda.Stream(dev)
@@ -67,7 +89,7 @@ def main() -> None:
         "warm (no wait before)": None,
         "event.synchronize()": lambda ev: ev.synchronize(),
         "torch.cuda.synchronize()": lambda ev: torch.cuda.synchronize(),
-        "event_wait.wait (poll)": lambda ev: event_wait.wait(ev, 0.01),
+        "poll cuEventQuery": lambda ev: poll_wait(ev),
     }
     cols = ("kernel -> wait returned", "python", "numpy 16K add", "tiny launch", "event.record",
             "gpu_runs.launch 16K runs", "its kernel, polled", "python after it")
@@ -92,7 +114,7 @@ def main() -> None:
             t4 = time.perf_counter()
             e, held = gpu_runs.launch(remote, local, dev, side)
             t5 = time.perf_counter()
-            event_wait.wait(e, 0.01)
+            poll_wait(e)
             t6 = time.perf_counter()
             held.synced()
             python_work(d)

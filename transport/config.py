@@ -85,10 +85,6 @@ class AgentConfig:
         (process_vm_readv/writev with scatter/gather lists, see cma.py).
     gpu_ipc: read/write CUDA memory of a peer on the same host through CUDA IPC with one fused
         kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
-    gpu_spin_wait_s: a thread waiting for its own same-host CUDA kernel (a read of at most 2 GiB)
-        polls the kernel's event for up to this long before it blocks in the driver
-        (event_wait.py): a thread that blocked was measured to run the next 100 us 4-7x slower.
-        0: always block.
     inline_copy_bytes: same-host copies up to this size run on the transport's loop thread
         (no thread hand-off); larger ones are spread over worker threads.
     direct_lanes: a read of at most `inline_copy_bytes` of host memory from a peer on this host,
@@ -131,7 +127,6 @@ class AgentConfig:
     max_notify_count: int = 65536
     same_host_copy: bool = True
     gpu_ipc: bool = True
-    gpu_spin_wait_s: float = 0.002
     inline_copy_bytes: int = 4 << 20
     direct_lanes: bool = True
     lease_grants: bool = True
@@ -163,8 +158,6 @@ class AgentConfig:
         for name in ("max_pending_handshakes", "max_transfers_per_peer", "max_notify_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if not 0.0 <= self.gpu_spin_wait_s <= 1.0:
-            raise ValueError("gpu_spin_wait_s must be between 0 and 1 second")
         if self.grant_push_sessions < 0:
             raise ValueError("grant_push_sessions must be >= 0")
         if self.max_message_bytes < 64 << 10 or self.max_notify_bytes < 0 or self.inline_copy_bytes < 0:

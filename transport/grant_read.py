@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from . import cma, event_wait, gpu_upload, trace
+from . import cma, gpu_upload, trace
 from .core import Core
 from .descs import Descs
 from .grants import Grant, copy_granted
@@ -98,7 +98,7 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     if live is None:   # a mapping was dropped since (region gone, restart)
         return False
     ev, keep = core.data.ipc_launch(g.ipc, local, False, live)
-    event_wait.wait(ev, core.config.gpu_spin_wait_s)
+    ev.synchronize()
     trace.mark("ipc", "synced")
     if isinstance(keep, gpu_upload.Held):
         keep.synced()

@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import Any
 
-from . import cma, event_wait, gpu_upload, grant_read, trace
+from . import cma, gpu_upload, grant_read, trace
 from .grant_read import GPU_INLINE_BYTES  # kernels this large are waited for on the loop (no thread hop)
 from .core import Core
 from .descs import Descs
@@ -294,7 +294,7 @@ def _start_ipc(x: Initiated, f: Frame) -> None:
             _check_peer_pid(x.session)   # the grant's word is read with process_vm_readv
         x.session.grants.add_ipc(x.lease_id, x.local.nbytes, plan, f.body["grant"], x.sent_at)
     if x.local.nbytes <= GPU_INLINE_BYTES:
-        event_wait.wait(ev, x.core.config.gpu_spin_wait_s)
+        ev.synchronize()
         trace.mark("ipc", "synced")
         if isinstance(keep, gpu_upload.Held):
             keep.synced()

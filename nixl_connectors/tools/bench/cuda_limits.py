@@ -19,7 +19,6 @@ import numpy as np
 
 from ..blockfill import fill_pool_torch
 from .gpu_workloads import Devices
-from .harness_wait import mode_from_env as wait_mode, sync_device
 from .limits import CONTIGUOUS, INDEX_COPY, NAMES, Reference
 from .timing import Timings
 from .workloads import Measure, Workload
@@ -28,9 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def _sync(devices: Devices) -> None:
-    mode = wait_mode()
+    import torch
+
     for dev in {devices.owner, devices.reader}:
-        sync_device(dev, mode)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize(dev)
 
 
 def _timed(fn, devices: Devices, reps: int, warmup: int) -> list[float]:

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from .gpu_workloads import Devices
-from .harness_wait import mode_from_env as wait_mode, sync_device
 from .timing import Timings
 from .workloads import BlockPolicy, Workload
 
@@ -84,7 +83,10 @@ def _mem(device: str) -> tuple[str, int]:
 
 
 def sync(device: str) -> None:
-    sync_device(device, wait_mode())
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def pool(w: Workload, device: str, filled: bool):

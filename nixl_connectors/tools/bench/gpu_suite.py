@@ -10,7 +10,6 @@ import logging
 from typing import Any, Callable
 
 from .gpu_workloads import TTFT_WORKLOADS, Devices, detect_gpu_devices
-from .harness_wait import mode_from_env as wait_mode
 from .report import make_row, print_row
 from .workloads import Workload
 
@@ -65,7 +64,7 @@ def run_cuda_suite(workloads: list[Workload], with_nixl: bool, force_one_gpu: bo
     """``devices`` overrides the detected GPUs (the tests run the suite's code on CPU devices)."""
     from .sweep import run_ours_safely
 
-    info: dict[str, Any] = {"gpu": gpu_info(), "harness_wait": wait_mode().value}
+    info: dict[str, Any] = {"gpu": gpu_info()}
     try:
         devices = devices or detect_gpu_devices(force_one_gpu)
     except Exception as e:

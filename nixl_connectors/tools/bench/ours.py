@@ -19,7 +19,6 @@ import time
 import numpy as np
 
 from .gpu_workloads import Devices
-from .harness_wait import mode_from_env as wait_mode, sync_device
 from .host_memory import host_pool, huge_fraction, pages_from_env
 from .owner_proc import OwnerClient, OwnerProcess, OwnerSpec, layer_seed
 from .settle import mode_from_env, settle
@@ -71,7 +70,6 @@ class _Dest:
         import torch
 
         self.w, self.device, self.cuda = w, device, device.startswith("cuda")
-        self.wait = wait_mode()
         self.seeds = [layer_seed(owner_seed, layer) for layer in range(w.num_layers)]
         if self.cuda:
             self.pools = [torch.zeros((w.pool_blocks, w.block_bytes), dtype=torch.uint8, device=device)
@@ -94,7 +92,10 @@ class _Dest:
         self.sync()
 
     def sync(self) -> None:
-        sync_device(self.device, self.wait)
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
 
     def bad_blocks(self, s_ids: np.ndarray, d_ids: np.ndarray) -> int:
         """Blocks of this rep (all layers) whose bytes differ from the owner's pattern."""
@@ -233,7 +234,6 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
             "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
             "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
             "settle_after_expose_ms": EXPOSE_SETTLE_S * 1e3, "settle_mode": settle_mode.value,
-            "harness_wait": dest.wait.value,
             "host_pages": None if dest.cuda else pages_from_env().value, "huge_page_fraction": huge,
             "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
             "hops_us_median": median_hops(traced) if tracing else None,

@@ -103,6 +103,7 @@ class Descs:
         off = base_offset + ids * step
         d = cls((region,), np.zeros(ids.size, dtype=np.int32), off, np.full(ids.size, block_bytes, dtype=np.int64))
         d.__dict__["uniform_length"] = block_bytes if ids.size else 0   # known: no pass over the lengths
+        d.__dict__["nbytes"] = int(ids.size) * block_bytes
         d.__dict__["offset_low_bits"] = low_bits_of_progression(base_offset, step) if ids.size else 0
         return d
 
@@ -128,6 +129,8 @@ class Descs:
         # what every part already knows (from_blocks: per-layer block lists) needs no pass over
         # the joined arrays at read time
         known = [p.__dict__ for p in parts if len(p)]
+        if all("nbytes" in k for k in known):
+            out.__dict__["nbytes"] = sum(k["nbytes"] for k in known)
         if known and all("uniform_length" in k for k in known):
             ul = {k["uniform_length"] for k in known}
             out.__dict__["uniform_length"] = ul.pop() if len(ul) == 1 else 0

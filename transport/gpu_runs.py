@@ -1,13 +1,14 @@
 """The common case of the fused copy, addressed on the device: both sides list the same number
 of runs with the same lengths (a KV hand-off between caches of one block size, whatever the
 block order and the number of per-layer regions). The kernel reads every run's address from
-two half tables, one per side: one launch, one load per side and run.
+two half tables, one per side: one launch (two for a large read), one load per side and run.
 
 The remote side's half (the owner's runs of a lease: addresses, lengths) is uploaded
 once per checked IPC plan, when a lease grant arrives (off the read's path) or at its first read,
 and stays on the device while the plan lives (`RemoteTable`, bounded by `RESIDENT_BYTES`). A read
 fills only the local half (its own run addresses: region base + offset, one numpy pass or two)
-in a reused pinned slot.
+in a reused pinned slot. A large read (`split_point`) launches on its first quarter as soon as
+those addresses are written and writes the rest while that part copies: two launches, one event.
 
 Everything is addressed relative to one base pointer (the remote half's buffer; all device
 memory shares one virtual address space), so the compiler knows the alignment of the element
@@ -38,6 +39,8 @@ MAX_PAIRS = 65535          # the launch grid's second axis
 MAX_UNIFORM_LEN = 1 << 30  # a uniform run length is compiled in (one variant per block size)
 RESIDENT_BYTES = 64 << 20  # device memory kept by remote halves (least recently used dropped first)
 WORD = 8                   # bytes per table entry (int64)
+SPLIT_MIN_RUNS = 4096      # copies of at least this many runs launch in two parts (split_point)
+SPLIT_ALIGN = 16           # the first part's run count divides by this (table pointers keep their alignment)
 
 
 class TableHome(enum.Enum):
@@ -126,9 +129,9 @@ def half_words(side: RunSide, lens: bool = False) -> int:
     return len(side.offset) * (1 + lens)
 
 
-def fill_half(side: RunSide, h: np.ndarray, base_addr: int, lens: np.ndarray | None = None) -> Half:
-    """Write one side's half into `h` (int64, at least `half_words` long): each run's first byte
-    relative to the kernel's base pointer `base_addr`; `lens`: the run lengths to store too (pure)."""
+def plan_half(side: RunSide, base_addr: int) -> tuple[Half, np.ndarray]:
+    """One side's half before any row is written: its `Half` (no stored lengths) and each
+    region's base relative to the kernel's base pointer `base_addr` (for `fill_rows`) (pure)."""
     n = len(side.offset)
     rel = side.bases - np.int64(base_addr)
     if side.low_bits is not None:
@@ -138,19 +141,46 @@ def fill_half(side: RunSide, h: np.ndarray, base_addr: int, lens: np.ndarray | N
     # (an address's low bits are set only where its base's or its offset's are: for the alignment,
     # the OR of both parts is a superset)
     bits |= int(np.bitwise_or.reduce(rel)) if len(rel) else 0
-    out = h[:n]
+    return Half(n, None, n, bits), rel
+
+
+def fill_rows(side: RunSide, h: np.ndarray, rel: np.ndarray, lo: int, hi: int) -> None:
+    """Write the addresses of runs [lo, hi) into h[lo:hi] (`rel` from `plan_half`) (pure)."""
+    out = h[lo:hi]
     if side.slot is None:
-        np.add(side.offset, rel[0], out=out)
+        np.add(side.offset[lo:hi], rel[0], out=out)
     else:
-        np.take(rel, side.slot, out=out, mode="clip")   # (slots were checked: Descs, the owner's table)
-        np.add(out, side.offset, out=out)
-    at_lens = None
-    at = n
-    if lens is not None:
-        h[at:at + n] = lens
-        bits |= int(np.bitwise_or.reduce(lens))
-        at_lens, at = at, at + n
-    return Half(n, at_lens, at, bits)
+        np.take(rel, side.slot[lo:hi], out=out, mode="clip")   # (slots were checked: Descs, the owner's table)
+        np.add(out, side.offset[lo:hi], out=out)
+
+
+def fill_half(side: RunSide, h: np.ndarray, base_addr: int, lens: np.ndarray | None = None) -> Half:
+    """Write one side's half into `h` (int64, at least `half_words` long): each run's first byte
+    relative to the kernel's base pointer `base_addr`; `lens`: the run lengths to store too (pure)."""
+    half, rel = plan_half(side, base_addr)
+    n = half.n
+    fill_rows(side, h, rel, 0, n)
+    if lens is None:
+        return half
+    h[n:2 * n] = lens
+    return Half(n, n, 2 * n, half.bits | int(np.bitwise_or.reduce(lens)))
+
+
+def split_point(n: int) -> int:
+    """Runs of the first of two launches of one copy (0: a single launch). A large read launches
+    on its first quarter as soon as those addresses are written, and writes the rest while that
+    part copies (pure)."""
+    if n < SPLIT_MIN_RUNS:
+        return 0
+    return n // 4 // SPLIT_ALIGN * SPLIT_ALIGN
+
+
+def part_args(ptrs: tuple[int, ...], first: int, stored_lens: bool) -> tuple[int, ...]:
+    """The kernel's pointer arguments for its runs from `first` on, given those of all runs:
+    each table pointer moves `first` entries on; the base pointer stays (pure)."""
+    base, saddr, daddr, lens = ptrs
+    step = first * WORD
+    return base, saddr + step, daddr + step, lens + step if stored_lens else lens
 
 
 @dataclass(frozen=True)
@@ -347,34 +377,52 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
     trace.mark("ipc", "slot")
     recorded = False
     try:
-        lh = fill_half(local, slot.words, dh.addr)
+        lh, rel = plan_half(local, dh.addr)
+        n = lh.n
+        mapped = LOCAL_TABLE is TableHome.MAPPED and slot.mapped
+        first = split_point(n) if mapped else 0   # (a copied table goes up whole)
+        fill_rows(local, slot.words, rel, 0, first or n)
         trace.mark("ipc", "filled")
-        if LOCAL_TABLE is TableHome.MAPPED and slot.mapped:
+        if mapped:
             buf = slot.host
         else:
             buf = slot.dev
             with torch.cuda.stream(stream):
                 buf[:lh.words].copy_(slot.host[:lh.words], non_blocking=True)
             trace.mark("ipc", "uploaded")
-        laddr = buf.data_ptr()
-        ptrs, consts = kernel_args(dh.addr, dh.half, lh, laddr, dh.variant, write)
-        v, n = dh.variant, lh.n
+        ptrs, consts = kernel_args(dh.addr, dh.half, lh, buf.data_ptr(), dh.variant, write)
+        v = dh.variant
+        direct = torch.cuda.current_device() == device.index
 
-        def through_triton():
-            args = tensor_args(ptrs, (dh.dev, buf))
-            if consts[1] == 1:
-                args[0] = args[0].view(torch.uint8)
-            _, kernel = _kernel()
-            with torch.cuda.stream(stream):
-                return kernel[(v.per, n)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2], ALIGN=consts[3],
-                                          ULEN=consts[4], num_warps=v.warps)
+        def go(p: tuple[int, ...], rows: int) -> None:
+            def through_triton():
+                args = tensor_args(p, (dh.dev, buf))
+                if consts[1] == 1:
+                    args[0] = args[0].view(torch.uint8)
+                _, kernel = _kernel()
+                with torch.cuda.stream(stream):
+                    return kernel[(v.per, rows)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2],
+                                                 ALIGN=consts[3], ULEN=consts[4], num_warps=v.warps)
 
-        if torch.cuda.current_device() == device.index:
-            _LAUNCHER.launch((v.per, n), device.index, stream, ptrs, consts, through_triton, options=(v.warps,))
-        else:   # the compiled kernel is loaded per device: Triton's path switches device itself
-            with torch.cuda.device(device):
-                through_triton()
-        trace.mark("ipc", "kernel")
+            if direct:
+                _LAUNCHER.launch((v.per, rows), device.index, stream, p, consts, through_triton, options=(v.warps,))
+            else:   # the compiled kernel is loaded per device: Triton's path switches device itself
+                with torch.cuda.device(device):
+                    through_triton()
+
+        if first:
+            go(ptrs, first)
+            trace.mark("ipc", "kernel")
+            try:
+                fill_rows(local, slot.words, rel, first, n)   # (the first part copies meanwhile)
+                go(part_args(ptrs, first, dh.half.at_lens is not None), n - first)
+            except BaseException:
+                stream.synchronize()   # the first part reads the slot and the mappings: let it end first
+                raise
+            trace.mark("ipc", "second part")
+        else:
+            go(ptrs, n)
+            trace.mark("ipc", "kernel")
         ev = slot.event
         ev.record(stream)
         recorded = True

@@ -18,13 +18,31 @@ def _pools(torch, dev, k, blocks, bb, seed):
 @pytest.mark.parametrize("rk,lk", [(1, 1), (3, 1), (1, 4)])
 @pytest.mark.parametrize("lengths", ["uniform", "mixed"])
 def test_paired_kernel_moves_exactly_the_runs(monkeypatch, home, write, rk, lk, lengths):
+    _check_paired(monkeypatch, home, write, rk, lk, lengths, 100)
+
+
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("rk,lk", [(1, 1), (3, 4)])
+@pytest.mark.parametrize("lengths", ["uniform", "mixed"])
+def test_a_large_read_launches_in_two_parts_that_move_exactly_the_runs(monkeypatch, write, rk, lk, lengths):
+    from transport import gpu_runs
+
+    n = 5000
+    assert gpu_runs.split_point(n) > 0
+    before = gpu_runs._LAUNCHER.raw_launches + gpu_runs._LAUNCHER.fast_launches
+    _check_paired(monkeypatch, "mapped", write, rk, lk, lengths, n)
+    # three reps: the first part of rep 1 may compile (through Triton); the other five go direct
+    assert gpu_runs._LAUNCHER.raw_launches + gpu_runs._LAUNCHER.fast_launches >= before + 5
+
+
+def _check_paired(monkeypatch, home, write, rk, lk, lengths, n):
     torch = pytest.importorskip("torch")
     from transport import gpu_runs, gpu_upload
 
     monkeypatch.setattr(gpu_runs, "LOCAL_TABLE", gpu_runs.TableHome(home))
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
-    bb, blocks, n = 16384, 256, 100
+    bb, blocks = 16384, max(256, n)
     rng = np.random.default_rng(rk * 10 + lk + write)
     rpools, lpools = _pools(torch, dev, rk, blocks, bb, 1), _pools(torch, dev, lk, blocks, bb, 2)
     r_before = [p.clone() for p in rpools]

@@ -10,9 +10,8 @@ def test_traced_reads_report_their_hops(monkeypatch):
     assert r["bad_blocks"] == 0
     hops = r["hops_us_median"]
     names = list(hops)
-    # from the transport's own mark at read() to the bench's marks after wait() and the sync
-    assert names[0].startswith("called -> ") and names[-1] == "returned -> done", names
-    assert any(n.endswith(" -> returned") for n in names), names
+    # from the transport's own mark at read() to the bench's mark when wait() returned
+    assert names[0].startswith("called -> ") and names[-1].endswith(" -> returned"), names
     assert all(v >= 0 for v in hops.values())
     # the hops of a read add up to no more than its median time (they run inside it), give or take
     # the spread between reps

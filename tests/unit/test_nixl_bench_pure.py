@@ -358,8 +358,8 @@ def test_nixl_ops_name_their_configs_and_initiators():
     from nixl_connectors.tools.bench.gpu_nixl import TIMING, Op
 
     assert [(op.config, op.initiator) for op in Op] == [("read", "reader"), ("write", "owner")]
-    assert 'make_prepped_xfer("WRITE")' in TIMING[Op.WRITE] and "synchronize(owner device)" in TIMING[Op.WRITE]
-    assert "synchronize(reader device)" in TIMING[Op.READ]
+    assert 'make_prepped_xfer("WRITE")' in TIMING[Op.WRITE] and "in the owner process" in TIMING[Op.WRITE]
+    assert "in the reader process" in TIMING[Op.READ] and "after the timing" in TIMING[Op.READ]
 
 
 def test_nixl_config_entry():

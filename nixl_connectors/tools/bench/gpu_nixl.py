@@ -52,7 +52,7 @@ class Op(str, Enum):
 
 
 TIMING = {op: f"make_prepped_xfer(\"{op.value}\") + transfer() until check_xfer_state() is DONE (post to "
-              f"completion) + torch.cuda.synchronize({op.initiator} device), in the {op.initiator} process"
+              f"completion), in the {op.initiator} process (torch.cuda.synchronize of its device after the timing)"
           for op in Op}
 
 
@@ -155,7 +155,7 @@ def rep_rows(w: Workload):
 
 def timed_xfer(agent, op: Op, local_prep, local_ids, remote_prep, remote_ids, tag: bytes, device: str,
                deadline: float) -> float:
-    """Seconds from make_prepped_xfer() to DONE plus a synchronize of ``device`` (the timed part)."""
+    """Seconds from make_prepped_xfer() to DONE (the timed part); ``device`` is synchronized after."""
     t0 = time.perf_counter()
     h = agent.make_prepped_xfer(op.value, local_prep, local_ids, remote_prep, remote_ids, notif_msg=tag)
     state = agent.transfer(h)
@@ -163,8 +163,8 @@ def timed_xfer(agent, op: Op, local_prep, local_ids, remote_prep, remote_ids, ta
         if time.monotonic() > deadline:
             raise TimeoutError(f"NIXL {op.value} did not finish before the deadline")
         state = agent.check_xfer_state(h)
-    sync(device)  # as for ours: a no-op once DONE means the bytes are there
-    dt = time.perf_counter() - t0
+    dt = time.perf_counter() - t0   # (as for ours: DONE means the bytes are there)
+    sync(device)
     if state != "DONE":
         raise RuntimeError(f"NIXL {op.value} ended in state {state}")
     agent.release_xfer_handle(h)

@@ -5,7 +5,7 @@ reader's agent metadata and pool address, and a pipe between the two.
 
 Every rep, over that pipe: the owner picks the rows as ``request_rows`` does (the same seed and
 block policy as READ) and sends them; the reader zeroes its destination rows, synchronizes and
-answers; the owner times make_prepped_xfer("WRITE") + transfer() until DONE + a synchronize of
+answers; the owner times make_prepped_xfer("WRITE") + transfer() until DONE, then synchronizes
 its device; then the reader checks every byte of the destination rows against the source rows'
 pattern and answers the count of wrong blocks. Every wait has a deadline.
 """

@@ -1,8 +1,8 @@
 """Where one read's time goes, from `transport.trace` marks (pure functions).
 
 A traced rep records the transport's own marks (the read's `called` / `copied`, and on the CUDA
-IPC path `start`, `sides`, ..., `synced`) plus the bench's `returned` (wait() returned) and
-`done` (the reader's device synchronized). `rep_hops` turns one rep's marks into the time between
+IPC path `start`, `sides`, ..., `synced`) plus the bench's `returned` (wait() returned; until
+2026-12-07 also `done`, the reader's device synchronized). `rep_hops` turns one rep's marks into the time between
 each mark and the next, in the order they came; `median_hops` keeps the hops seen in at least half
 of the reps (a rep that asked the owner has hops a granted one has not) and gives each one's
 median in microseconds, ordered by their median position in the reps.

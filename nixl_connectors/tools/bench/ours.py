@@ -4,8 +4,10 @@ reader process (its sibling) times ``read()`` to ``wait()``.
 Per rep, outside the timing: expose (NEW_EACH_REP policy) and let 2 ms pass (``EXPOSE_SETTLE_S``;
 idle or busy: settle.py),
 zero the destination blocks; after
-it: check every byte of the rep. CUDA reps also synchronize the reader's device inside the
-timing (a no-op when ``wait()`` keeps its contract that the blocks are usable).
+it: check every byte of the rep. The timing ends when ``wait()`` returns: by its contract the blocks
+are then usable on any stream, so a CUDA rep is checked on the device's current stream with no
+synchronize in between (a ``wait()`` that returned early would show as bad blocks). Until
+2026-12-07 a device synchronize was inside the timing (20-70 us on the H100 machine).
 
 ``NIXL_CONNECTORS_BENCH_TRACE=1`` also records each timed read's hops (``transport.trace``, a few
 perf_counter calls per read) and reports their medians as ``hops_us_median`` (hops.py).
@@ -205,11 +207,9 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
                 trace.enable()
             t0 = time.perf_counter()
             agent.read(peer, local, lease).wait(timeout_s)
-            trace.mark("bench", "returned")
-            dest.sync()
             dt = time.perf_counter() - t0
+            trace.mark("bench", "returned")
             if tracing:
-                trace.mark("bench", "done")
                 marks = trace.disable()
                 if rep >= w.warmup:
                     traced.append(rep_hops(marks))
@@ -232,7 +232,8 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
             "paths": dict(mine.get("paths", {})), "fallbacks": dict(mine.get("fallbacks", {})),
             "granted_reads": int(mine.get("granted_reads", 0)),
             "owner_paths": dict(theirs.get("paths", {})), "owner_fallbacks": dict(theirs.get("fallbacks", {})),
-            "timing": "read() to wait()" + (" + torch.cuda.synchronize(reader device)" if dest.cuda else ""),
+            "timing": "read() to wait()" + (" (no synchronize: the rep is verified on the device's current "
+                                            "stream right after, as the engine would use it)" if dest.cuda else ""),
             "settle_after_expose_ms": EXPOSE_SETTLE_S * 1e3, "settle_mode": settle_mode.value,
             "host_pages": None if dest.cuda else pages_from_env().value, "huge_page_fraction": huge,
             "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),

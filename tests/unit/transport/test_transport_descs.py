@@ -347,6 +347,7 @@ def test_offset_low_bits_cover_every_offset(ids, bb, base, stride):
     exact = int(np.bitwise_or.reduce(d.offset)) & 15
     hint = d.offset_low_bits
     assert hint & exact == exact, (hint, exact)
+    assert d.nbytes == int(d.length.sum()) == len(ids) * bb
     step = bb if stride is None else stride
     if step % 16 == 0 and base % 16 == 0:
         assert hint == 0
@@ -369,6 +370,7 @@ def test_concat_carries_what_its_parts_know(parts):
           for ids, bb, base, blocks in parts]
     c = Descs.concat(ds)
     lens = c.length.tolist()
+    assert c.nbytes == sum(lens)
     assert c.uniform_length == (lens[0] if lens and len(set(lens)) == 1 else 0)
     exact = int(np.bitwise_or.reduce(c.offset)) & 15 if len(c) else 0
     assert c.offset_low_bits & exact == exact

@@ -164,3 +164,47 @@ def test_a_low_bits_hint_replaces_the_pass_over_offsets(hint):
     assert np.array_equal(s_addr, _addr(remote)) and np.array_equal(d_addr, _addr(local))
     want = {0: (8, 2), 8: (8, 1), 1: (1, 1), None: (8, 2)}[hint]
     assert consts[1:4:2] == want
+
+
+# -- a large read's two launches ------------------------------------------------------------------
+def test_split_point_leaves_small_reads_whole_and_keeps_pointers_aligned():
+    from transport.gpu_runs import SPLIT_ALIGN, SPLIT_MIN_RUNS, split_point
+
+    assert split_point(1) == split_point(SPLIT_MIN_RUNS - 1) == 0
+    for n in [SPLIT_MIN_RUNS, SPLIT_MIN_RUNS + 5, 16384, 65535]:
+        k = split_point(n)
+        assert 0 < k < n and k % SPLIT_ALIGN == 0 and k <= n // 4
+        assert (k * 8) % 16 == 0   # a part's table pointers are as aligned as the whole's
+
+
+@pytest.mark.parametrize("n", [4096, 8192 + 5, 16384])
+@pytest.mark.parametrize("rregions,lregions", [(1, 1), (32, 3)])
+@pytest.mark.parametrize("lengths", ["uniform", "varied"])
+@pytest.mark.parametrize("write", [False, True])
+def test_the_two_parts_address_every_run_once_in_order(n, rregions, lregions, lengths, write):
+    from transport.gpu_runs import fill_rows, part_args, plan_half, split_point
+
+    rng = np.random.default_rng(n + rregions + lregions)
+    remote, local = _side(rng, n, rregions, 16), _side(rng, n, lregions, 16)
+    length = (np.full(n, 32768, np.int64) if lengths == "uniform"
+              else (rng.integers(1, 64, n) * 512).astype(np.int64))
+    v = variant_of(length)
+    rh = np.full(half_words(remote, lens=not v.ulen), -1, np.int64)
+    r = fill_half(remote, rh, BASE_R, None if v.ulen else length)
+    # the local half written the way launch() writes it: the first part, then the rest
+    lh = np.full(half_words(local), -1, np.int64)
+    half, rel = plan_half(local, BASE_R)
+    k = split_point(n)
+    fill_rows(local, lh, rel, 0, k)
+    assert (lh[k:] == -1).all(), "the first part wrote past itself"
+    fill_rows(local, lh, rel, k, n)
+    whole = np.full_like(lh, -1)
+    assert fill_half(local, whole, BASE_R) == half and np.array_equal(lh, whole)
+    ptrs, consts = kernel_args(BASE_R, r, half, BASE_L, v, write)
+    read = _reader({BASE_R: rh, BASE_L: lh})
+    first = emulate(ptrs, consts, k, read)
+    rest = emulate(part_args(ptrs, k, r.at_lens is not None), consts, n - k, read)
+    src, dst = (local, remote) if write else (remote, local)
+    got = [np.concatenate([a, b]) for a, b in zip(first, rest)]
+    assert np.array_equal(got[0], _addr(src)) and np.array_equal(got[1], _addr(dst))
+    assert np.array_equal(got[2], length)

@@ -303,5 +303,6 @@ class DataPlane:
         if uid is None:
             s.ipc_maps.clear()
             s.grants.clear()
+            s.words.clear()
         else:
             s.ipc_maps.pop(uid, None)

@@ -93,7 +93,7 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     """The copy and the word check; False when the grant cannot serve this read or the lease
     ended before the check."""
     if kind is MemoryKind.HOST:
-        return g.remote is not None and copy_granted(s.peer.pid, g, local)
+        return g.remote is not None and copy_granted(s.peer.pid, g, local, s.words)
     live = g.ipc.live(s) if g.ipc is not None else None
     if live is None:   # a mapping was dropped since (region gone, restart)
         return False
@@ -101,7 +101,7 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     # While the kernel runs: the word once now (a lease already ended fails fast; and the check
     # that counts, after the copy, then finds its path warm).
     try:
-        early = cma.read_word(s.peer.pid, g.word)
+        early = s.words.read(s.peer.pid, g.word, g.board)
     except BaseException:
         ev.synchronize()   # the kernel reads the slot and the mappings `keep` holds: let it end first
         raise
@@ -111,7 +111,7 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     if isinstance(keep, gpu_upload.Held):
         keep.synced()
     del keep, live
-    return early == g.gen and cma.read_word(s.peer.pid, g.word) == g.gen
+    return early == g.gen and s.words.read(s.peer.pid, g.word, g.board) == g.gen
 
 
 def flush_reports(s: Session) -> None:

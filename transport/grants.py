@@ -5,8 +5,9 @@ with its iovecs. With grants on, that answer also names a *grant word*: an 8-byt
 owner's memory that holds the grant's generation while the lease is active and changes (to 0,
 or to another lease's generation once the slot is reused) the moment the lease ends (release,
 expiry), before any of its blocks can go back to the engine. The reader keeps the iovecs; a
-later read of the same lease copies them with process_vm_readv and then reads the word (one more
-8-byte process_vm_readv). Word unchanged: the lease was active during the whole copy, so the
+later read of the same lease copies them with process_vm_readv and then reads the word (a load
+from the owner's word board, mapped read-only: grant_words.py; else one more 8-byte
+process_vm_readv). Word unchanged: the lease was active during the whole copy, so the
 bytes are the lease's (generations are never reused, and a word never returns to a generation
 it left). Word changed: the grant is dropped and the read goes the normal way (one round trip),
 where the owner's lease checks answer as always. A grant is never a way around those checks:
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cma
+from . import cma, grant_words
 from .descs import Descs
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,20 @@ _RETIRED: list[np.ndarray] = []   # boards of closed agents: zeroed and kept, so
 
 
 class GrantBoard:
-    """Owner side: one word per granted lease, in this process's memory."""
+    """Owner side: one word per granted lease, in this process's memory (a sealed memfd that
+    same-host readers map read-only: grant_words.py); slot 0 holds the board's id."""
 
     def __init__(self, slots: int = BOARD_SLOTS):
-        self.words = np.zeros(slots, dtype="<i8")
-        self._free = list(range(slots - 1, -1, -1))
+        self._board = grant_words.new_board(slots + 1)
+        self.words = self._board.words
+        self._free = list(range(slots, 0, -1))
         self._gen = itertools.count(1)
-        self._high = 0   # slots below this were ever issued (slots are issued lowest first)
+        self._high = 1   # slots below this were ever issued (slots are issued lowest first)
+
+    @property
+    def ref(self) -> grant_words.BoardRef | None:
+        """What a grant names about this board (None: readers use process_vm_readv)."""
+        return self._board.ref
 
     def issue(self, entry) -> tuple[int, int] | None:
         """(word address, generation) of `entry`'s grant, issued on first use; None when every
@@ -62,8 +70,9 @@ class GrantBoard:
 
     def close(self) -> None:
         """The agent closes: every grant ends (its words stay readable, as 0, for late checks)."""
-        self.words[:self._high] = 0   # (slots never issued are 0 already, their pages untouched)
+        self.words[:self._high] = 0   # (slots never issued are 0 already, their pages untouched; the id too)
         self._free = []
+        self._board.close_fd()       # (a mapped board stays mapped, and reads 0)
         _RETIRED.append(self.words)
 
     def revoke(self, entry) -> None:
@@ -89,6 +98,7 @@ class Grant:
     ipc: Any = None           # CUDA memory: the checked dataplane.IpcPlan
     local: Descs | None = None
     batches: list | None = None
+    board: grant_words.BoardRef | None = None   # the owner's board the word is on, when shared
 
     def plan(self, local: Descs) -> list:
         if self.local is not local:  # callers usually re-read into the same Descs object
@@ -114,7 +124,7 @@ class GrantCache:
         except ValueError:
             log.info("lease grant with unusable iovecs ignored")
             return
-        self._keep(Grant(lease, nbytes, remote, checked[0], checked[1], sent_at + checked[2]))
+        self._keep(Grant(lease, nbytes, remote, checked[0], checked[1], sent_at + checked[2], board=checked[3]))
 
     def add_ipc(self, lease: str, nbytes: int, plan: Any, grant: list, sent_at: float) -> bool:
         """Keep the grant of a READ_ACK of CUDA memory, with the IPC plan already checked; False
@@ -122,7 +132,8 @@ class GrantCache:
         checked = _check(grant)
         if checked is None:
             return False
-        self._keep(Grant(lease, nbytes, None, checked[0], checked[1], sent_at + checked[2], ipc=plan))
+        self._keep(Grant(lease, nbytes, None, checked[0], checked[1], sent_at + checked[2], ipc=plan,
+                         board=checked[3]))
         return True
 
     def _keep(self, g: Grant) -> None:
@@ -150,23 +161,25 @@ class GrantCache:
         return len(self._by_lease)
 
 
-def _check(grant: Any) -> tuple[int, int, float] | None:
-    """(word address, generation, seconds usable) of a well-formed grant, else None."""
-    if (not isinstance(grant, list) or len(grant) != 3
+def _check(grant: Any) -> tuple[int, int, float, grant_words.BoardRef | None] | None:
+    """(word address, generation, seconds usable, the board it is on or None) of a well-formed
+    grant ([word, generation, ms left] or [..., board fd, board address, board id]), else None."""
+    if (not isinstance(grant, list) or len(grant) not in (3, 6)
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grant)
             or not isinstance(grant[0], int) or not isinstance(grant[1], int)):
         log.info("malformed lease grant ignored")
         return None
     word, gen, ttl_ms = grant[0], grant[1], float(grant[2])
-    if not (0 < word < 1 << 64 and gen > 0 and 0 < ttl_ms < 1e12):
+    board = grant_words.parse_ref(*grant[3:]) if len(grant) == 6 else None
+    if not (0 < word < 1 << 64 and gen > 0 and 0 < ttl_ms < 1e12) or (len(grant) == 6 and board is None):
         log.info("malformed lease grant ignored")
         return None
-    return word, gen, ttl_ms / 1000.0 - EXPIRY_MARGIN_S
+    return word, gen, ttl_ms / 1000.0 - EXPIRY_MARGIN_S, board
 
 
-def copy_granted(pid: int, g: Grant, local: Descs) -> bool:
+def copy_granted(pid: int, g: Grant, local: Descs, words: grant_words.WordReader) -> bool:
     """Copy the granted lease into `local`, then check its word: True when the bytes are the
     lease's; False when the lease ended (the bytes may be anything; nothing was reported).
     Raises cma.CmaUnavailable / OSError as the normal copy does."""
     cma.copy_all(pid, g.plan(local), False)
-    return cma.read_word(pid, g.word) == g.gen
+    return words.read(pid, g.word, g.board) == g.gen

@@ -181,11 +181,15 @@ def _serve_one_sided(core: Core, s: Session, f: Frame, sv: Served) -> None:
 
 
 def grant_for(core: Core, entry: LeaseEntry) -> list | None:
-    """[word address, generation, ms left] of the lease's grant (grants.py), or None."""
+    """[word address, generation, ms left (, board fd, board address, board id)] of the lease's
+    grant (grants.py, grant_words.py), or None."""
     with core.lock:
         left = entry.expires_mono - core.leases.now()
         g = core.grants.issue(entry) if left > 0 else None
-    return None if g is None else [g[0], g[1], left * 1000.0]
+    if g is None:
+        return None
+    ref = core.grants.ref
+    return [g[0], g[1], left * 1000.0] + ([] if ref is None else [ref.fd, ref.base, ref.ident])
 
 
 def serve_granted(core: Core, s: Session, f: Frame) -> None:

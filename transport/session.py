@@ -17,6 +17,7 @@ from typing import Any, Callable
 from . import cma
 from .conn import Conn
 from .errors import BadMessage
+from .grant_words import WordReader
 from .grants import GrantCache
 from .wire import DataPath, Frame
 
@@ -66,6 +67,7 @@ class Session:
     ipc_maps: dict[int, Any] = field(default_factory=dict)    # owner region slot -> mapping
     grants: GrantCache = field(default_factory=GrantCache)    # leases we may re-read without asking
     grant_reports: deque = field(default_factory=deque)       # (lease, nbytes, path) granted reads not yet reported
+    words: WordReader = field(default_factory=WordReader)    # the owner's grant words (its board mapped)
     one_sided_reader: bool = False           # it read from us one-sidedly (grants are sent ahead to it)
     pid_checked: bool = False                # the peer's claimed pid was checked against the connection
     _xids: Any = field(default_factory=lambda: itertools.count(1))

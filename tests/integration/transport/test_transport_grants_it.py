@@ -230,6 +230,8 @@ def _reader_with_grant(owner_node, nblocks=16):
     for _ in range(3):
         b.read(peer, local, lid).wait(10)
     assert b.snapshot()["granted_reads"] >= 1
+    # the owner's grant words are mapped (grant_words.py): word checks are loads, not syscalls
+    assert b._core.sessions.by_addr[peer.address].words.mapped() == 1
     return b, peer, local, lid, dst, ids, oname
 
 

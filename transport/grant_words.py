@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MEMFD_NAME = "nixl-grant-words"
 MAX_BOARD_BYTES = 64 << 20
+MAX_BOARDS = 4             # boards one session tries to map (an honest owner has one per agent)
 _WORD = struct.Struct("<q")
 
 
@@ -150,11 +151,11 @@ class WordReader:
     def read(self, pid: int, address: int, ref: BoardRef | None) -> int:
         if ref is not None:
             b = self._boards.get(ref, False)
-            if b is False:
+            if b is False and len(self._boards) < MAX_BOARDS:   # (a peer naming ever new boards gets syscalls)
                 b = self._boards[ref] = map_board(pid, ref)
                 if b is None:
                     log.debug("grant board of pid %d not mappable: its words are read with process_vm_readv", pid)
-            if b is not None:
+            if b:
                 v = b.read(address)
                 if v is not None:
                     return v

@@ -146,3 +146,13 @@ def test_grant_board_slots_start_after_the_id():
     assert slots == [1, 2] and int(gb.words[0]) == gb.ref.ident
     assert np.count_nonzero(gb.words) == 3
     gb.close()
+
+
+def test_a_peer_naming_ever_new_boards_gets_process_vm_readv_not_ever_more_mappings(monkeypatch):
+    tried = []
+    monkeypatch.setattr(grant_words, "map_board", lambda pid, ref: tried.append(ref))   # (each unmappable)
+    monkeypatch.setattr(cma, "read_word", lambda pid, addr: 7)
+    wr = WordReader()
+    for i in range(50):
+        assert wr.read(PID, 4096, BoardRef(3, 8 * (i + 1), i + 1)) == 7
+    assert len(tried) == grant_words.MAX_BOARDS and wr.mapped() == 0

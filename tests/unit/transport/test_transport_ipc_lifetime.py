@@ -17,6 +17,7 @@ from transport import AgentConfig, Descs, copy_plan, gpu_runs
 from transport.cuda_ipc import Mapping
 from transport.dataplane import DataPlane
 from transport.errors import PeerLost
+from transport.grant_words import WordReader
 from transport.grants import GrantCache
 from transport.region import make_region
 from transport.stats import AgentStats
@@ -31,7 +32,8 @@ def dp(monkeypatch):
 
 
 def _session(m):
-    return types.SimpleNamespace(secret=None, ipc_maps={7: m}, grants=GrantCache(), peer=types.SimpleNamespace(pid=1))
+    return types.SimpleNamespace(secret=None, ipc_maps={7: m}, grants=GrantCache(), words=WordReader(),
+                                 peer=types.SimpleNamespace(pid=1))
 
 
 def _read(dp, s):

@@ -98,20 +98,12 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     if live is None:   # a mapping was dropped since (region gone, restart)
         return False
     ev, keep = core.data.ipc_launch(g.ipc, local, False, live)
-    # While the kernel runs: the word once now (a lease already ended fails fast; and the check
-    # that counts, after the copy, then finds its path warm).
-    try:
-        early = s.words.read(s.peer.pid, g.word, g.board)
-    except BaseException:
-        ev.synchronize()   # the kernel reads the slot and the mappings `keep` holds: let it end first
-        raise
-    trace.mark("ipc", "word ahead")
     ev.synchronize()
     trace.mark("ipc", "synced")
     if isinstance(keep, gpu_upload.Held):
         keep.synced()
     del keep, live
-    return early == g.gen and s.words.read(s.peer.pid, g.word, g.board) == g.gen
+    return s.words.read(s.peer.pid, g.word, g.board) == g.gen   # (a load from the mapped board)
 
 
 def flush_reports(s: Session) -> None:

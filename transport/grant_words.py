@@ -48,19 +48,21 @@ class BoardRef:
 
 @dataclass
 class Board:
-    """Owner side: the words (slot 0: the id) and, when shared, the memfd behind them."""
+    """Owner side: the words (slot 0: the id) and, when shared, the memfd behind them; `ref` is
+    what every grant names about it (made once: each issued grant carries it)."""
 
     words: np.ndarray
     fd: int | None
     ident: int
+    ref: BoardRef | None = None
 
-    @property
-    def ref(self) -> BoardRef | None:
-        return None if self.fd is None else BoardRef(self.fd, self.words.ctypes.data, self.ident)
+    def __post_init__(self) -> None:
+        if self.fd is not None:
+            self.ref = BoardRef(self.fd, self.words.ctypes.data, self.ident)
 
     def close_fd(self) -> None:
         if self.fd is not None:
-            fd, self.fd = self.fd, None
+            fd, self.fd, self.ref = self.fd, None, None
             try:
                 os.close(fd)
             except OSError:

@@ -321,12 +321,17 @@ class Agent:
             raise TypeError("notify must be bytes or None")
         if self._closed:
             raise PeerLost(f"agent {self.name} is closed")
-        xfer = Transfer(local.nbytes, self._rt.call_soon)
-        trace.mark(xfer, "called")
-        if (not write and ranges is None and isinstance(peer, Peer) and not self._rt.in_loop()
-                and grant_read.try_read(self._core, self._core.sessions.by_addr.get(peer.address), local,
-                                        lease_id, notify, xfer, self._lanes)):
-            return xfer
+        xfer = None
+        if trace.on():   # (marks are keyed by the transfer: it exists from the start)
+            xfer = Transfer(local.nbytes, self._rt.call_soon)
+            trace.mark(xfer, "called")
+        if not write and ranges is None and isinstance(peer, Peer) and not self._rt.in_loop():
+            done = grant_read.try_read(self._core, self._core.sessions.by_addr.get(peer.address), local,
+                                       lease_id, notify, xfer, self._lanes)
+            if done is not None:   # served on this thread (without tracing: a completed Transfer, made now)
+                return done
+        if xfer is None:
+            xfer = Transfer(local.nbytes, self._rt.call_soon)
         if not write and not self._rt.in_loop() and self._lanes.try_read(
                 peer, local, lease_id, ranges, notify, timeout or self.config.timeout_s, xfer):
             return xfer

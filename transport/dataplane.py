@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import copy_plan, cuda_ipc, gpu_copy, gpu_runs, gpu_upload, trace
+from . import copy_plan, cuda_ipc, gpu_copy, gpu_memcpy, gpu_runs, gpu_upload, trace
 from . import handshake as hs
 from .config import AgentConfig
 from .dataeps import abort_when_idle
@@ -39,6 +40,13 @@ class IpcPlan:
     maps: tuple              # (region uid, mapping serial, device) of the mappings it was checked against
     remote: Any = None       # gpu_runs.RemoteTable: its runs for the paired kernel (device half kept)
     ulen: int = 0            # the length of every run when they are all equal, else 0
+    span: int | None = None  # the address of its first byte when it is one contiguous range of one mapping
+    _seen: list = field(default_factory=lambda: [-1], compare=False, repr=False)   # [epoch of ipc_maps checked]
+
+    def __post_init__(self) -> None:
+        uids = [uid for uid, _, _ in self.maps]
+        get = operator.itemgetter(*uids) if len(uids) > 1 else None
+        object.__setattr__(self, "_get", get)
 
     def pairs_with(self, local: Descs) -> bool:
         """Do the local runs pair one to one with the owner's (the paired kernel's case)? O(1)
@@ -47,17 +55,23 @@ class IpcPlan:
             return self.ulen == local.uniform_length and len(self.ln) == len(local) <= gpu_runs.MAX_PAIRS
         return gpu_runs.paired(self.ln, local.length)
 
-    def live(self, s: Session) -> list | None:
+    def live(self, s: Session) -> tuple | None:
         """The session's mappings it was checked against, to hold while a kernel runs over them;
         None when one was dropped or replaced since (region gone, owner lost or restarted). A plan
         holds no mapping itself: a plan kept somewhere (a grant of a session not yet collected)
-        must not keep a dead owner's memory mapped."""
-        out = []
-        for uid, serial, _ in self.maps:
-            m = s.ipc_maps.get(uid)
-            if m is None or m.serial != serial:
-                return None
-            out.append(m)
+        must not keep a dead owner's memory mapped. While the session's table has not changed
+        since the last full check (its epoch), one lookup of every uid is all it takes."""
+        maps = s.ipc_maps
+        try:
+            out = self._get(maps) if self._get is not None else (maps[self.maps[0][0]],)
+        except (KeyError, IndexError):
+            return None
+        epoch = getattr(maps, "epoch", None)
+        if epoch is None or epoch != self._seen[0]:
+            for m, (_, serial, _) in zip(out, self.maps):
+                if m.serial != serial:
+                    return None
+            self._seen[0] = -1 if epoch is None else epoch
         return out
 
 
@@ -243,7 +257,10 @@ class DataPlane:
         trace.mark("ipc", "checked")
         bases_a = np.asarray(bases, dtype=np.int64)
         remote = gpu_runs.RemoteTable(gpu_runs.RunSide(bases_a, slot if len(bases) > 1 else None, off), ln)
-        return IpcPlan(bases_a, slot, off, ln, tuple(maps), remote, common_value(ln))
+        span = None
+        if len(bases) == 1 and (len(off) == 1 or np.array_equal(off[1:], off[:-1] + ln[:-1])):
+            span = int(bases_a[0]) + int(off[0])
+        return IpcPlan(bases_a, slot, off, ln, tuple(maps), remote, common_value(ln), span)
 
     def ipc_preload(self, plan: IpcPlan) -> None:
         """Put a kept plan's half of the kernel's table on the device now (a lease grant just
@@ -258,43 +275,49 @@ class DataPlane:
         except (RuntimeError, ValueError) as e:
             log.debug("%s: preloading an IPC table failed (%s); its read uploads it", self.name, e)
 
-    def ipc_launch(self, plan: IpcPlan, local: Descs, write: bool, live: list | None):
-        """Enqueue the one kernel of a checked plan over the mappings `live` (`plan.live()`);
-        returns (event, keep-alive: the kernel's buffers and those mappings)."""
+    def ipc_launch(self, plan: IpcPlan, local: Descs, write: bool, live: tuple | None, record: bool = True):
+        """Enqueue the copy of a checked plan over the mappings `live` (`plan.live()`); returns
+        (what to synchronize: the event recorded after it, or without `record` the side stream
+        itself (a driver call less), then the keep-alive: the copy's buffers and those mappings,
+        whose `synced()` (when it has one) is called once that synchronize returned)."""
         if live is None:
             raise PeerLost("a CUDA IPC mapping of this read was dropped (region gone or owner lost)")
-        ev, keep = self._ipc_launch(plan, local, write)
+        trace.mark("ipc", "start")
+        device = local.regions[0].device
+        stream = self.stream(device)
+        ev, keep = self._ipc_launch(plan, local, write, device, stream, record)
         if isinstance(keep, gpu_upload.Held):
             keep.extra = (keep.extra, live)
         else:
             keep = (keep, live)
-        return ev, keep
+        return (ev if record else stream), keep
 
-    def _ipc_launch(self, plan: IpcPlan, local: Descs, write: bool):
-        trace.mark("ipc", "start")
-        device = local.regions[0].device
-        stream = self.stream(device)
-        bases, slot, off, ln = plan.bases, plan.slot, plan.off, plan.ln
+    def _ipc_launch(self, plan: IpcPlan, local: Descs, write: bool, device: Any, stream: Any, record: bool):
+        if plan.span is not None and local.span is not None:   # one range each (the sizes are equal: checked)
+            mine = local.regions[0].ptr + local.span
+            src, dst = (mine, plan.span) if write else (plan.span, mine)
+            out = gpu_memcpy.copy(dst, src, local.nbytes, device, stream, record)
+            trace.mark("ipc", "memcpy")
+            return out
         if plan.pairs_with(local):
-            lbases = np.array([r.ptr for r in local.regions], dtype=np.int64)
-            lside = gpu_runs.RunSide(lbases, local.region_idx if len(lbases) > 1 else None, local.offset,
-                                     local.offset_low_bits)
+            lside = gpu_runs.RunSide(local.bases, local.region_idx if len(local.regions) > 1 else None, local.offset,
+                                     local.offset_low_bits, local.base_low_bits)
             trace.mark("ipc", "sides")
-            out = gpu_runs.launch(plan.remote, lside, device, stream, write)
+            out = gpu_runs.launch(plan.remote, lside, device, stream, write, record)
             trace.mark("ipc", "launched")
             return out
+        bases, slot, off, ln = plan.bases, plan.slot, plan.off, plan.ln
         remote = copy_plan.run_addresses(bases, slot, off)
         ld = local.coalesced()
-        lbases = np.array([r.ptr for r in ld.regions], dtype=np.int64)
-        laddr = copy_plan.run_addresses(lbases, ld.region_idx, ld.offset)
+        laddr = copy_plan.run_addresses(ld.bases, ld.region_idx, ld.offset)
         if write:
             s_, d_, n_ = copy_plan.pair_streams(laddr, ld.length, remote, ln)
         else:
             s_, d_, n_ = copy_plan.pair_streams(remote, ln, laddr, ld.length)
         trace.mark("ipc", "paired")
-        out = gpu_copy.launch(s_, d_, n_, device, stream)
+        ev, keep = gpu_copy.launch(s_, d_, n_, device, stream)
         trace.mark("ipc", "launched")
-        return out
+        return ev, keep
 
     def drop_mappings(self, s: Session, uid: int | None = None) -> None:
         """Forget the session's mappings (all, or one region's); the last reference closes each

@@ -161,6 +161,30 @@ class Descs:
         offset is 8- or 16-byte aligned, this says so (the CUDA copy kernels' variant)."""
         return int(np.bitwise_or.reduce(self.offset)) & 15 if len(self) else 0
 
+    @functools.cached_property
+    def bases(self) -> np.ndarray:
+        """int64 address of each region's first byte (regions are fixed: computed once)."""
+        return np.array([r.ptr for r in self.regions], dtype=np.int64)
+
+    @functools.cached_property
+    def base_low_bits(self) -> int:
+        """Bits 0-3 set in any region's address (their OR; computed once)."""
+        bits = 0
+        for r in self.regions:
+            bits |= r.ptr
+        return bits & 15
+
+    @functools.cached_property
+    def span(self) -> int | None:
+        """The offset of the one contiguous byte range this stream is, in its one region (its
+        runs follow each other there, in order), else None (computed once)."""
+        n = len(self)
+        if not n or len(self.regions) != 1:
+            return None
+        if n > 1 and not np.array_equal(self.offset[1:], self.offset[:-1] + self.length[:-1]):
+            return None
+        return int(self.offset[0])
+
     def select_stream(self, ranges) -> "Descs":
         """The descriptors covering byte ranges of this stream, in the ranges' order.
 

@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,14 +53,15 @@ class TableHome(enum.Enum):
 LOCAL_TABLE = TableHome.MAPPED   # (DEVICE where the driver does not map pinned memory at its address)
 
 
-@dataclass(frozen=True)
-class RunSide:
-    """One side's runs: `bases[slot[i]] + offset[i]` is run i's first byte (slot None: one region)."""
+class RunSide(NamedTuple):
+    """One side's runs: `bases[slot[i]] + offset[i]` is run i's first byte (slot None: one region).
+    (A named tuple: one is made per read.)"""
 
     bases: np.ndarray            # int64 device addresses of the regions
     slot: np.ndarray | None      # integer region slot per run, or None for a single region
     offset: np.ndarray           # int64 byte offset per run
     low_bits: int | None = None  # bits 0-3 any offset may have (Descs.offset_low_bits), or None: computed
+    base_bits: int | None = None  # bits 0-3 any base may have (Descs.base_low_bits), or None: computed
 
 
 def launch_shape(longest: int) -> tuple[int, int]:
@@ -110,8 +111,7 @@ def _kernel():
 
 
 # -- the two half tables (pure) -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Half:
+class Half(NamedTuple):
     """Where one side's part of the table lies in its buffer (int64 words):
     [address (n) | length (n; the remote half, when not uniform)]. Each run's first byte is
     stored as its byte offset from the kernel's base pointer (region base + offset, folded on the
@@ -129,26 +129,34 @@ def half_words(side: RunSide, lens: bool = False) -> int:
     return len(side.offset) * (1 + lens)
 
 
-def plan_half(side: RunSide, base_addr: int) -> tuple[Half, np.ndarray]:
+def plan_half(side: RunSide, base_addr: int) -> tuple[Half, Any]:
     """One side's half before any row is written: its `Half` (no stored lengths) and each
-    region's base relative to the kernel's base pointer `base_addr` (for `fill_rows`) (pure)."""
+    region's base relative to the kernel's base pointer `base_addr` (for `fill_rows`: an int for
+    one region, else an int64 array) (pure)."""
     n = len(side.offset)
-    rel = side.bases - np.int64(base_addr)
     if side.low_bits is not None:
         bits = side.low_bits
     else:
         bits = int(np.bitwise_or.reduce(side.offset)) if n else 0
     # (an address's low bits are set only where its base's or its offset's are: for the alignment,
     # the OR of both parts is a superset)
-    bits |= int(np.bitwise_or.reduce(rel)) if len(rel) else 0
+    if side.slot is None:
+        rel: Any = int(side.bases[0]) - base_addr
+        bits |= rel & 15
+    else:
+        rel = side.bases - np.int64(base_addr)
+        if side.base_bits is not None and base_addr & 15 == 0:   # (then each relative base has its base's low bits)
+            bits |= side.base_bits
+        else:
+            bits |= int(np.bitwise_or.reduce(rel)) if len(rel) else 0
     return Half(n, None, n, bits), rel
 
 
-def fill_rows(side: RunSide, h: np.ndarray, rel: np.ndarray, lo: int, hi: int) -> None:
+def fill_rows(side: RunSide, h: np.ndarray, rel: Any, lo: int, hi: int) -> None:
     """Write the addresses of runs [lo, hi) into h[lo:hi] (`rel` from `plan_half`) (pure)."""
     out = h[lo:hi]
     if side.slot is None:
-        np.add(side.offset[lo:hi], rel[0], out=out)
+        np.add(side.offset[lo:hi], rel, out=out)
     else:
         np.take(rel, side.slot[lo:hi], out=out, mode="clip")   # (slots were checked: Descs, the owner's table)
         np.add(out, side.offset[lo:hi], out=out)
@@ -364,18 +372,21 @@ def tensor_args(ptrs: tuple[int, ...], buffers: tuple) -> list:
 _LAUNCHER = triton_fast.FastLauncher("kv_copy_runs")
 
 
-def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write: bool = False) -> tuple[Any, Any]:
+def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write: bool = False,
+           record: bool = True) -> tuple[Any, Any]:
     """Enqueue the copy of run i of `remote` to run i of `local` (or back, `write`) on `stream`
     (the two pair: `paired()`); returns (event recorded after it, buffers to keep alive until
-    the event completes)."""
+    the event completes). With `record` False no event is recorded (a driver call less) and the
+    first item is None: the caller synchronizes `stream` and then calls the keep-alive's
+    `synced()`, which frees its table slot (held busy until then)."""
     import torch
 
     dh = remote.on(device, stream)
     trace.mark("ipc", "remote half")
-    slot = gpu_upload.SLOTS.take(device, half_words(local))
+    slot = gpu_upload.SLOTS.take(device, len(local.offset))
     use = slot.uses
     trace.mark("ipc", "slot")
-    recorded = False
+    ok = False
     try:
         lh, rel = plan_half(local, dh.addr)
         n = lh.n
@@ -390,7 +401,7 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
             with torch.cuda.stream(stream):
                 buf[:lh.words].copy_(slot.host[:lh.words], non_blocking=True)
             trace.mark("ipc", "uploaded")
-        ptrs, consts = kernel_args(dh.addr, dh.half, lh, buf.data_ptr(), dh.variant, write)
+        ptrs, consts = kernel_args(dh.addr, dh.half, lh, slot.addr if mapped else buf.data_ptr(), dh.variant, write)
         v = dh.variant
         direct = torch.cuda.current_device() == device.index
 
@@ -423,9 +434,12 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
         else:
             go(ptrs, n)
             trace.mark("ipc", "kernel")
-        ev = slot.event
-        ev.record(stream)
-        recorded = True
+        ev = None
+        if record:
+            ev = slot.event
+            ev.record(stream)
+        ok = True
     finally:
-        gpu_upload.SLOTS.release(slot, recorded)
-    return ev, gpu_upload.Held(slot, use, dh)
+        if record or not ok:   # (else busy until the caller's synced(): no event says when it is free)
+            gpu_upload.SLOTS.release(slot, record and ok)
+    return ev, gpu_upload.Held(slot, use, dh, recorded=record)

@@ -35,6 +35,7 @@ class Slot:
     pending: bool = False   # the event was recorded and nobody has seen it complete yet
     busy: bool = False   # taken, event not recorded yet
     uses: int = 0
+    addr: int = 0        # `host`'s address (asked once)
 
     def free(self) -> bool:
         if self.busy:
@@ -90,7 +91,7 @@ class UploadSlots:
         if not mapped:
             log.info("pinned host memory is not mapped at its own address on %s: tables are copied to the device",
                      device)
-        sl = Slot(host, host.numpy(), dev, mapped, torch.cuda.Event(), busy=True, uses=1)
+        sl = Slot(host, host.numpy(), dev, mapped, torch.cuda.Event(), busy=True, uses=1, addr=host.data_ptr())
         if keep:
             with self._lock:
                 self._by_device.setdefault(device.index, []).append(sl)
@@ -119,7 +120,12 @@ class Held:
     slot: Slot
     use: int
     extra: Any = None
+    recorded: bool = True   # False: no event was recorded and the slot stays busy until synced()
 
     def synced(self) -> None:
-        """The caller synchronized the kernel's event: the slot is free without a query."""
-        SLOTS.synced(self.slot, self.use)
+        """The caller synchronized the kernel's event (or, with none recorded, its stream): the
+        slot is free without a query."""
+        if self.recorded:
+            SLOTS.synced(self.slot, self.use)
+        else:
+            SLOTS.release(self.slot, False)

@@ -20,6 +20,7 @@ from .descs import Descs
 from .grants import Grant, copy_granted
 from .region import MemoryKind
 from .session import Session
+from .transfer import Transfer
 from .wire import DataPath, Msg
 
 log = logging.getLogger(__name__)
@@ -41,22 +42,23 @@ def _usable(core: Core, s: Session | None, local: Descs) -> MemoryKind | None:
 
 
 def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify: bytes | None,
-             xfer: Any, lanes: Any = None) -> bool:
-    """Copy the lease under its grant; True when `xfer` was settled (successfully). On the loop
-    thread `lanes` is None; from another thread a notification's report goes out on the thread's
-    direct lane to that peer (with lanes on, a host read on a thread without one takes a lane
-    read first, which makes it), else through the loop."""
+             xfer: Transfer | None = None, lanes: Any = None) -> Transfer | None:
+    """Copy the lease under its grant; returns the Transfer, settled (successfully): `xfer`, or
+    without one a new, already completed Transfer; None when the read must go the normal way (nothing
+    was reported). On the loop thread `lanes` is None; from another thread a notification's report goes
+    out on the thread's direct lane to that peer (with lanes on, a host read on a thread without one
+    takes a lane read first, which makes it), else through the loop."""
     kind = _usable(core, s, local)
     if kind is None:
-        return False
+        return None
     g = s.grants.get(lease_id, local.nbytes)
     if g is None:
-        return False
+        return None
     lane = None
     if lanes is not None and kind is MemoryKind.HOST:
         lane = lanes.existing(s)
         if lane is None and lanes.enabled():
-            return False  # a lane read makes this thread's lane; the next granted reads report on it
+            return None  # a lane read makes this thread's lane; the next granted reads report on it
     t0 = time.monotonic()
     try:
         ok = _copy(core, s, g, local, kind)
@@ -64,29 +66,33 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
         s.grants.drop(lease_id)
         s.off.setdefault(DataPath.CMA, f"the kernel refused process_vm_readv: {e}")
         core.fallback(DataPath.CMA, f"the kernel refused process_vm_readv: {e}", s.name)
-        return False
+        return None
     except (OSError, ValueError, RuntimeError) as e:
         log.debug("granted read of %.12s from %s failed (%s); asking the owner", lease_id, s.name, e)
         ok = False
     if not ok:
         s.grants.drop(lease_id)
-        return False
+        return None
     trace.mark(xfer, "copied")
     path = DataPath.CMA if kind is MemoryKind.HOST else DataPath.IPC
+    nbytes = local.nbytes
     with core.lock:
-        core.stats.record_in(local.nbytes, time.monotonic() - t0)
+        core.stats.record_in(nbytes, time.monotonic() - t0)
         core.stats.paths[path.value] += 1
         core.stats.granted_reads += 1
-    xfer._finish(None)
+    if xfer is None:
+        xfer = Transfer.completed(nbytes, core.runtime.call_soon)
+    else:
+        xfer._finish(None)
     if notify is None:  # only counters: reported in batches (flush_reports)
-        s.grant_reports.append((lease_id, local.nbytes, path.value))
-        return True
-    body = dict(lease=lease_id, reads=1, nbytes=local.nbytes, notify=bytes(notify), path=path.value)
+        s.grant_reports.append((lease_id, nbytes, path.value))
+        return xfer
+    body = dict(lease=lease_id, reads=1, nbytes=nbytes, notify=bytes(notify), path=path.value)
     if lanes is None:
         s.conn.send_quiet(Msg.GRANT_READ, **body)
     elif lane is None or not lane.report(Msg.GRANT_READ, **body):
         core.runtime.call_soon(lambda: s.conn.send_quiet(Msg.GRANT_READ, **body))
-    return True
+    return xfer
 
 
 def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> bool:
@@ -97,11 +103,14 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     live = g.ipc.live(s) if g.ipc is not None else None
     if live is None:   # a mapping was dropped since (region gone, restart)
         return False
-    ev, keep = core.data.ipc_launch(g.ipc, local, False, live)
-    ev.synchronize()
-    trace.mark("ipc", "synced")
-    if isinstance(keep, gpu_upload.Held):
-        keep.synced()
+    # no event: the side stream is synchronized here, on the calling thread (a driver call less)
+    waitable, keep = core.data.ipc_launch(g.ipc, local, False, live, record=False)
+    try:
+        waitable.synchronize()
+        trace.mark("ipc", "synced")
+    finally:
+        if isinstance(keep, gpu_upload.Held):
+            keep.synced()   # (frees its table slot)
     del keep, live
     return s.words.read(s.peer.pid, g.word, g.board) == g.gen   # (a load from the mapped board)
 

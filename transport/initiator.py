@@ -68,7 +68,7 @@ def start(core: Core, peer: Peer | str, local: Descs, lease_id: str, ranges: byt
     except (TransferError, TypeError) as e:
         _settle(x, e if isinstance(e, TransferError) else PeerLost(str(e)))
         return
-    if not write and ranges is None and grant_read.try_read(core, x.session, local, lease_id, notify, xfer):
+    if not write and ranges is None and grant_read.try_read(core, x.session, local, lease_id, notify, xfer) is not None:
         return
     x.timer = loop.call_at(x.deadline, _on_deadline, x)
     _choose_and_go(x, force_ucx=False)

@@ -41,8 +41,9 @@ class Region:
         """Address of the region's first byte (fixed for its life: it keeps its memory alive)."""
         return int(self.flat.data_ptr())
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
+        """(Fixed for its life, as `ptr`; asked on every transfer.)"""
         return self.flat.device
 
     def view(self, offset: int, length: int) -> torch.Tensor:

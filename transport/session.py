@@ -24,6 +24,49 @@ from .wire import DataPath, Frame
 log = logging.getLogger(__name__)
 
 
+class MapTable(dict):
+    """A session's CUDA IPC mappings by owner region uid, with `epoch`: a number that changes
+    whenever an entry is added, replaced or removed, so a plan checked against the mappings at
+    one epoch knows, by comparing one integer, that every mapping it names is still the one
+    it checked (IpcPlan.live)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.epoch += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.epoch += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.epoch += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.epoch += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.epoch += 1
+        super().clear()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.epoch += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        self.epoch += 1
+        super().update(*args, **kw)
+
+    def __ior__(self, other: Any) -> "MapTable":
+        self.update(other)
+        return self
+
+
 @dataclass(frozen=True)
 class PeerInfo:
     """What the handshake proved about the peer (every field is in the MAC'd transcript)."""
@@ -64,7 +107,7 @@ class Session:
     off: dict[DataPath, str] = field(default_factory=dict)    # one-sided paths off for this peer
     ucx: Any = None                          # ucx_link.UcxLink once worker addresses were exchanged
     ipc_sent: set[int] = field(default_factory=set)           # region uids whose handles went out
-    ipc_maps: dict[int, Any] = field(default_factory=dict)    # owner region slot -> mapping
+    ipc_maps: MapTable = field(default_factory=MapTable)     # owner region uid -> mapping
     grants: GrantCache = field(default_factory=GrantCache)    # leases we may re-read without asking
     grant_reports: deque = field(default_factory=deque)       # (lease, nbytes, path) granted reads not yet reported
     words: WordReader = field(default_factory=WordReader)    # the owner's grant words (its board mapped)

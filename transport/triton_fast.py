@@ -35,7 +35,7 @@ RAW_LAUNCH_VERSIONS = ("3.6.",)
 def variant_key(device_index: int, ptrs: tuple[int, ...], consts: tuple, options: tuple = ()) -> tuple:
     """What the compiled code depends on (pure): device, constexprs, compile options (warps), and
     the 16-byte alignment of each pointer."""
-    return (device_index, consts, options, tuple(p % 16 == 0 for p in ptrs))
+    return (device_index, consts, options, tuple([p & 15 == 0 for p in ptrs]))
 
 
 class FastLauncher:

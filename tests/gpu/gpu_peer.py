@@ -155,7 +155,7 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         if cuda:
             torch.cuda.synchronize(device)
     from transport import Agent, AgentConfig, TransferError
-    from transport import gpu_copy, gpu_runs, packing
+    from transport import gpu_copy, gpu_memcpy, gpu_runs, packing, trace
 
     agent = Agent(name, AgentConfig(**cfg))
     bufs: dict[str, Bufs] = {}
@@ -165,10 +165,11 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         """Die (SIGKILL) in the middle of the data path: in the UCX path's pack/unpack of chunk
         `after`+1, or ("kernel") right after launching the `after`+1-th fused copy kernel, while
         it still reads or writes the peer's memory."""
-        mods = (gpu_copy, gpu_runs) if where == "kernel" else (packing,)
-        name = "launch" if where == "kernel" else where
+        # (the driver's copy of one contiguous range counts as a kernel: it reads the peer's memory too)
+        targets = ([(gpu_copy, "launch"), (gpu_runs, "launch"), (gpu_memcpy, "copy")] if where == "kernel"
+                   else [(packing, where)])
         count = [0]
-        for mod in mods:
+        for mod, name in targets:
             orig = getattr(mod, name)
 
             def dying(*a, _orig=orig, **kw):
@@ -228,6 +229,15 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
                     "elapsed": time.perf_counter() - t0}
         return {"error": None, "elapsed": time.perf_counter() - t0, "nbytes": local.nbytes}
 
+    def traced(kind: str, address: str, key: str, ids, lease: str, timeout: float = 30.0):
+        """One read or write with the transport's trace on: (its result, the points it marked)."""
+        trace.enable()
+        try:
+            res = xfer(kind, address, key, ids, lease, timeout)
+        finally:
+            marks = trace.disable()
+        return res, [point for _, point, _ in marks]
+
     handlers = {
         "alloc": lambda key, spec: (bufs.__setitem__(key, Bufs(spec, device, agent.register)), sync())[1],
         # The contract: the owner's writes are complete (synchronized above) before it exposes.
@@ -250,6 +260,7 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         "read_runs": read_runs,
         "raw_bytes": raw_block_bytes,
         "forget_peer": lambda address: peers.pop(address, None) and None,
+        "traced": traced,
     }
     conn.send(("ready", agent.address))
     try:

@@ -320,3 +320,48 @@ def test_rereads_copy_under_the_lease_grant(owner, reader):
     for k in (ka, kb):
         owner.call("drop", k)
     reader.call("drop", kr)
+
+
+def test_contiguous_leases_take_the_drivers_copy(owner, reader):
+    """A lease that is one contiguous range, read into one contiguous range: the driver's copy
+    (no kernel), on the first read (asked) and on re-reads under the grant (waited for on the
+    calling thread with no event); two leases alternate into the same blocks, so every verify
+    proves a fresh copy. Then a write the same way, and a read whose blocks have a gap: the kernel."""
+    pool = 2048   # x 32 KiB: 64 MiB per lease
+    ka, kb, kr = _key("ca"), _key("cb"), _key("cr")
+    spec_a = _bufs("mca", pool, (16384,), "bfloat16", seed=71, layers=1)
+    spec_b = _bufs("mcb", pool, (16384,), "bfloat16", seed=72, layers=1)
+    owner.call("alloc", ka, spec_a)
+    owner.call("alloc", kb, spec_b)
+    reader.call("alloc", kr, _bufs("mcr", pool, (16384,), "bfloat16", seed=73, layers=1))
+    s_ids = np.arange(100, 1100, dtype=np.int64)
+    d_ids = np.arange(900, 1900, dtype=np.int64)
+    la, lb = owner.call("expose", ka, s_ids), owner.call("expose", kb, s_ids)
+    granted0 = reader.call("stats")["granted_reads"]
+    for rnd in range(3):
+        for lease, spec in ((la, spec_a), (lb, spec_b)):
+            res, points = reader.call("traced", "read", owner.address, kr, d_ids, lease)
+            assert res["error"] is None, res
+            assert "memcpy" in points and "kernel" not in points, (rnd, points)
+            assert reader.call("verify", kr, d_ids, spec, s_ids)["bad"] == 0, f"round {rnd}"
+    assert reader.call("stats")["granted_reads"] - granted0 == 4
+    gap = np.concatenate([d_ids[:500], d_ids[500:] + 1])   # one block skipped: two ranges
+    res, points = reader.call("traced", "read", owner.address, kr, gap, la)
+    assert res["error"] is None and "memcpy" not in points and "kernel" in points, (res, points)
+    assert reader.call("verify", kr, gap, spec_a, s_ids)["bad"] == 0
+    kw = _key("cw")
+    owner.call("alloc", kw, _bufs("mcw", pool, (16384,), "bfloat16", seed=74, layers=1))
+    lw = owner.call("expose", kw, d_ids, writable=True)
+    res, points = reader.call("traced", "write", owner.address, kr, gap, lw)   # (gap: reader blocks are two ranges)
+    assert res["error"] is None and "memcpy" not in points, (res, points)
+    assert owner.call("release", lw)
+    lw2 = owner.call("expose", kw, d_ids, writable=True)
+    src_ids = np.arange(0, 1000, dtype=np.int64)
+    reader.call("alloc", kr + "s", spec_b)
+    res, points = reader.call("traced", "write", owner.address, kr + "s", src_ids, lw2)
+    assert res["error"] is None and "memcpy" in points, (res, points)
+    assert owner.call("verify", kw, d_ids, spec_b, src_ids)["bad"] == 0
+    for k in (ka, kb, kw):
+        owner.call("drop", k)
+    for k in (kr, kr + "s"):
+        reader.call("drop", k)

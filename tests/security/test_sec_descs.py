@@ -20,7 +20,7 @@ from xport_fixtures import agent
 from xport_helpers import RemoteError
 
 from transport import Descs
-from transport import copy_plan, cuda_ipc, gpu_copy, gpu_runs
+from transport import copy_plan, cuda_ipc, gpu_copy, gpu_memcpy, gpu_runs
 from transport.agent import _ranges_bytes
 from transport.config import AgentConfig
 from transport.dataplane import DataPlane
@@ -165,11 +165,16 @@ def plane(monkeypatch):
 
     def addrs(side):  # gpu_runs addresses runs on the device; the test wants the addresses
         return side.bases[side.slot if side.slot is not None else 0] + side.offset
-    def paired(remote, local, device, stream, write=False):
+    def paired(remote, local, device, stream, write=False, record=True):
         r, lo = addrs(remote.side), addrs(local)
         launched.append((lo, r, remote.length) if write else (r, lo, remote.length))
         return None, None
     monkeypatch.setattr(gpu_runs, "launch", paired)
+
+    def memcpy(dst, src, n, device, stream, record=True):   # one range each side: the driver's copy
+        launched.append((np.array([src]), np.array([dst]), np.array([n])))
+        return None, None
+    monkeypatch.setattr(gpu_memcpy, "copy", memcpy)
     dp = DataPlane("reader", AgentConfig(), None, AgentStats())
     return dp, launched
 

@@ -374,3 +374,26 @@ def test_concat_carries_what_its_parts_know(parts):
     assert c.uniform_length == (lens[0] if lens and len(set(lens)) == 1 else 0)
     exact = int(np.bitwise_or.reduce(c.offset)) & 15 if len(c) else 0
     assert c.offset_low_bits & exact == exact
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=0, max_size=20), st.sampled_from([16, 24, 4096]), st.booleans())
+def test_span_is_the_one_contiguous_range_or_none(ids, bb, two_regions):
+    """`span` (the fused copy's driver-copy case) is the first offset exactly when the stream is
+    one contiguous range of one region, what coalescing says; `bases` and `base_low_bits` are the
+    regions' addresses and the OR of their low bits."""
+    r = region(1 << 21)
+    d = Descs.from_blocks(r, ids, bb)
+    if two_regions:
+        d = Descs.concat([d, Descs.from_blocks(region(1 << 21), ids, bb)])
+    want = None
+    if len(d) and len(d.regions) == 1 and len(d.coalesced()) == 1:
+        want = int(d.offset[0])
+    assert d.span == want
+    if len(d) == 0 or len(d.regions) > 1:
+        assert d.span is None
+    assert d.bases.tolist() == [x.ptr for x in d.regions]
+    bits = 0
+    for x in d.regions:
+        bits |= x.ptr & 15
+    assert d.base_low_bits == bits

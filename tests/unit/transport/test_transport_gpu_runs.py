@@ -208,3 +208,27 @@ def test_the_two_parts_address_every_run_once_in_order(n, rregions, lregions, le
     got = [np.concatenate([a, b]) for a, b in zip(first, rest)]
     assert np.array_equal(got[0], _addr(src)) and np.array_equal(got[1], _addr(dst))
     assert np.array_equal(got[2], length)
+
+
+@pytest.mark.parametrize("base_r", [BASE_R, BASE_R + 8])
+@pytest.mark.parametrize("regions", [1, 5])
+def test_a_base_bits_hint_keeps_addresses_and_never_overstates_alignment(base_r, regions):
+    """RunSide.base_bits (Descs.base_low_bits) replaces the pass over the relative bases only
+    where the kernel's base pointer is 16-byte aligned (then each relative base has its base's low
+    bits); the addresses are the runs' either way, and the variant never claims more alignment
+    than every stored address has."""
+    from transport.gpu_runs import fill_rows, plan_half, word_align
+
+    rng = np.random.default_rng(regions)
+    side = _side(rng, 40, regions, 16)
+    bases = side.bases + np.arange(len(side.bases), dtype=np.int64) * 8   # some bases only 8-byte aligned
+    hinted = RunSide(bases, side.slot, side.offset, 0, int(np.bitwise_or.reduce(bases)) & 15)
+    plain = RunSide(bases, side.slot, side.offset, 0)
+    for s in (hinted, plain):
+        half, rel = plan_half(s, base_r)
+        h = np.zeros(40, np.int64)
+        fill_rows(s, h, rel, 0, 40)
+        assert np.array_equal(h + base_r, _addr(s))
+        word, align = word_align(half.bits)
+        assert (h % word == 0).all()
+        assert align == 1 or (h % 16 == 0).all()

@@ -1,0 +1,105 @@
+"""Which copy a checked CUDA IPC plan runs (DataPlane.ipc_launch), and with what addresses: the
+driver's copy when the lease is one contiguous range of one mapping and the reader's blocks one
+contiguous range of one region, the paired kernel when the runs pair one to one, else the general
+kernel. No GPU: the three launches are stand-ins that record what they were given (the kernels
+themselves are checked in tests/gpu, the table math in test_transport_gpu_runs.py)."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from transport import AgentConfig, Descs, copy_plan, gpu_copy, gpu_memcpy, gpu_runs
+from transport.cuda_ipc import Mapping
+from transport.dataplane import DataPlane
+from transport.grant_words import WordReader
+from transport.grants import GrantCache
+from transport.region import make_region
+from transport.session import MapTable
+from transport.stats import AgentStats
+
+MAPPED = 0x7F00_0000_0000
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    seen: list = []
+    monkeypatch.setattr(gpu_memcpy, "copy", lambda dst, src, n, device, stream, record=True:
+                        seen.append(("memcpy", dst, src, n, record)) or (None, None))
+    monkeypatch.setattr(gpu_runs, "launch", lambda remote, local, device, stream, write=False, record=True:
+                        seen.append(("paired", local, write, record)) or (None, None))
+    monkeypatch.setattr(gpu_copy, "launch", lambda s_, d_, n_, device, stream:
+                        seen.append(("general", s_, d_, n_)) or (None, None))
+    return seen
+
+
+def _session():
+    maps = MapTable()
+    maps[7] = Mapping(MAPPED, SIZE)
+    return types.SimpleNamespace(secret=None, ipc_maps=maps, grants=GrantCache(), words=WordReader(),
+                                 peer=types.SimpleNamespace(pid=1))
+
+
+def _plan(dp, s, off, ln):
+    table = copy_plan.encode_runs(np.zeros(len(off), np.int64), np.asarray(off), np.asarray(ln))
+    return dp.ipc_prepare(s, None, [[7, None, SIZE]], table, int(np.sum(ln)))
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_one_range_each_side_is_the_drivers_copy(calls, write):
+    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    s = _session()
+    plan = _plan(dp, s, [4096, 4096 + 512, 4096 + 1024], [512, 512, 512])   # contiguous in the mapping
+    assert plan.span == MAPPED + 4096
+    buf = np.zeros(8192, np.uint8)
+    region = make_region(buf)
+    local = Descs.from_blocks(region, [3, 4, 5], 512)
+    waitable, keep = dp.ipc_launch(plan, local, write, plan.live(s), record=False)
+    mine = region.ptr + 3 * 512
+    want = (mine, MAPPED + 4096) if not write else (MAPPED + 4096, mine)
+    assert calls == [("memcpy", *want, 1536, False)]
+    assert waitable is None   # (no CUDA stream on a host region: the stand-in's device has none)
+    assert keep[1] == (s.ipc_maps[7],), "the mappings are held until the caller synchronized"
+
+
+@pytest.mark.parametrize("remote_gap,local_gap", [(True, False), (False, True), (True, True)])
+def test_any_gap_keeps_the_kernel(calls, remote_gap, local_gap):
+    """A gap on either side, or runs out of order, is never one driver copy."""
+    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    s = _session()
+    plan = _plan(dp, s, [0, 1024 if remote_gap else 512], [512, 512])
+    assert (plan.span is None) == remote_gap
+    region = make_region(np.zeros(8192, np.uint8))
+    local = Descs.from_blocks(region, [0, 2] if local_gap else [0, 1], 512)
+    dp.ipc_launch(plan, local, False, plan.live(s))
+    assert [c[0] for c in calls] == ["paired"]
+    side = calls[0][1]
+    assert side.bases.tolist() == [region.ptr] and side.slot is None
+    assert side.offset.tolist() == local.offset.tolist() and calls[0][3] is True
+
+
+def test_runs_that_do_not_pair_take_the_general_kernel(calls):
+    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    s = _session()
+    plan = _plan(dp, s, [0, 2048], [1024, 512])
+    region = make_region(np.zeros(8192, np.uint8))
+    local = Descs.from_ranges(region, [0, 4096], [512, 1024])
+    dp.ipc_launch(plan, local, False, plan.live(s))
+    assert [c[0] for c in calls] == ["general"]
+    _, s_, d_, n_ = calls[0]
+    assert int(np.sum(n_)) == 1536
+
+
+def test_a_dropped_mapping_launches_nothing(calls):
+    from transport.errors import PeerLost
+
+    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    s = _session()
+    plan = _plan(dp, s, [0], [512])
+    local = Descs.from_blocks(make_region(np.zeros(8192, np.uint8)), [0], 512)
+    dp.drop_mappings(s, 7)
+    with pytest.raises(PeerLost):
+        dp.ipc_launch(plan, local, False, plan.live(s))
+    assert calls == []

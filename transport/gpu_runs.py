@@ -372,6 +372,32 @@ def tensor_args(ptrs: tuple[int, ...], buffers: tuple) -> list:
 _LAUNCHER = triton_fast.FastLauncher("kv_copy_runs")
 
 
+def _go(dh: DeviceHalf, buf: Any, device: Any, stream: Any, direct: bool, ptrs: tuple[int, ...], rows: int,
+        consts: tuple) -> None:
+    """Launch the kernel over `rows` runs with pointer arguments `ptrs` (the table buffers: the
+    remote half `dh` and the local half's `buf`)."""
+    v = dh.variant
+
+    def through_triton():
+        import torch
+
+        args = tensor_args(ptrs, (dh.dev, buf))
+        if consts[1] == 1:
+            args[0] = args[0].view(torch.uint8)
+        _, kernel = _kernel()
+        with torch.cuda.stream(stream):
+            return kernel[(v.per, rows)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2],
+                                         ALIGN=consts[3], ULEN=consts[4], num_warps=v.warps)
+
+    if direct:
+        _LAUNCHER.launch((v.per, rows), device.index, stream, ptrs, consts, through_triton, options=(v.warps,))
+    else:   # the compiled kernel is loaded per device: Triton's path switches device itself
+        import torch
+
+        with torch.cuda.device(device):
+            through_triton()
+
+
 def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write: bool = False,
            record: bool = True) -> tuple[Any, Any]:
     """Enqueue the copy of run i of `remote` to run i of `local` (or back, `write`) on `stream`
@@ -402,37 +428,20 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
                 buf[:lh.words].copy_(slot.host[:lh.words], non_blocking=True)
             trace.mark("ipc", "uploaded")
         ptrs, consts = kernel_args(dh.addr, dh.half, lh, slot.addr if mapped else buf.data_ptr(), dh.variant, write)
-        v = dh.variant
         direct = torch.cuda.current_device() == device.index
-
-        def go(p: tuple[int, ...], rows: int) -> None:
-            def through_triton():
-                args = tensor_args(p, (dh.dev, buf))
-                if consts[1] == 1:
-                    args[0] = args[0].view(torch.uint8)
-                _, kernel = _kernel()
-                with torch.cuda.stream(stream):
-                    return kernel[(v.per, rows)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2],
-                                                 ALIGN=consts[3], ULEN=consts[4], num_warps=v.warps)
-
-            if direct:
-                _LAUNCHER.launch((v.per, rows), device.index, stream, p, consts, through_triton, options=(v.warps,))
-            else:   # the compiled kernel is loaded per device: Triton's path switches device itself
-                with torch.cuda.device(device):
-                    through_triton()
-
         if first:
-            go(ptrs, first)
+            _go(dh, buf, device, stream, direct, ptrs, first, consts)
             trace.mark("ipc", "kernel")
             try:
                 fill_rows(local, slot.words, rel, first, n)   # (the first part copies meanwhile)
-                go(part_args(ptrs, first, dh.half.at_lens is not None), n - first)
+                _go(dh, buf, device, stream, direct, part_args(ptrs, first, dh.half.at_lens is not None), n - first,
+                    consts)
             except BaseException:
                 stream.synchronize()   # the first part reads the slot and the mappings: let it end first
                 raise
             trace.mark("ipc", "second part")
         else:
-            go(ptrs, n)
+            _go(dh, buf, device, stream, direct, ptrs, n, consts)
             trace.mark("ipc", "kernel")
         ev = None
         if record:

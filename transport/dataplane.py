@@ -293,12 +293,17 @@ class DataPlane:
         return (ev if record else stream), keep
 
     def _ipc_launch(self, plan: IpcPlan, local: Descs, write: bool, device: Any, stream: Any, record: bool):
-        if plan.span is not None and local.span is not None:   # one range each (the sizes are equal: checked)
-            mine = local.regions[0].ptr + local.span
+        if plan.span is not None and gpu_memcpy.disabled is None and local.span is not None:
+            mine = local.regions[0].ptr + local.span   # (one range each side; the sizes are equal: checked)
             src, dst = (mine, plan.span) if write else (plan.span, mine)
-            out = gpu_memcpy.copy(dst, src, local.nbytes, device, stream, record)
-            trace.mark("ipc", "memcpy")
-            return out
+            try:
+                out = gpu_memcpy.copy(dst, src, local.nbytes, device, stream, record)
+            except RuntimeError as e:   # nothing was enqueued: the kernel copies instead, now and from now on
+                if gpu_memcpy.disable(str(e)[:200]):
+                    self.stats.fallbacks[f"ipc-memcpy: {str(e)[:200]}"] += 1
+            else:
+                trace.mark("ipc", "memcpy")
+                return out
         if plan.pairs_with(local):
             lside = gpu_runs.RunSide(local.bases, local.region_idx if len(local.regions) > 1 else None, local.offset,
                                      local.offset_low_bits, local.base_low_bits)

@@ -5,8 +5,10 @@ contiguous range of one region (a long prompt's blocks handed out in order, a wh
 the fused kernel has nothing to gather: the copy is `cuMemcpyDtoDAsync`, which is what the
 contiguous-copy limit itself runs (torch's `copy_` of one tensor), with no table to fill and no
 kernel variant to pick. Called through ctypes on the calling thread's current context (the
-device's primary context, where torch keeps it); any driver error is raised as RuntimeError, and
-the read then goes the way it would have without this path.
+device's primary context, where torch keeps it); any driver error is raised as RuntimeError. The
+caller then turns this path off for the process (`disable`: logged once, counted as a fallback)
+and copies with the kernel, as it would have without this path: slower by a few percent, never
+wrong.
 """
 from __future__ import annotations
 
@@ -18,6 +20,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NO_CONTEXT = 201   # CUDA_ERROR_INVALID_CONTEXT: the calling thread has no current context
+
+disabled: str | None = None   # why this process copies one-range transfers with the kernel instead
+
+
+def disable(why: str) -> bool:
+    """Turn the driver's copy off for this process; True the first time (the caller counts it)."""
+    global disabled
+    if disabled is not None:
+        return False
+    disabled = why
+    log.warning("the driver's device copy failed (%s); one-range CUDA copies use the fused kernel from now on", why)
+    return True
 
 
 @functools.lru_cache(maxsize=1)

@@ -103,3 +103,27 @@ def test_a_dropped_mapping_launches_nothing(calls):
     with pytest.raises(PeerLost):
         dp.ipc_launch(plan, local, False, plan.live(s))
     assert calls == []
+
+
+def test_a_failing_driver_copy_turns_itself_off_and_the_kernel_copies(calls, monkeypatch):
+    """If the driver's copy fails (an interface or driver problem), the same transfer is copied by
+    the kernel, the reason is counted once as a fallback, and later one-range transfers go
+    straight to the kernel."""
+    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    monkeypatch.setattr(gpu_memcpy, "disabled", None)
+    tries = []
+
+    def broken(dst, src, n, device, stream, record=True):
+        tries.append(n)
+        raise RuntimeError("cuMemcpyDtoDAsync failed (CUresult 1)")
+    monkeypatch.setattr(gpu_memcpy, "copy", broken)
+    s = _session()
+    plan = _plan(dp, s, [0, 512], [512, 512])
+    region = make_region(np.zeros(8192, np.uint8))
+    local = Descs.from_blocks(region, [0, 1], 512)
+    for _ in range(3):
+        dp.ipc_launch(plan, local, False, plan.live(s), record=False)
+    assert tries == [1024], "the driver's copy was tried again after it failed"
+    assert [c[0] for c in calls] == ["paired"] * 3
+    assert gpu_memcpy.disabled and "CUresult 1" in gpu_memcpy.disabled
+    assert sum(v for k, v in dp.stats.fallbacks.items() if k.startswith("ipc-memcpy")) == 1

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from nixl_connectors.tools.bench.hops import median_hops, rep_hops
 from nixl_connectors.tools.bench.settle import SettleMode, settle
 
 
@@ -192,17 +193,13 @@ def main() -> None:
     print(f"{len(by_kind['granted'])} reads under a lease grant, {len(by_kind['asked'])} asked the owner; "
           f"showing the {'granted' if granted else 'asked'} ones")
     ipc_hops: dict[str, float] = {}
-    if ipc:  # the CUDA IPC path's own steps, read by read (each starts at "start"), in the order they came
-        per: dict[str, list[float]] = {}
-        group: list = []
-        for p_, ts in ipc + [("start", None)]:
-            if p_ == "start" and group:
-                for (a_, ta), (b_, tb) in zip(group, group[1:]):
-                    per.setdefault(f"{a_} -> {b_}", []).append(tb - ta)
-                group = []
-            if ts is not None and p_ not in ("mapped", "checked"):
-                group.append((p_, ts))
-        ipc_hops = {k: float(np.median(v) * 1e6) for k, v in per.items() if len(v) >= len(rows) // 2}
+    if ipc:  # the CUDA IPC path's own steps, read by read (each starts at "start"): the bench's hop math
+        groups: list[list] = []
+        for p_, ts in ipc:
+            if p_ == "start" or not groups:
+                groups.append([])
+            groups[-1].append(("ipc", p_, ts))
+        ipc_hops = median_hops([rep_hops(g) for g in groups])
         for k, v in ipc_hops.items():
             print(f"{v:9.1f} us    ipc {k}")
     a = np.array(rows)

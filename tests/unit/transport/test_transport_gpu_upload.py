@@ -75,3 +75,21 @@ def test_take_prefers_a_slot_known_free_over_asking_an_event():
     assert slots.take(Dev(), 4) is idle and pending.event.queries == 0
     assert slots.take(Dev(), 4) is pending and pending.event.queries == 1
     assert pending.busy and idle.busy
+
+
+def test_an_unrecorded_slot_stays_taken_until_its_waiter_synchronized(monkeypatch):
+    """A granted read records no event (it synchronizes the side stream itself): its slot stays
+    busy, so no other read can take it and overwrite the table the kernel still reads, until
+    that read's synced() frees it, with no event query ever."""
+    slots = gpu_upload.UploadSlots()
+    monkeypatch.setattr(gpu_upload, "SLOTS", slots)
+    sl = _slot()
+    slots._by_device[0] = [sl]
+    dev = type("D", (), {"index": 0})()
+    taken = slots.take(dev, 4)
+    assert taken is sl and sl.busy
+    held = Held(sl, sl.uses, recorded=False)
+    assert not sl.free(), "an unrecorded slot looked free before its waiter synchronized"
+    held.synced()
+    assert sl.free() and not sl.pending and sl.event.queries == 0
+    assert slots.take(dev, 4) is sl

@@ -296,6 +296,7 @@ class DataPlane:
         if plan.span is not None and gpu_memcpy.disabled is None and local.span is not None:
             mine = local.regions[0].ptr + local.span   # (one range each side; the sizes are equal: checked)
             src, dst = (mine, plan.span) if write else (plan.span, mine)
+            trace.mark("ipc", "memcpy call")
             try:
                 out = gpu_memcpy.copy(dst, src, local.nbytes, device, stream, record)
             except RuntimeError as e:   # nothing was enqueued: the kernel copies instead, now and from now on

@@ -429,6 +429,7 @@ def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write:
             trace.mark("ipc", "uploaded")
         ptrs, consts = kernel_args(dh.addr, dh.half, lh, slot.addr if mapped else buf.data_ptr(), dh.variant, write)
         direct = torch.cuda.current_device() == device.index
+        trace.mark("ipc", "args")
         if first:
             _go(dh, buf, device, stream, direct, ptrs, first, consts)
             trace.mark("ipc", "kernel")

@@ -54,6 +54,7 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
     g = s.grants.get(lease_id, local.nbytes)
     if g is None:
         return None
+    trace.mark("ipc", "granted")
     lane = None
     if lanes is not None and kind is MemoryKind.HOST:
         lane = lanes.existing(s)
@@ -80,6 +81,7 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
         core.stats.record_in(nbytes, time.monotonic() - t0)
         core.stats.paths[path.value] += 1
         core.stats.granted_reads += 1
+    trace.mark("ipc", "counted")
     if xfer is None:
         xfer = Transfer.completed(nbytes, core.runtime.call_soon)
     else:
@@ -103,6 +105,7 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
     live = g.ipc.live(s) if g.ipc is not None else None
     if live is None:   # a mapping was dropped since (region gone, restart)
         return False
+    trace.mark("ipc", "live")
     # no event: the side stream is synchronized here, on the calling thread (a driver call less)
     waitable, keep = core.data.ipc_launch(g.ipc, local, False, live, record=False)
     try:
@@ -112,6 +115,7 @@ def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> b
         if isinstance(keep, gpu_upload.Held):
             keep.synced()   # (frees its table slot)
     del keep, live
+    trace.mark("ipc", "released")
     return s.words.read(s.peer.pid, g.word, g.board) == g.gen   # (a load from the mapped board)
 
 

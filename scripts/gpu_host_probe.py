@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from nixl_connectors.tools.bench.settle import SettleMode, settle
-from transport import gpu_runs
+from transport import gpu_remote, gpu_runs
 
 SHAPES = {   # name: (runs per layer, run bytes, pool blocks per layer, layers)
     "64 x 32 KiB": (64, 32 << 10, 1024, 1), "16,384 x 32 KiB": (16384, 32 << 10, 65536, 1),
@@ -73,7 +73,7 @@ def main() -> None:
         sid = rng.permutation(pool)[:n] if pool > n else np.arange(n)
         did = rng.permutation(pool)[:n] if pool > n else np.arange(n)
         slot = np.repeat(np.arange(layers, dtype=np.int64), n) if layers > 1 else None
-        remote = gpu_runs.RemoteTable(gpu_runs.RunSide(np.array([t.data_ptr() for t in srcs], np.int64), slot,
+        remote = gpu_remote.RemoteTable(gpu_runs.RunSide(np.array([t.data_ptr() for t in srcs], np.int64), slot,
                                                        np.tile(sid.astype(np.int64) * rb, layers)),
                                       np.full(n * layers, rb, np.int64))
         local = gpu_runs.RunSide(np.array([t.data_ptr() for t in dsts], np.int64), slot,

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from transport import gpu_runs
+from transport import gpu_remote, gpu_runs
 
 
 def _poller():
@@ -71,7 +71,7 @@ def main() -> None:
     dstp = torch.zeros((pool, rb), dtype=torch.uint8, device=dev)
     rng = np.random.default_rng(0)
     sid, did = rng.permutation(pool)[:n], rng.permutation(pool)[:n]
-    remote = gpu_runs.RemoteTable(gpu_runs.RunSide(np.array([srcp.data_ptr()], np.int64), None,
+    remote = gpu_remote.RemoteTable(gpu_runs.RunSide(np.array([srcp.data_ptr()], np.int64), None,
                                                    sid.astype(np.int64) * rb), np.full(n, rb, np.int64))
     local = gpu_runs.RunSide(np.array([dstp.data_ptr()], np.int64), None, did.astype(np.int64) * rb)
     e, held = gpu_runs.launch(remote, local, dev, side)   # compile, upload the remote half

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import copy_plan, cuda_ipc, gpu_copy, gpu_memcpy, gpu_runs, gpu_upload, trace
+from . import copy_plan, cuda_ipc, gpu_copy, gpu_memcpy, gpu_remote, gpu_runs, gpu_upload, trace
 from . import handshake as hs
 from .config import AgentConfig
 from .dataeps import abort_when_idle
@@ -38,7 +38,7 @@ class IpcPlan:
     off: np.ndarray
     ln: np.ndarray
     maps: tuple              # (region uid, mapping serial, device) of the mappings it was checked against
-    remote: Any = None       # gpu_runs.RemoteTable: its runs for the paired kernel (device half kept)
+    remote: Any = None       # gpu_remote.RemoteTable: its runs for the paired kernel (device half kept)
     ulen: int = 0            # the length of every run when they are all equal, else 0
     span: int | None = None  # the address of its first byte when it is one contiguous range of one mapping
     _seen: list = field(default_factory=lambda: [-1], compare=False, repr=False)   # [epoch of ipc_maps checked]
@@ -256,7 +256,7 @@ class DataPlane:
             raise BadMessage("the owner's IPC table does not add up to the transfer size")
         trace.mark("ipc", "checked")
         bases_a = np.asarray(bases, dtype=np.int64)
-        remote = gpu_runs.RemoteTable(gpu_runs.RunSide(bases_a, slot if len(bases) > 1 else None, off), ln)
+        remote = gpu_remote.RemoteTable(gpu_runs.RunSide(bases_a, slot if len(bases) > 1 else None, off), ln)
         span = None
         if len(bases) == 1 and (len(off) == 1 or np.array_equal(off[1:], off[:-1] + ln[:-1])):
             span = int(bases_a[0]) + int(off[0])

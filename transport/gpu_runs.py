@@ -5,7 +5,7 @@ two half tables, one per side: one launch (two for a large read), one load per s
 
 The remote side's half (the owner's runs of a lease: addresses, lengths) is uploaded
 once per checked IPC plan, when a lease grant arrives (off the read's path) or at its first read,
-and stays on the device while the plan lives (`RemoteTable`, bounded by `RESIDENT_BYTES`). A read
+and stays on the device while the plan lives (`gpu_remote.py`, bounded by its `RESIDENT_BYTES`). A read
 fills only the local half (its own run addresses: region base + offset, one numpy pass or two)
 in a reused pinned slot. A large read (`split_point`) launches on its first quarter as soon as
 those addresses are written and writes the rest while that part copies: two launches, one event.
@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import enum
 import functools
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from . import gpu_upload, trace, triton_fast
+
+if TYPE_CHECKING:
+    from .gpu_remote import DeviceHalf, RemoteTable
 
 PIECE_BYTES = 8192          # bytes one program moves (the smallest launch shape's)
 # Launch shapes by the longest run: (runs at least this long, piece bytes, warps). Longer runs
@@ -37,7 +37,6 @@ PIECE_BYTES = 8192          # bytes one program moves (the smallest launch shape
 LAUNCH_SHAPES: tuple[tuple[int, int, int], ...] = ((0, PIECE_BYTES, 4), (65536, 32768, 8))
 MAX_PAIRS = 65535          # the launch grid's second axis
 MAX_UNIFORM_LEN = 1 << 30  # a uniform run length is compiled in (one variant per block size)
-RESIDENT_BYTES = 64 << 20  # device memory kept by remote halves (least recently used dropped first)
 WORD = 8                   # bytes per table entry (int64)
 SPLIT_MIN_RUNS = 4096      # copies of at least this many runs launch in two parts (split_point)
 SPLIT_ALIGN = 16           # the first part's run count divides by this (table pointers keep their alignment)
@@ -236,123 +235,6 @@ def emulate(ptrs: tuple[int, ...], consts: tuple, n: int, read_words) -> tuple[n
     return read_words(saddr, n) + base, read_words(daddr, n) + base, lengths
 
 
-# -- the remote half on the device ------------------------------------------------------------------
-@dataclass(eq=False)
-class DeviceHalf:
-    half: Half
-    dev: Any           # int64 device tensor holding it
-    addr: int          # its address: the kernel's base pointer
-    device_index: int
-    variant: Variant
-
-    @property
-    def nbytes(self) -> int:
-        return self.dev.numel() * WORD
-
-
-class _Resident:
-    """Which remote halves stay on the device: least recently used dropped past the budget
-    (dropping is safe at any time: every use is on the agent's side stream, after which the
-    caching allocator reuses the memory only in that stream's order). Holds its tables weakly:
-    a plan its grant cache dropped takes its half with it."""
-
-    def __init__(self) -> None:
-        self._lru: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.RLock()   # (a table collected inside keep() forgets itself)
-
-    def keep(self, table: "RemoteTable", dh: "DeviceHalf") -> None:
-        with self._lock:
-            self._pop(id(table))
-            table._dev = dh
-            self._lru[id(table)] = (weakref.ref(table), dh.nbytes)
-            self._bytes += dh.nbytes
-            while self._bytes > RESIDENT_BYTES and len(self._lru) > 1:
-                key = next(iter(self._lru))
-                ref = self._pop(key)
-                t = ref() if ref is not None else None
-                if t is not None:
-                    t._dev = None
-
-    def touch(self, table: "RemoteTable") -> None:
-        with self._lock:
-            if id(table) in self._lru:
-                self._lru.move_to_end(id(table))
-
-    def forget(self, table: "RemoteTable") -> None:
-        with self._lock:
-            self._pop(id(table))
-            table._dev = None
-
-    def _pop(self, key: int):
-        entry = self._lru.pop(key, None)
-        if entry is None:
-            return None
-        self._bytes -= entry[1]
-        return entry[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._lru)
-
-
-RESIDENT = _Resident()
-
-
-class RemoteTable:
-    """The remote side of a checked IPC plan, uploaded to the device at most once while it stays
-    resident (`on()`)."""
-
-    def __init__(self, side: RunSide, length: np.ndarray):
-        self.side = side
-        self.length = length
-        self._dev: DeviceHalf | None = None
-
-    def on(self, device: Any, stream: Any) -> DeviceHalf:
-        """Its half on `device`, uploading it on `stream` (the side stream every kernel that
-        reads it runs on) if it is not there yet."""
-        dh = self._dev
-        if dh is not None and dh.device_index == device.index:
-            RESIDENT.touch(self)
-            return dh
-        dh = _upload(self.side, self.length, device, stream)
-        RESIDENT.keep(self, dh)
-        return dh
-
-    def resident(self) -> bool:
-        return self._dev is not None
-
-    def __del__(self) -> None:   # (weakly held: stop counting its memory)
-        try:
-            RESIDENT.forget(self)
-        except Exception:   # interpreter shutdown
-            pass
-
-
-def _upload(side: RunSide, length: np.ndarray, device: Any, stream: Any) -> DeviceHalf:
-    import torch
-
-    v = variant_of(length)
-    words = half_words(side, lens=not v.ulen)
-    with torch.cuda.stream(stream):
-        dev = torch.empty(words, dtype=torch.int64, device=device)
-    addr = dev.data_ptr()
-    slot = gpu_upload.SLOTS.take(device, words)
-    recorded = False
-    try:
-        half = fill_half(side, slot.words, addr, None if v.ulen else length)
-        with torch.cuda.stream(stream):
-            dev.copy_(slot.host[:words], non_blocking=True)
-            slot.event.record(stream)
-            recorded = True
-    finally:
-        gpu_upload.SLOTS.release(slot, recorded)
-    return DeviceHalf(half, dev, addr, device.index, v)
-
-
 # -- one paired copy -------------------------------------------------------------------------------
 def tensor_args(ptrs: tuple[int, ...], buffers: tuple) -> list:
     """The kernel's pointer arguments as tensors (what Triton's first launch of a variant takes):
@@ -372,7 +254,7 @@ def tensor_args(ptrs: tuple[int, ...], buffers: tuple) -> list:
 _LAUNCHER = triton_fast.FastLauncher("kv_copy_runs")
 
 
-def _go(dh: DeviceHalf, buf: Any, device: Any, stream: Any, direct: bool, ptrs: tuple[int, ...], rows: int,
+def _go(dh: "DeviceHalf", buf: Any, device: Any, stream: Any, direct: bool, ptrs: tuple[int, ...], rows: int,
         consts: tuple) -> None:
     """Launch the kernel over `rows` runs with pointer arguments `ptrs` (the table buffers: the
     remote half `dh` and the local half's `buf`)."""
@@ -398,7 +280,7 @@ def _go(dh: DeviceHalf, buf: Any, device: Any, stream: Any, direct: bool, ptrs: 
             through_triton()
 
 
-def launch(remote: RemoteTable, local: RunSide, device: Any, stream: Any, write: bool = False,
+def launch(remote: "RemoteTable", local: RunSide, device: Any, stream: Any, write: bool = False,
            record: bool = True) -> tuple[Any, Any]:
     """Enqueue the copy of run i of `remote` to run i of `local` (or back, `write`) on `stream`
     (the two pair: `paired()`); returns (event recorded after it, buffers to keep alive until

@@ -37,7 +37,7 @@ def test_a_large_read_launches_in_two_parts_that_move_exactly_the_runs(monkeypat
 
 def _check_paired(monkeypatch, home, write, rk, lk, lengths, n):
     torch = pytest.importorskip("torch")
-    from transport import gpu_runs, gpu_upload
+    from transport import gpu_remote, gpu_runs, gpu_upload
 
     monkeypatch.setattr(gpu_runs, "LOCAL_TABLE", gpu_runs.TableHome(home))
     dev = torch.device("cuda", 0)
@@ -53,7 +53,7 @@ def _check_paired(monkeypatch, home, write, rk, lk, lengths, n):
     rblk, lblk = rng.permutation(blocks * rk)[:n], rng.permutation(blocks * lk)[:n]
     rslot, roff = rblk // blocks, (rblk % blocks) * bb
     lslot, loff = lblk // blocks, (lblk % blocks) * bb
-    remote = gpu_runs.RemoteTable(gpu_runs.RunSide(np.array([p.data_ptr() for p in rpools], np.int64),
+    remote = gpu_remote.RemoteTable(gpu_runs.RunSide(np.array([p.data_ptr() for p in rpools], np.int64),
                                                    rslot.astype(np.int64) if rk > 1 else None, roff.astype(np.int64)), ln)
     local = gpu_runs.RunSide(np.array([p.data_ptr() for p in lpools], np.int64),
                              lslot.astype(np.int32) if lk > 1 else None, loff.astype(np.int64))

@@ -9,7 +9,7 @@ import gc
 import numpy as np
 import pytest
 
-from transport import gpu_runs
+from transport import gpu_remote, gpu_runs
 from transport.gpu_runs import (MAX_UNIFORM_LEN, PIECE_BYTES, RunSide, emulate, fill_half, half_words, kernel_args,
                                 variant_of)
 
@@ -122,10 +122,10 @@ class _FakeHalf:
 def test_resident_halves_stay_within_their_budget(monkeypatch):
     """Remote halves kept on the device are bounded (least recently used dropped), and a table
     that is garbage-collected stops counting."""
-    monkeypatch.setattr(gpu_runs, "RESIDENT_BYTES", 3000)
-    res = gpu_runs._Resident()
+    monkeypatch.setattr(gpu_remote, "RESIDENT_BYTES", 3000)
+    res = gpu_remote._Resident()
     side = RunSide(np.zeros(1, np.int64), None, np.zeros(1, np.int64))
-    tables = [gpu_runs.RemoteTable(side, np.ones(1, np.int64)) for _ in range(4)]
+    tables = [gpu_remote.RemoteTable(side, np.ones(1, np.int64)) for _ in range(4)]
     for t in tables[:3]:
         res.keep(t, _FakeHalf(1000))
     assert res.nbytes == 3000 and all(t.resident() for t in tables[:3])
@@ -142,13 +142,13 @@ def test_resident_halves_stay_within_their_budget(monkeypatch):
 
 def test_a_collected_table_leaves_the_module_budget():
     side = RunSide(np.zeros(1, np.int64), None, np.zeros(1, np.int64))
-    t = gpu_runs.RemoteTable(side, np.ones(1, np.int64))
-    before = gpu_runs.RESIDENT.nbytes
-    gpu_runs.RESIDENT.keep(t, _FakeHalf(4096))
-    assert gpu_runs.RESIDENT.nbytes == before + 4096
+    t = gpu_remote.RemoteTable(side, np.ones(1, np.int64))
+    before = gpu_remote.RESIDENT.nbytes
+    gpu_remote.RESIDENT.keep(t, _FakeHalf(4096))
+    assert gpu_remote.RESIDENT.nbytes == before + 4096
     del t
     gc.collect()
-    assert gpu_runs.RESIDENT.nbytes == before
+    assert gpu_remote.RESIDENT.nbytes == before
 
 
 @pytest.mark.parametrize("hint", [0, 8, 1, None])

@@ -181,9 +181,13 @@ class Descs:
         n = len(self)
         if not n or len(self.regions) != 1:
             return None
-        if n > 1 and not np.array_equal(self.offset[1:], self.offset[:-1] + self.length[:-1]):
-            return None
-        return int(self.offset[0])
+        first = int(self.offset[0])
+        if n == 1:
+            return first
+        if int(self.offset[-1]) + int(self.length[-1]) - first != self.nbytes:
+            return None   # (its ends are not one span's: the common case, decided with no pass)
+        off = self.offset
+        return None if (off[1:] - off[:-1] != self.length[:-1]).any() else first
 
     def select_stream(self, ranges) -> "Descs":
         """The descriptors covering byte ranges of this stream, in the ranges' order.

@@ -28,15 +28,18 @@ log = logging.getLogger(__name__)
 GPU_INLINE_BYTES = 2 << 30   # kernels this large end within ~2 ms: waited for on the calling thread
 
 
+_CMA, _IPC = DataPath.CMA.value, DataPath.IPC.value   # (an enum member's .value is a Python-level property)
+
+
 def _usable(core: Core, s: Session | None, local: Descs) -> MemoryKind | None:
     cfg = core.config
-    if (s is None or s.lost is not None or len(s.grants) == 0 or not cfg.lease_grants or not s.peer.same_host
-            or not s.pid_checked or DataPath.CMA in s.off):
+    if (s is None or s.lost is not None or not cfg.lease_grants or not s.peer.same_host or not s.pid_checked
+            or (s.off and DataPath.CMA in s.off)):
         return None   # (the word check is a process_vm_readv: it needs the CMA path's permission)
     kind = local.regions[0].kind
     if kind is MemoryKind.HOST:
         return kind if cfg.same_host_copy and local.nbytes <= cfg.inline_copy_bytes else None
-    if cfg.gpu_ipc and DataPath.IPC not in s.off and local.nbytes <= GPU_INLINE_BYTES:
+    if cfg.gpu_ipc and not (s.off and DataPath.IPC in s.off) and local.nbytes <= GPU_INLINE_BYTES:
         return kind
     return None
 
@@ -55,14 +58,16 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
     if g is None:
         return None
     trace.mark("ipc", "granted")
+    if kind is not MemoryKind.HOST:
+        return _read_ipc(core, s, g, local, lease_id, notify, xfer, lanes)
     lane = None
-    if lanes is not None and kind is MemoryKind.HOST:
+    if lanes is not None:
         lane = lanes.existing(s)
         if lane is None and lanes.enabled():
             return None  # a lane read makes this thread's lane; the next granted reads report on it
     t0 = time.monotonic()
     try:
-        ok = _copy(core, s, g, local, kind)
+        ok = g.remote is not None and copy_granted(s.peer.pid, g, local, s.words)
     except cma.CmaUnavailable as e:   # no permission (Yama ptrace scope): no grants from this peer
         s.grants.drop(lease_id)
         s.off.setdefault(DataPath.CMA, f"the kernel refused process_vm_readv: {e}")
@@ -75,48 +80,82 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
         s.grants.drop(lease_id)
         return None
     trace.mark(xfer, "copied")
-    path = DataPath.CMA if kind is MemoryKind.HOST else DataPath.IPC
     nbytes = local.nbytes
     with core.lock:
-        core.stats.record_in(nbytes, time.monotonic() - t0)
-        core.stats.paths[path.value] += 1
-        core.stats.granted_reads += 1
-    trace.mark("ipc", "counted")
+        core.stats.count_granted_in(nbytes, _CMA)
+        core.stats.transfer_seconds += time.monotonic() - t0
     if xfer is None:
         xfer = Transfer.completed(nbytes, core.runtime.call_soon)
     else:
         xfer._finish(None)
-    if notify is None:  # only counters: reported in batches (flush_reports)
-        s.grant_reports.append((lease_id, nbytes, path.value))
-        return xfer
-    body = dict(lease=lease_id, reads=1, nbytes=nbytes, notify=bytes(notify), path=path.value)
+    _report(core, s, lease_id, nbytes, _CMA, notify, lanes, lane)
+    return xfer
+
+
+def _read_ipc(core: Core, s: Session, g: Grant, local: Descs, lease_id: str, notify: bytes | None,
+              xfer: Transfer | None, lanes: Any) -> Transfer | None:
+    """The fused kernel (or the driver's copy) over the plan's mappings, then the grant's word.
+    What the read reports (its Transfer, its counters, the word's reader) is made while the copy
+    runs: once the side stream is synchronized, one load decides (a thread that waited runs
+    every line slower). The counters are taken back if the read then goes the normal way."""
+    live = g.ipc.live(s) if g.ipc is not None else None
+    if live is None:   # a mapping was dropped since (region gone, restart)
+        s.grants.drop(lease_id)
+        return None
+    trace.mark("ipc", "live")
+    nbytes = local.nbytes
+    t0 = time.monotonic()
+    counted = False
+    try:
+        # no event: the side stream is synchronized below, on the calling thread (a driver call less)
+        waitable, keep = core.data.ipc_launch(g.ipc, local, False, live, record=False)
+        del live   # (held by `keep` until the wait returned)
+        try:
+            word = s.words.reader(s.peer.pid, g.word, g.board)
+            done = Transfer.completed(nbytes, core.runtime.call_soon) if xfer is None else xfer
+            with core.lock:
+                core.stats.count_granted_in(nbytes, _IPC)
+            counted = True
+        finally:
+            try:
+                waitable.synchronize()
+                trace.mark("ipc", "synced")
+            finally:
+                if isinstance(keep, gpu_upload.Held):
+                    keep.synced()   # (frees its table slot)
+                del keep
+        trace.mark("ipc", "released")
+        ok = word() == g.gen   # (a load from the mapped board)
+    except (OSError, ValueError, RuntimeError) as e:
+        log.debug("granted read of %.12s from %s failed (%s); asking the owner", lease_id, s.name, e)
+        ok = False
+    if not ok:
+        if counted:
+            with core.lock:
+                core.stats.uncount_granted_in(nbytes, _IPC)
+        s.grants.drop(lease_id)
+        return None
+    trace.mark(xfer, "copied")
+    with core.lock:
+        core.stats.transfer_seconds += time.monotonic() - t0
+    if done is xfer:
+        xfer._finish(None)
+    _report(core, s, lease_id, nbytes, _IPC, notify, lanes, None)
+    return done
+
+
+def _report(core: Core, s: Session, lease_id: str, nbytes: int, path: str, notify: bytes | None, lanes: Any,
+            lane: Any) -> None:
+    """Tell the owner of a granted read: at once with its notification (on the loop, on this
+    thread's lane, or through the loop), else only its counters, in a batch (flush_reports)."""
+    if notify is None:
+        s.grant_reports.append((lease_id, nbytes, path))
+        return
+    body = dict(lease=lease_id, reads=1, nbytes=nbytes, notify=bytes(notify), path=path)
     if lanes is None:
         s.conn.send_quiet(Msg.GRANT_READ, **body)
     elif lane is None or not lane.report(Msg.GRANT_READ, **body):
         core.runtime.call_soon(lambda: s.conn.send_quiet(Msg.GRANT_READ, **body))
-    return xfer
-
-
-def _copy(core: Core, s: Session, g: Grant, local: Descs, kind: MemoryKind) -> bool:
-    """The copy and the word check; False when the grant cannot serve this read or the lease
-    ended before the check."""
-    if kind is MemoryKind.HOST:
-        return g.remote is not None and copy_granted(s.peer.pid, g, local, s.words)
-    live = g.ipc.live(s) if g.ipc is not None else None
-    if live is None:   # a mapping was dropped since (region gone, restart)
-        return False
-    trace.mark("ipc", "live")
-    # no event: the side stream is synchronized here, on the calling thread (a driver call less)
-    waitable, keep = core.data.ipc_launch(g.ipc, local, False, live, record=False)
-    try:
-        waitable.synchronize()
-        trace.mark("ipc", "synced")
-    finally:
-        if isinstance(keep, gpu_upload.Held):
-            keep.synced()   # (frees its table slot)
-    del keep, live
-    trace.mark("ipc", "released")
-    return s.words.read(s.peer.pid, g.word, g.board) == g.gen   # (a load from the mapped board)
 
 
 def flush_reports(s: Session) -> None:

@@ -17,6 +17,7 @@ as before. The reader learns nothing it could not read with process_vm_readv any
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -24,6 +25,7 @@ import secrets
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -104,12 +106,25 @@ class MappedBoard:
     def __init__(self, mm: mmap.mmap, ref: BoardRef):
         self._mm, self.ref, self._size = mm, ref, len(mm)
 
-    def read(self, address: int) -> int | None:
-        """The word at `address` in the owner, or None when it is not on this board."""
+    @property
+    def mm(self) -> mmap.mmap:
+        return self._mm
+
+    def offset(self, address: int) -> int | None:
+        """Where the word at `address` in the owner lies on this board, or None when it is not on it."""
         off = address - self.ref.base
         if off < 8 or off > self._size - 8 or off & 7:
             return None
-        return _WORD.unpack_from(self._mm, off)[0]
+        return off
+
+    def read(self, address: int) -> int | None:
+        """The word at `address` in the owner, or None when it is not on this board."""
+        off = self.offset(address)
+        return None if off is None else _load(self._mm, off)
+
+
+def _load(mm: mmap.mmap, off: int) -> int:
+    return _WORD.unpack_from(mm, off)[0]
 
 
 def map_board(pid: int, ref: BoardRef) -> MappedBoard | None:
@@ -151,6 +166,13 @@ class WordReader:
         self._boards: dict[BoardRef, MappedBoard | None] = {}
 
     def read(self, pid: int, address: int, ref: BoardRef | None) -> int:
+        return self.reader(pid, address, ref)()
+
+    def reader(self, pid: int, address: int, ref: BoardRef | None) -> Callable[[], int]:
+        """What `read(pid, address, ref)` does, found once: a call that reads that word (a load
+        from the mapped board, else process_vm_readv). A CUDA read makes it while its copy runs,
+        so the check after the copy is one load. It holds the board's mapping: a session ended
+        meanwhile leaves the last word written there, which still says whether the lease ended."""
         if ref is not None:
             b = self._boards.get(ref, False)
             if b is False and len(self._boards) < MAX_BOARDS:   # (a peer naming ever new boards gets syscalls)
@@ -158,10 +180,10 @@ class WordReader:
                 if b is None:
                     log.debug("grant board of pid %d not mappable: its words are read with process_vm_readv", pid)
             if b:
-                v = b.read(address)
-                if v is not None:
-                    return v
-        return cma.read_word(pid, address)
+                off = b.offset(address)
+                if off is not None:
+                    return functools.partial(_load, b.mm, off)
+        return functools.partial(cma.read_word, pid, address)
 
     def mapped(self) -> int:
         return sum(1 for b in self._boards.values() if b is not None)

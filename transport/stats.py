@@ -29,6 +29,22 @@ class AgentStats:
         self.transfers_in += 1
         self.transfer_seconds += seconds
 
+    def count_granted_in(self, nbytes: int, path: str) -> None:
+        """A read under a lease grant (grant_read.py; its seconds are added when it ended)."""
+        self.bytes_in += nbytes
+        self.transfers_in += 1
+        self.paths[path] += 1
+        self.granted_reads += 1
+
+    def uncount_granted_in(self, nbytes: int, path: str) -> None:
+        """Take back `count_granted_in` (that read went the normal way after all)."""
+        self.bytes_in -= nbytes
+        self.transfers_in -= 1
+        self.granted_reads -= 1
+        self.paths[path] -= 1
+        if self.paths[path] <= 0:
+            del self.paths[path]
+
     def record_out(self, nbytes: int, seconds: float) -> None:
         self.bytes_out += nbytes
         self.transfers_out += 1

@@ -69,6 +69,8 @@ class Transfer:
         return self._fut.exception() if self._fut.done() else None
 
     def wait(self, timeout: float | None = None) -> None:
+        if self._fut is _DONE:   # served on the calling thread: nothing to wait for
+            return
         try:
             self._fut.result(timeout)  # the transfer's own typed error, if it failed
         except TimeoutError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from transport import AgentConfig, Descs, TransportSet
@@ -378,6 +378,10 @@ def test_concat_carries_what_its_parts_know(parts):
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 300), min_size=0, max_size=20), st.sampled_from([16, 24, 4096]), st.booleans())
+@example([3, 4, 5], 16, False)
+@example([0, 2, 1, 3], 16, False)      # (its first and last ends are one span's; the order is not)
+@example([5, 4, 3], 4096, False)
+@example([7], 24, False)
 def test_span_is_the_one_contiguous_range_or_none(ids, bb, two_regions):
     """`span` (the fused copy's driver-copy case) is the first offset exactly when the stream is
     one contiguous range of one region, what coalescing says; `bases` and `base_low_bits` are the
@@ -397,3 +401,13 @@ def test_span_is_the_one_contiguous_range_or_none(ids, bb, two_regions):
     for x in d.regions:
         bits |= x.ptr & 15
     assert d.base_low_bits == bits
+
+
+@pytest.mark.parametrize("offsets,lengths,want", [
+    ([0, 4, 12], [8, 4, 4], None),     # an overlap and a gap that cancel: the ends match, the runs do not
+    ([0, 8, 12], [8, 4, 4], 0),
+    ([16, 0], [16, 16], None),
+    ([100, 108], [8, 30], 100),
+])
+def test_span_of_ranges_of_mixed_lengths(offsets, lengths, want):
+    assert Descs.from_ranges(region(4096), offsets, lengths).span == want

@@ -157,7 +157,7 @@ def fill_rows(side: RunSide, h: np.ndarray, rel: Any, lo: int, hi: int) -> None:
     if side.slot is None:
         np.add(side.offset[lo:hi], rel, out=out)
     else:
-        np.take(rel, side.slot[lo:hi], out=out, mode="clip")   # (slots were checked: Descs, the owner's table)
+        rel.take(side.slot[lo:hi], out=out, mode="clip")   # (slots were checked: Descs, the owner's table)
         np.add(out, side.offset[lo:hi], out=out)
 
 

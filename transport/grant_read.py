@@ -68,11 +68,8 @@ def try_read(core: Core, s: Session | None, local: Descs, lease_id: str, notify:
     t0 = time.monotonic()
     try:
         ok = g.remote is not None and copy_granted(s.peer.pid, g, local, s.words)
-    except cma.CmaUnavailable as e:   # no permission (Yama ptrace scope): no grants from this peer
-        s.grants.drop(lease_id)
-        s.off.setdefault(DataPath.CMA, f"the kernel refused process_vm_readv: {e}")
-        core.fallback(DataPath.CMA, f"the kernel refused process_vm_readv: {e}", s.name)
-        return None
+    except cma.CmaUnavailable as e:
+        return _cma_refused(core, s, lease_id, e)
     except (OSError, ValueError, RuntimeError) as e:
         log.debug("granted read of %.12s from %s failed (%s); asking the owner", lease_id, s.name, e)
         ok = False
@@ -105,7 +102,7 @@ def _read_ipc(core: Core, s: Session, g: Grant, local: Descs, lease_id: str, not
     trace.mark("ipc", "live")
     nbytes = local.nbytes
     t0 = time.monotonic()
-    counted = False
+    counted, refused = False, None
     try:
         # no event: the side stream is synchronized below, on the calling thread (a driver call less)
         waitable, keep = core.data.ipc_launch(g.ipc, local, False, live, record=False)
@@ -125,7 +122,9 @@ def _read_ipc(core: Core, s: Session, g: Grant, local: Descs, lease_id: str, not
                     keep.synced()   # (frees its table slot)
                 del keep
         trace.mark("ipc", "released")
-        ok = word() == g.gen   # (a load from the mapped board)
+        ok = word() == g.gen   # (a load from the mapped board; process_vm_readv where it is not mapped)
+    except cma.CmaUnavailable as e:
+        refused, ok = e, False
     except (OSError, ValueError, RuntimeError) as e:
         log.debug("granted read of %.12s from %s failed (%s); asking the owner", lease_id, s.name, e)
         ok = False
@@ -133,6 +132,8 @@ def _read_ipc(core: Core, s: Session, g: Grant, local: Descs, lease_id: str, not
         if counted:
             with core.lock:
                 core.stats.uncount_granted_in(nbytes, _IPC)
+        if refused is not None:
+            return _cma_refused(core, s, lease_id, refused)
         s.grants.drop(lease_id)
         return None
     trace.mark(xfer, "copied")
@@ -142,6 +143,15 @@ def _read_ipc(core: Core, s: Session, g: Grant, local: Descs, lease_id: str, not
         xfer._finish(None)
     _report(core, s, lease_id, nbytes, _IPC, notify, lanes, None)
     return done
+
+
+def _cma_refused(core: Core, s: Session, lease_id: str, e: cma.CmaUnavailable) -> None:
+    """The kernel refused process_vm_readv (Yama ptrace scope): no grants from this peer (their word
+    checks need it); the read goes the normal way."""
+    s.grants.drop(lease_id)
+    s.off.setdefault(DataPath.CMA, f"the kernel refused process_vm_readv: {e}")
+    core.fallback(DataPath.CMA, f"the kernel refused process_vm_readv: {e}", s.name)
+    return None
 
 
 def _report(core: Core, s: Session, lease_id: str, nbytes: int, path: str, notify: bytes | None, lanes: Any,

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from transport import AgentConfig, Descs, gpu_upload, grant_read
+from transport import AgentConfig, Descs, cma, gpu_upload, grant_read
 from transport.grants import GrantCache
 from transport.region import MemoryKind, Region
 from transport.stats import AgentStats
 from transport.transfer import Transfer
+from transport.wire import DataPath
 
 BLOCK = 4096
 WORD_ADDR, GEN = 0x1000, 7
@@ -63,8 +64,8 @@ class _Data:
 
 
 class _Words:
-    def __init__(self, log: list, value: int):
-        self.log, self.value = log, value
+    def __init__(self, log: list, value: int, raises: BaseException | None = None):
+        self.log, self.value, self.raises = log, value, raises
 
     def reader(self, pid, address, ref):
         assert address == WORD_ADDR
@@ -72,21 +73,24 @@ class _Words:
 
         def read() -> int:
             self.log.append("word read")
+            if self.raises is not None:
+                raise self.raises
             return self.value
         return read
 
 
-def _setup(word_value: int = GEN, fail_wait: bool = False):
+def _setup(word_value: int = GEN, fail_wait: bool = False, word_raises: BaseException | None = None):
     log: list = []
     stats = AgentStats()
     core = types.SimpleNamespace(config=AgentConfig(), lock=threading.Lock(), stats=stats,
-                                 data=_Data(log, fail_wait), runtime=types.SimpleNamespace(call_soon=lambda *a: None))
+                                 data=_Data(log, fail_wait), runtime=types.SimpleNamespace(call_soon=lambda *a: None),
+                                 fallback=lambda path, why, name: log.append(("fallback", path.value, name)))
     grants = GrantCache()
     region = Region(torch.zeros(64 * BLOCK, dtype=torch.uint8), MemoryKind.CUDA, 0)
     local = Descs.from_blocks(region, np.array([5, 2, 9]), BLOCK)
     grants.add_ipc("lease-1", local.nbytes, _Plan(log), [WORD_ADDR, GEN, 60_000], time.monotonic())
     s = types.SimpleNamespace(lost=None, peer=types.SimpleNamespace(same_host=True, pid=os.getpid()),
-                              pid_checked=True, off={}, grants=grants, words=_Words(log, word_value),
+                              pid_checked=True, off={}, grants=grants, words=_Words(log, word_value, word_raises),
                               grant_reports=collections.deque(), name="owner", conn=None)
     return core, s, local, log
 
@@ -111,10 +115,12 @@ def test_a_traced_read_settles_the_transfer_it_was_given():
     assert given.done() and given.error is None
 
 
-@pytest.mark.parametrize("word_value,fail_wait", [(GEN + 1, False), (GEN, True)],
-                         ids=["lease-ended-during-the-copy", "the-wait-failed"])
-def test_a_read_that_fails_after_its_launch_waits_frees_and_takes_back_its_counters(word_value, fail_wait):
-    core, s, local, log = _setup(word_value, fail_wait)
+@pytest.mark.parametrize("word_value,fail_wait,word_raises", [
+    (GEN + 1, False, None), (GEN, True, None), (GEN, False, ProcessLookupError(3, "No such process"))],
+    ids=["lease-ended-during-the-copy", "the-wait-failed", "the-owner-gone-before-the-word"])
+def test_a_read_that_fails_after_its_launch_waits_frees_and_takes_back_its_counters(word_value, fail_wait,
+                                                                                    word_raises):
+    core, s, local, log = _setup(word_value, fail_wait, word_raises)
     before = core.stats.snapshot()
     assert grant_read.try_read(core, s, local, "lease-1", None) is None
     assert log[:4] == ["launch", "word reader made", "synchronize", "slot freed"], log
@@ -123,6 +129,22 @@ def test_a_read_that_fails_after_its_launch_waits_frees_and_takes_back_its_count
     assert "ipc" not in core.stats.paths
     assert not s.grant_reports
     assert s.grants.get("lease-1", local.nbytes) is None, "the grant is dropped: the owner answers next time"
+    assert not s.off
+
+
+def test_a_refused_word_check_turns_grants_off_for_the_peer():
+    """The word read with process_vm_readv (its board not mapped) and the kernel refuses it: the
+    read goes the normal way, and this peer's grants (whose checks need it) are off, visibly."""
+    core, s, local, log = _setup(word_raises=cma.CmaUnavailable("process_vm_readv: Operation not permitted"))
+    before = core.stats.snapshot()
+    assert grant_read.try_read(core, s, local, "lease-1", None) is None
+    assert log[:5] == ["launch", "word reader made", "synchronize", "slot freed", "word read"], log
+    assert ("fallback", "cma", "owner") in log
+    assert DataPath.CMA in s.off and "process_vm_readv" in s.off[DataPath.CMA]
+    assert core.stats.snapshot() == before
+    assert s.grants.get("lease-1", local.nbytes) is None
+    assert grant_read.try_read(core, s, local, "lease-1", None) is None   # (and no launch: grants are off)
+    assert log.count("launch") == 1
 
 
 def test_counters_taken_back_keep_other_reads():

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import copy_plan, cuda_ipc, gpu_copy, gpu_memcpy, gpu_remote, gpu_runs, gpu_upload, trace
+from . import copy_plan, cuda_ipc, gpu_copy, gpu_direct, gpu_memcpy, gpu_remote, gpu_runs, gpu_upload, trace
 from . import handshake as hs
 from .config import AgentConfig
 from .dataeps import abort_when_idle
@@ -306,6 +306,16 @@ class DataPlane:
                 trace.mark("ipc", "memcpy")
                 return out
         if plan.pairs_with(local):
+            if gpu_direct.usable(local, device.index):
+                trace.mark("ipc", "sides")
+                try:
+                    out = gpu_direct.launch(plan.remote, local, device, stream, write, record)
+                except Exception as e:   # (raised before anything was enqueued) tables filled from now on
+                    if gpu_direct.disable(f"{type(e).__name__}: {str(e)[:200]}"):
+                        self.stats.fallbacks[f"gpu-direct: {type(e).__name__}: {str(e)[:200]}"] += 1
+                else:
+                    trace.mark("ipc", "launched")
+                    return out
             lside = gpu_runs.RunSide(local.bases, local.region_idx if len(local.regions) > 1 else None, local.offset,
                                      local.offset_low_bits, local.base_low_bits)
             trace.mark("ipc", "sides")

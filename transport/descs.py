@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .region import Region
+from . import pinned_tables
+from .region import MemoryKind, Region
 
 
 _I64_MAX = (1 << 63) - 1
@@ -19,6 +20,14 @@ def _int64(values, what: str) -> np.ndarray:
     if a.size and a.dtype.kind == "u" and int(a.max()) > _I64_MAX:
         raise ValueError(f"{what} out of range")
     return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+
+
+def _pinned(regions, n: int, dtype) -> np.ndarray | None:
+    """A pinned array for a run table over `regions` when they are all CUDA memory
+    (pinned_tables.py: the copy kernel reads it where it lies), else None."""
+    if not n or not regions or any(r.kind is not MemoryKind.CUDA for r in regions):
+        return None
+    return pinned_tables.TABLES.array(n, dtype)
 
 
 def common_value(a: np.ndarray) -> int:
@@ -81,7 +90,14 @@ class Descs:
         ln = _int64(lengths, "lengths")
         if ln.size == 1 and off.size > 1:
             ln = np.full(off.size, int(ln[0]), dtype=np.int64)
-        return cls((region,), np.zeros(off.size, dtype=np.int32), off, ln)
+        pinned = _pinned((region,), off.size, np.int64)
+        if pinned is not None:
+            pinned[:] = off
+            off = pinned
+        d = cls((region,), np.zeros(off.size, dtype=np.int32), off, ln)
+        if pinned is not None:
+            d.__dict__["device_tables"] = (pinned.ctypes.data, None)
+        return d
 
     @classmethod
     def from_blocks(cls, region: Region, block_ids, block_bytes: int,
@@ -100,8 +116,16 @@ class Descs:
             raise ValueError("stride must be > 0 and base_offset >= 0")
         if ids.size and int(ids.max()) > (_I64_MAX - base_offset - block_bytes) // step:
             raise ValueError(f"block id {int(ids.max())} * stride {step} is outside any region")
-        off = base_offset + ids * step
+        pinned = _pinned((region,), ids.size, np.int64)
+        if pinned is None:
+            off = base_offset + ids * step
+        else:   # (written where the copy kernel reads it: no table to fill at read time)
+            off = np.multiply(ids, step, out=pinned)
+            if base_offset:
+                np.add(off, base_offset, out=off)
         d = cls((region,), np.zeros(ids.size, dtype=np.int32), off, np.full(ids.size, block_bytes, dtype=np.int64))
+        if pinned is not None:
+            d.__dict__["device_tables"] = (pinned.ctypes.data, None)
         d.__dict__["uniform_length"] = block_bytes if ids.size else 0   # known: no pass over the lengths
         d.__dict__["nbytes"] = int(ids.size) * block_bytes
         d.__dict__["offset_low_bits"] = low_bits_of_progression(base_offset, step) if ids.size else 0
@@ -112,20 +136,31 @@ class Descs:
         regions: list[Region] = []
         index: dict[int, int] = {}
         ridx, offs, lens = [], [], []
+        bits = 0
         for p in parts:
             remap = np.empty(len(p.regions), dtype=np.int32)
             for i, r in enumerate(p.regions):
                 if r.uid not in index:
                     index[r.uid] = len(regions)
                     regions.append(r)
+                    bits |= r.ptr
                 remap[i] = index[r.uid]
             ridx.append(remap[p.region_idx] if len(p.region_idx) else p.region_idx)
             offs.append(p.offset)
             lens.append(p.length)
         if not parts:
             return cls((), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        out = cls(tuple(regions), np.concatenate(ridx).astype(np.int32), np.concatenate(offs),
+        n = sum(len(o) for o in offs)
+        off = _pinned(regions, n, np.int64)
+        idx = _pinned(regions, n, np.int32) if off is not None and len(regions) > 1 else None
+        out = cls(tuple(regions),
+                  np.concatenate(ridx).astype(np.int32) if idx is None else np.concatenate(ridx, out=idx),
+                  np.concatenate(offs) if off is None else np.concatenate(offs, out=off),
                   np.concatenate(lens))
+        if off is not None and (len(regions) == 1 or idx is not None):
+            out.__dict__["device_tables"] = (off.ctypes.data, None if idx is None else idx.ctypes.data)
+        out.__dict__["region_uids"] = tuple(index)
+        out.__dict__["base_low_bits"] = bits & 15   # (asked by every CUDA read: known here for free)
         # what every part already knows (from_blocks: per-layer block lists) needs no pass over
         # the joined arrays at read time
         known = [p.__dict__ for p in parts if len(p)]
@@ -140,6 +175,26 @@ class Descs:
                 bits |= k["offset_low_bits"]
             out.__dict__["offset_low_bits"] = bits
         return out
+
+    @classmethod
+    def from_parts(cls, regions: "tuple[Region, ...]", region_idx, offsets, lengths) -> "Descs":
+        """One Descs over `regions` from lists of per-part arrays (region index, offset, length
+        per run), joined once: over CUDA regions straight into pinned memory (pinned_tables.py)."""
+        regions = tuple(regions)
+        if not offsets:
+            return cls(regions, np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        n = sum(len(o) for o in offsets)
+        off = _pinned(regions, n, np.int64)
+        idx = _pinned(regions, n, np.int32) if off is not None and len(regions) > 1 else None
+        d = cls(regions,
+                np.concatenate(region_idx).astype(np.int32, copy=False) if idx is None
+                else np.concatenate(region_idx, out=idx, casting="same_kind"),
+                np.ascontiguousarray(np.concatenate(offsets), dtype=np.int64) if off is None
+                else np.concatenate(offsets, out=off, casting="same_kind"),
+                np.ascontiguousarray(np.concatenate(lengths), dtype=np.int64))
+        if off is not None and (len(regions) == 1 or idx is not None):
+            d.__dict__["device_tables"] = (off.ctypes.data, None if idx is None else idx.ctypes.data)
+        return d
 
     # -- properties -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -160,6 +215,18 @@ class Descs:
         """Bits 0-3 that some offset may have set (their OR, or a superset of it): where every
         offset is 8- or 16-byte aligned, this says so (the CUDA copy kernels' variant)."""
         return int(np.bitwise_or.reduce(self.offset)) & 15 if len(self) else 0
+
+    @functools.cached_property
+    def device_tables(self) -> tuple[int, int | None] | None:
+        """(address of its offsets, of its region indices or None over one region) where they lie
+        in pinned memory the copy kernel reads directly (pinned_tables.py), else None. Set by the
+        constructors that put them there; a Descs made from arrays of its own has none."""
+        return None
+
+    @functools.cached_property
+    def region_uids(self) -> tuple[int, ...]:
+        """Its regions' uids, in order (a key for what is kept per set of regions)."""
+        return tuple(r.uid for r in self.regions)
 
     @functools.cached_property
     def bases(self) -> np.ndarray:

@@ -239,6 +239,5 @@ def local_descs(read: PlannedRead, regions: Mapping[int, Any], scratch: Any = No
         r = slot(regions[key])
         idx.append(np.where(sc, slot(scratch), r).astype(np.int32) if sc.any()
                    else np.full(len(offs), r, dtype=np.int32))
-    return Descs(tuple(used), np.concatenate(idx),
-                 np.ascontiguousarray(np.concatenate([d[1] for d in read.dst]), dtype=np.int64),
-                 np.ascontiguousarray(np.concatenate([d[2] for d in read.dst]), dtype=np.int64))
+    # (over CUDA regions the joined offsets land in pinned memory the copy kernel reads directly)
+    return Descs.from_parts(tuple(used), idx, [d[1] for d in read.dst], [d[2] for d in read.dst])

@@ -98,3 +98,71 @@ def test_direct_launches_take_the_raw_c_launcher_on_a_known_triton():
             test_paired_kernel_moves_exactly_the_runs(mp, "mapped", False, 1, 1, "uniform")
     assert gpu_runs._LAUNCHER.raw_disabled is None, gpu_runs._LAUNCHER.raw_disabled
     assert gpu_runs._LAUNCHER.raw_launches > 0
+
+
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("rk,lk", [(1, 1), (3, 1), (1, 4), (3, 32)])
+@pytest.mark.parametrize("lengths", ["uniform", "mixed"])
+def test_direct_kernel_reads_the_runs_from_the_descs_own_tables(write, rk, lk, lengths):
+    """gpu_direct.launch: the local runs come from the Descs' pinned tables (offsets, region
+    index, the device table of region bases), one launch, every byte checked and the rest of
+    both pools untouched, three reps (the later ones through the compiled launcher)."""
+    torch = pytest.importorskip("torch")
+    from transport import Descs, gpu_direct, gpu_remote, gpu_runs
+    from transport.region import make_region
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    bb, blocks, n = 16384, 64, 5000 if lk > 1 else 300
+    blocks = max(blocks, -(-n // lk) + 8)
+    rng = np.random.default_rng(rk * 100 + lk * 3 + write)
+    rpools, lpools = _pools(torch, dev, rk, blocks, bb, 11), _pools(torch, dev, lk, blocks, bb, 12)
+    r_before = [p.clone() for p in rpools]
+    l_before = [p.clone() for p in lpools]
+    regions = [make_region(p) for p in lpools]
+    ln = (np.full(n, bb, np.int64) if lengths == "uniform"
+          else (rng.integers(1, bb // 16 + 1, n) * 16).astype(np.int64))
+    rblk, lblk = rng.permutation(blocks * rk)[:n], rng.permutation(blocks * lk)[:n]
+    if lengths == "uniform" and lk > 1:   # per-layer block lists joined, as the vLLM layout builds them
+        order = np.argsort(lblk // blocks, kind="stable")
+        rblk, lblk = rblk[order], lblk[order]
+    rslot, roff = rblk // blocks, (rblk % blocks) * bb
+    lslot, loff = (lblk // blocks).astype(np.int32), ((lblk % blocks) * bb).astype(np.int64)
+    if lengths == "uniform" and lk == 1:
+        local = Descs.from_blocks(regions[0], lblk % blocks, bb)
+    elif lengths == "uniform":
+        local = Descs.concat([Descs.from_blocks(regions[k], loff[lslot == k] // bb, bb) for k in range(lk)])
+    else:
+        local = Descs.from_parts(tuple(regions), [lslot], [loff], [ln])
+    assert local.device_tables is not None and gpu_direct.usable(local, 0), "no pinned tables"
+    assert np.array_equal(local.region_idx, lslot if lk > 1 else np.zeros(n, np.int32))
+    remote = gpu_remote.RemoteTable(gpu_runs.RunSide(np.array([p.data_ptr() for p in rpools], np.int64),
+                                                   rslot.astype(np.int64) if rk > 1 else None,
+                                                   roff.astype(np.int64)), ln)
+    stream = torch.cuda.Stream(dev)
+    src_p, src_s, src_o, dst_p, dst_s, dst_o = ((lpools, lslot, loff, rpools, rslot, roff) if write
+                                                else (rpools, rslot, roff, lpools, lslot, loff))
+    dst_before = r_before if write else l_before
+    expect = [p.clone() for p in dst_before]
+    for i in range(n):
+        a, b, m = int(src_o[i]), int(dst_o[i]), int(ln[i])
+        expect[int(dst_s[i])].view(-1)[b:b + m] = src_p[int(src_s[i])].view(-1)[a:a + m]
+    launches = gpu_direct._LAUNCHER.raw_launches + gpu_direct._LAUNCHER.fast_launches
+    count = gpu_direct.direct_launches
+    for rep in range(3):
+        for p, b in zip(dst_p, dst_before):
+            p.copy_(b)
+        torch.cuda.synchronize(dev)
+        ev, keep = gpu_direct.launch(remote, local, dev, stream, write, record=rep != 1)
+        if ev is None:
+            stream.synchronize()
+        else:
+            ev.synchronize()
+        del keep
+        for got, want in zip(dst_p, expect):
+            assert torch.equal(got, want), f"rep {rep}: the kernel wrote other bytes than the runs"
+        for got, want in zip(lpools if write else rpools, l_before if write else r_before):
+            assert torch.equal(got, want), f"rep {rep}: the source changed"
+    assert gpu_direct.direct_launches == count + 3 and gpu_direct.disabled is None
+    assert gpu_direct._LAUNCHER.raw_launches + gpu_direct._LAUNCHER.fast_launches >= launches + 2, \
+        "later launches of a variant did not go direct"

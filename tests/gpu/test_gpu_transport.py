@@ -365,3 +365,36 @@ def test_contiguous_leases_take_the_drivers_copy(owner, reader):
         owner.call("drop", k)
     for k in (kr, kr + "s"):
         reader.call("drop", k)
+
+
+def test_reads_and_writes_take_their_runs_from_the_descs_own_tables(owner, reader):
+    """The reader's Descs (from_blocks per layer, joined) keep their run tables in pinned memory:
+    the kernel reads them there (no table slot filled on the read's path), on the first read
+    (asked), on re-reads under the grant, and on a write; every block verified."""
+    pool, n = 1024, 300
+    ko, kr, kw = _key("dt"), _key("dtr"), _key("dtw")
+    spec = _bufs("dts", pool, (8, 16, 128), "bfloat16", seed=81, layers=4)
+    owner.call("alloc", ko, spec)
+    reader.call("alloc", kr, _bufs("dtd", pool, (8, 16, 128), "bfloat16", seed=82, layers=4))
+    s_ids, d_ids = _ids(pool, n), _ids(pool, n)
+    lease = owner.call("expose", ko, s_ids)
+    for rnd in range(3):
+        res, points = reader.call("traced", "read", owner.address, kr, d_ids, lease)
+        assert res["error"] is None, res
+        assert "kernel" in points and "slot" not in points and "filled" not in points, (rnd, points)
+        assert reader.call("verify", kr, d_ids, spec, s_ids)["bad"] == 0, f"round {rnd}"
+        d_ids = _ids(pool, n)   # (a new Descs each round: other blocks)
+    owner.call("alloc", kw, _bufs("dtw", pool, (8, 16, 128), "bfloat16", seed=83, layers=4))
+    lw = owner.call("expose", kw, d_ids, writable=True)
+    src_spec = _bufs("dtx", pool, (8, 16, 128), "bfloat16", seed=84, layers=4)
+    reader.call("alloc", kr + "x", src_spec)
+    src = _ids(pool, n)
+    res, points = reader.call("traced", "write", owner.address, kr + "x", src, lw)
+    assert res["error"] is None and "kernel" in points and "slot" not in points, (res, points)
+    assert owner.call("verify", kw, d_ids, src_spec, src)["bad"] == 0
+    fb = reader.call("stats")["fallbacks"]
+    assert not any(k.startswith("gpu-direct") for k in fb), fb
+    reader.call("drop", kr + "x")
+    for k in (ko, kw):
+        owner.call("drop", k)
+    reader.call("drop", kr)

@@ -12,7 +12,7 @@ import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import dispatch, grant_push, grant_read, initiated, initiator, lanes, owner, trace
+from . import dispatch, gpu_direct, grant_push, grant_read, initiated, initiator, lanes, owner, pinned_tables, trace
 from . import handshake as hs
 from .config import AgentConfig, parse_hostport
 from .conn import Conn
@@ -368,6 +368,9 @@ class Agent:
         d["staging_slots_quarantined"] = self._core.data.quarantined_slots()
         d["endpoints_parked"] = self._core.data.parked_endpoints()
         d["notifications_dropped"] = self._core.inbox.dropped
+        # CUDA Descs' run tables (pinned_tables.py) and the reads that took them in place (gpu_direct.py)
+        d["gpu_run_tables"] = dict(pinned_tables.TABLES.stats(), direct_launches=gpu_direct.direct_launches,
+                                   direct_off=gpu_direct.disabled)
         return d
 
     async def _sweep_loop(self) -> None:

@@ -136,9 +136,10 @@ def path_findings(p: DataPaths) -> list[Finding]:
                                                  "fall back to UCX"))
         if i.table_mapped is False:
             out.append(Finding(Severity.INFO, "paths", "the driver does not map pinned host memory at its own "
-                                                       "address here: each CUDA IPC read copies its half of the "
-                                                       "kernel's table to the device first (one more copy enqueued "
-                                                       "per read, a few microseconds)"))
+                                                       "address here: the kernel cannot read a Descs' run table "
+                                                       "where it lies, so each CUDA IPC read writes its table and "
+                                                       "copies it to the device first (tens of microseconds more "
+                                                       "per read; Agent.snapshot()['gpu_run_tables'])"))
     else:
         out.append(Finding(Severity.WARN, "paths", f"same host, CUDA memory: CUDA IPC path off: {_ipc_why(i)}; GPU "
                                                    "KV blocks go through UCX (owner packs, UCX moves chunks), far "

@@ -30,6 +30,18 @@ def _pinned(regions, n: int, dtype) -> np.ndarray | None:
     return pinned_tables.TABLES.array(n, dtype)
 
 
+def _blocks_span(ids: np.ndarray, first: int, step: int, block_bytes: int) -> int | None:
+    """`Descs.span` of blocks `ids` (non-empty, each `block_bytes` long, `step` apart; the first at
+    byte `first`): one range exactly when there is one block, or the blocks are adjacent
+    (`step == block_bytes`) and the ids run up by one (pure)."""
+    n = ids.size
+    if n == 1:
+        return first
+    if step != block_bytes or int(ids[-1]) - int(ids[0]) != n - 1:
+        return None
+    return first if bool((ids[1:] - ids[:-1] == 1).all()) else None
+
+
 def common_value(a: np.ndarray) -> int:
     """The value every element of `a` has, or 0 when they differ or `a` is empty (pure)."""
     if not a.size:
@@ -129,6 +141,8 @@ class Descs:
         d.__dict__["uniform_length"] = block_bytes if ids.size else 0   # known: no pass over the lengths
         d.__dict__["nbytes"] = int(ids.size) * block_bytes
         d.__dict__["offset_low_bits"] = low_bits_of_progression(base_offset, step) if ids.size else 0
+        if ids.size:   # (decided while the ids are at hand: a read of a new Descs asks at once)
+            d.__dict__["span"] = _blocks_span(ids, int(off[0]), step, block_bytes)
         return d
 
     @classmethod
@@ -164,6 +178,14 @@ class Descs:
         # what every part already knows (from_blocks: per-layer block lists) needs no pass over
         # the joined arrays at read time
         known = [p.__dict__ for p in parts if len(p)]
+        if len(regions) == 1 and known and all("span" in k and "nbytes" in k for k in known):
+            span, end = known[0]["span"], None   # one range when each part is one and each follows the last
+            for k in known:
+                if k["span"] is None or (end is not None and k["span"] != end):
+                    span = None
+                    break
+                end = k["span"] + k["nbytes"]
+            out.__dict__["span"] = span
         if all("nbytes" in k for k in known):
             out.__dict__["nbytes"] = sum(k["nbytes"] for k in known)
         if known and all("uniform_length" in k for k in known):

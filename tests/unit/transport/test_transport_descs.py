@@ -411,3 +411,22 @@ def test_span_is_the_one_contiguous_range_or_none(ids, bb, two_regions):
 ])
 def test_span_of_ranges_of_mixed_lengths(offsets, lengths, want):
     assert Descs.from_ranges(region(4096), offsets, lengths).span == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 40), min_size=0, max_size=6), st.sampled_from([0, 64, 640])),
+                min_size=1, max_size=4),
+       st.sampled_from([(64, None), (64, 128), (48, 48)]))
+@example([([0, 1, 2], 0), ([3, 4], 0)], (64, None))      # two parts, each one range, the second after the first
+@example([([0, 1, 2], 0), ([4, 5], 0)], (64, None))      # a gap between them
+@example([([3, 4], 0), ([0, 1, 2], 0)], (64, None))      # the second before the first
+@example([([0, 0], 0)], (64, None))                      # one block twice
+def test_span_known_at_construction_is_what_the_runs_say(parts, shape):
+    """from_blocks and concat decide `span` while building (no pass at read time); it is what a
+    Descs made from the same arrays computes from its runs."""
+    bb, stride = shape
+    r = region(1 << 16)
+    d = Descs.concat([Descs.from_blocks(r, ids, bb, base_offset=base, stride=stride) for ids, base in parts])
+    fresh = Descs(d.regions, d.region_idx, d.offset, d.length)
+    assert "span" in d.__dict__ or len(d) == 0
+    assert d.span == fresh.span

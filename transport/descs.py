@@ -22,9 +22,9 @@ def _int64(values, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
 
 
-def _pinned(regions, n: int, dtype) -> np.ndarray | None:
-    """A pinned array for a run table over `regions` when they are all CUDA memory
-    (pinned_tables.py: the copy kernel reads it where it lies), else None."""
+def _pinned(regions, n: int, dtype) -> tuple[np.ndarray, int] | None:
+    """A pinned array (and its address) for a run table over `regions` when they are all CUDA
+    memory (pinned_tables.py: the copy kernel reads it where it lies), else None."""
     if not n or not regions or any(r.kind is not MemoryKind.CUDA for r in regions):
         return None
     return pinned_tables.TABLES.array(n, dtype)
@@ -104,11 +104,11 @@ class Descs:
             ln = np.full(off.size, int(ln[0]), dtype=np.int64)
         pinned = _pinned((region,), off.size, np.int64)
         if pinned is not None:
-            pinned[:] = off
-            off = pinned
+            pinned[0][:] = off
+            off = pinned[0]
         d = cls((region,), np.zeros(off.size, dtype=np.int32), off, ln)
         if pinned is not None:
-            d.__dict__["device_tables"] = (pinned.ctypes.data, None)
+            d.__dict__["device_tables"] = (pinned[1], None)
         return d
 
     @classmethod
@@ -132,12 +132,12 @@ class Descs:
         if pinned is None:
             off = base_offset + ids * step
         else:   # (written where the copy kernel reads it: no table to fill at read time)
-            off = np.multiply(ids, step, out=pinned)
+            off = np.multiply(ids, step, out=pinned[0])
             if base_offset:
                 np.add(off, base_offset, out=off)
         d = cls((region,), np.zeros(ids.size, dtype=np.int32), off, np.full(ids.size, block_bytes, dtype=np.int64))
         if pinned is not None:
-            d.__dict__["device_tables"] = (pinned.ctypes.data, None)
+            d.__dict__["device_tables"] = (pinned[1], None)
         d.__dict__["uniform_length"] = block_bytes if ids.size else 0   # known: no pass over the lengths
         d.__dict__["nbytes"] = int(ids.size) * block_bytes
         d.__dict__["offset_low_bits"] = low_bits_of_progression(base_offset, step) if ids.size else 0
@@ -164,15 +164,13 @@ class Descs:
             lens.append(p.length)
         if not parts:
             return cls((), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        n = sum(len(o) for o in offs)
-        off = _pinned(regions, n, np.int64)
-        idx = _pinned(regions, n, np.int32) if off is not None and len(regions) > 1 else None
-        out = cls(tuple(regions),
-                  np.concatenate(ridx).astype(np.int32) if idx is None else np.concatenate(ridx, out=idx),
-                  np.concatenate(offs) if off is None else np.concatenate(offs, out=off),
-                  np.concatenate(lens))
-        if off is not None and (len(regions) == 1 or idx is not None):
-            out.__dict__["device_tables"] = (off.ctypes.data, None if idx is None else idx.ctypes.data)
+        live = [p for p in parts if len(p)]
+        if len(live) == 1 and len(regions) == 1 and live[0].device_tables is not None:
+            only = live[0]   # (one part: its arrays, pinned already, serve as they are)
+            out = cls(tuple(regions), only.region_idx, only.offset, only.length)
+            out.__dict__["device_tables"] = only.device_tables
+        else:
+            out = cls.from_parts(tuple(regions), ridx, offs, lens)
         out.__dict__["region_uids"] = tuple(index)
         out.__dict__["base_low_bits"] = bits & 15   # (asked by every CUDA read: known here for free)
         # what every part already knows (from_blocks: per-layer block lists) needs no pass over
@@ -210,12 +208,12 @@ class Descs:
         idx = _pinned(regions, n, np.int32) if off is not None and len(regions) > 1 else None
         d = cls(regions,
                 np.concatenate(region_idx).astype(np.int32, copy=False) if idx is None
-                else np.concatenate(region_idx, out=idx, casting="same_kind"),
+                else np.concatenate(region_idx, out=idx[0], casting="same_kind"),
                 np.ascontiguousarray(np.concatenate(offsets), dtype=np.int64) if off is None
-                else np.concatenate(offsets, out=off, casting="same_kind"),
+                else np.concatenate(offsets, out=off[0], casting="same_kind"),
                 np.ascontiguousarray(np.concatenate(lengths), dtype=np.int64))
         if off is not None and (len(regions) == 1 or idx is not None):
-            d.__dict__["device_tables"] = (off.ctypes.data, None if idx is None else idx.ctypes.data)
+            d.__dict__["device_tables"] = (off[1], None if idx is None else idx[1])
         return d
 
     # -- properties -----------------------------------------------------------------------

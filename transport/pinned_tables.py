@@ -8,7 +8,7 @@ built (gpu_direct.py): no table to fill and no slot to take on the read's path.
 
 The arena is process-wide and bounded (`MAX_BYTES`): blocks are powers of two (16-byte aligned)
 carved from chunks that are never returned; a block comes back when the last array over it is
-collected (its owner object's finalizer, which only appends to a queue: it may run inside any
+collected (its owner object's `__del__`, which only appends to a queue: it may run inside any
 allocation, on any thread). When pinned memory cannot be had (no CUDA, the budget is spent), a
 caller gets None and keeps ordinary arrays: the read then writes its table as before (slower,
 never wrong). Why the arena is off is kept in `disabled`.
@@ -19,7 +19,6 @@ import collections
 import ctypes
 import logging
 import threading
-import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -63,10 +62,12 @@ class PinnedArena:
         self.disabled: str | None = None
         self.refused = 0                                 # requests answered None (budget spent)
         self.mapped: dict[int, bool] = {}               # device index -> every chunk mapped at its address
+        self._types: dict[int, Any] = {}                # block size -> its owner type
 
     # -- blocks ---------------------------------------------------------------------------------
-    def array(self, n: int, dtype: Any) -> np.ndarray | None:
-        """A new array of `n` elements of `dtype` in pinned memory (contents undefined), or None."""
+    def array(self, n: int, dtype: Any) -> tuple[np.ndarray, int] | None:
+        """A new array of `n` elements of `dtype` in pinned memory (contents undefined) and its
+        address, or None."""
         if self.disabled is not None or n <= 0:
             return None
         dt = np.dtype(dtype)
@@ -74,9 +75,22 @@ class PinnedArena:
         addr = self._take(size)
         if addr is None:
             return None
-        owner = (ctypes.c_byte * size).from_address(addr)
-        weakref.finalize(owner, self._freed.append, (addr, size))
-        return np.frombuffer(owner, dtype=dt, count=n)
+        owner = self._owner_type(size).from_address(addr)
+        return np.frombuffer(owner, dtype=dt, count=n), addr
+
+    def _owner_type(self, size: int) -> Any:
+        """The ctypes type of a block of `size` bytes whose instances give their block back when
+        collected (the last array over it gone: numpy keeps its buffer's owner alive)."""
+        t = self._types.get(size)
+        if t is None:
+            freed = self._freed
+
+            def __del__(block: Any) -> None:   # (only a queue append: any thread, inside any allocation)
+                freed.append((ctypes.addressof(block), size))
+
+            t = type(f"PinnedBlock{size}", (ctypes.c_byte * size,), {"__del__": __del__})
+            self._types[size] = t
+        return t
 
     def _take(self, size: int) -> int | None:
         with self._lock:

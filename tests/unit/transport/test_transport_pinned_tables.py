@@ -36,6 +36,15 @@ def _arena(chunk=1 << 16, max_bytes=1 << 20, fail=False, misalign=0):
     return PinnedArena(_Chunks(fail, misalign), chunk_bytes=chunk, max_bytes=max_bytes)
 
 
+def _arr(a, n, dtype):
+    got = a.array(n, dtype)
+    if got is None:
+        return None
+    arr, addr = got
+    assert addr == arr.ctypes.data, "the address said is not the array's"
+    return arr
+
+
 def test_block_sizes_are_powers_of_two_from_the_minimum():
     assert block_size(1) == MIN_BLOCK and block_size(MIN_BLOCK) == MIN_BLOCK
     assert block_size(MIN_BLOCK + 1) == 2 * MIN_BLOCK and block_size(5000) == 8192
@@ -43,7 +52,7 @@ def test_block_sizes_are_powers_of_two_from_the_minimum():
 
 def test_arrays_are_aligned_distinct_and_inside_a_chunk():
     a = _arena()
-    arrs = [a.array(n, np.int64) for n in (1, 100, 300, 1000, 7)] + [a.array(50, np.int32)]
+    arrs = [_arr(a, n, np.int64) for n in (1, 100, 300, 1000, 7)] + [_arr(a, 50, np.int32)]
     spans = []
     for x in arrs:
         addr = x.ctypes.data
@@ -56,22 +65,22 @@ def test_arrays_are_aligned_distinct_and_inside_a_chunk():
 
 def test_a_block_comes_back_only_when_every_view_is_gone():
     a = _arena()
-    x = a.array(100, np.int64)
+    x = _arr(a, 100, np.int64)
     addr = x.ctypes.data
     view = x[10:20]
     del x
     gc.collect()
-    y = a.array(100, np.int64)
+    y = _arr(a, 100, np.int64)
     assert y.ctypes.data != addr, "reused while a view of it lived"
     del view
     gc.collect()
-    z = a.array(100, np.int64)
+    z = _arr(a, 100, np.int64)
     assert z.ctypes.data == addr and a.stats()["in_use_bytes"] == 2 * block_size(800)
 
 
 def test_frees_from_other_threads_land():
     a = _arena()
-    xs = [a.array(64, np.int64) for _ in range(50)]
+    xs = [_arr(a, 64, np.int64) for _ in range(50)]
     t = threading.Thread(target=lambda: (xs.clear(), gc.collect()))
     t.start()
     t.join(10)
@@ -80,47 +89,47 @@ def test_frees_from_other_threads_land():
 
 def test_a_chunk_that_is_not_16_byte_aligned_still_gives_aligned_blocks():
     a = _arena(chunk=4096, misalign=8)
-    xs = [a.array(100, np.int64) for _ in range(4)]   # 1 KiB blocks: three fit in what is left aligned
+    xs = [_arr(a, 100, np.int64) for _ in range(4)]   # 1 KiB blocks: three fit in what is left aligned
     assert all(x is not None and x.ctypes.data % 16 == 0 for x in xs) and a.held == 2 * 4096
 
 
 def test_the_budget_bounds_it_and_refusals_are_counted():
     a = _arena(chunk=4096, max_bytes=8192)
-    got = [a.array(256, np.int64) for _ in range(5)]   # 2 KiB blocks: four fit
+    got = [_arr(a, 256, np.int64) for _ in range(5)]   # 2 KiB blocks: four fit
     assert sum(g is not None for g in got) == 4 and got[4] is None
     assert a.stats()["refused"] == 1 and a.held == 8192 and a.disabled is None
     got.pop(0)
     gc.collect()
-    assert a.array(256, np.int64) is not None   # a freed block is taken again
-    assert a.array(10_000, np.int64) is None    # larger than what is left
+    assert _arr(a, 256, np.int64) is not None   # a freed block is taken again
+    assert _arr(a, 10_000, np.int64) is None    # larger than what is left
 
 
 def test_what_is_left_of_a_chunk_is_not_lost():
     a = _arena(chunk=4096, max_bytes=1 << 20)
-    kept = [a.array(300, np.int64),   # a 4 KiB block: the whole first chunk
-            a.array(100, np.int64),   # 1 KiB from the second chunk; 3 KiB left there
-            a.array(400, np.int64)]   # 4 KiB: a third chunk; the 3 KiB go to the free lists
+    kept = [_arr(a, 300, np.int64),   # a 4 KiB block: the whole first chunk
+            _arr(a, 100, np.int64),   # 1 KiB from the second chunk; 3 KiB left there
+            _arr(a, 400, np.int64)]   # 4 KiB: a third chunk; the 3 KiB go to the free lists
     assert a.held == 3 * 4096
-    kept.append(a.array(200, np.int64))  # 2 KiB: from the second chunk's rest, no new chunk
-    kept.append(a.array(100, np.int64))  # 1 KiB: the last of it
+    kept.append(_arr(a, 200, np.int64))  # 2 KiB: from the second chunk's rest, no new chunk
+    kept.append(_arr(a, 100, np.int64))  # 1 KiB: the last of it
     assert a.held == 3 * 4096 and all(k is not None for k in kept)
     assert len({k.ctypes.data for k in kept}) == 5
 
 
 def test_no_cuda_turns_it_off_once_and_says_why():
     a = _arena(fail=True)
-    assert a.array(10, np.int64) is None and "no CUDA-capable device" in a.disabled
-    assert a.array(10, np.int64) is None and len(a._alloc.given) == 0
+    assert _arr(a, 10, np.int64) is None and "no CUDA-capable device" in a.disabled
+    assert _arr(a, 10, np.int64) is None and len(a._alloc.given) == 0
 
 
 def test_a_device_that_does_not_map_a_chunk_at_its_address_is_refused():
     a = _arena()
-    x = a.array(10, np.int64)
+    x = _arr(a, 10, np.int64)
     asked = []
     assert a.mapped_on(0, lambda p: asked.append(p) or p)
     assert not a.mapped_on(1, lambda p: p + 4096)
     assert a.mapped_on(0, lambda p: 0) and len(asked) == 1   # (asked once per device)
-    a.array(1 << 14, np.int64)   # a new chunk: asked again
+    _arr(a, 1 << 14, np.int64)   # a new chunk: asked again
     assert a.mapped_on(0, lambda p: asked.append(p) or p) and len(asked) == 3
     del x
 

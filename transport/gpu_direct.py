@@ -73,15 +73,17 @@ def _kernel():
                 r = tl.multiple_of(r, ALIGN)
                 q = tl.multiple_of(q, ALIGN)
             offs = tl.arange(0, PIECE // WORD)
-            if TO_LOCAL:
-                src, dst = base + r + offs, lbase + q + offs
-            else:
-                src, dst = lbase + q + offs, base + r + offs
             if EVEN:
-                tl.store(dst, tl.load(src))
+                if TO_LOCAL:
+                    tl.store(lbase + q + offs, tl.load(base + r + offs))
+                else:
+                    tl.store(base + r + offs, tl.load(lbase + q + offs))
             else:
                 m = offs < (n - start) // WORD
-                tl.store(dst, tl.load(src, mask=m), mask=m)
+                if TO_LOCAL:
+                    tl.store(lbase + q + offs, tl.load(base + r + offs, mask=m), mask=m)
+                else:
+                    tl.store(base + r + offs, tl.load(lbase + q + offs, mask=m), mask=m)
 
     return kv_copy_direct
 

@@ -113,8 +113,8 @@ def test_direct_kernel_reads_the_runs_from_the_descs_own_tables(write, rk, lk, l
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
-    bb, blocks, n = 16384, 64, 5000 if lk > 1 else 300
-    blocks = max(blocks, -(-n // lk) + 8)
+    bb, n = 16384, 5000 if lk > 1 else 300
+    blocks = max(64, -(-n // min(rk, lk)) + 8)   # (each side has n distinct blocks)
     rng = np.random.default_rng(rk * 100 + lk * 3 + write)
     rpools, lpools = _pools(torch, dev, rk, blocks, bb, 11), _pools(torch, dev, lk, blocks, bb, 12)
     r_before = [p.clone() for p in rpools]

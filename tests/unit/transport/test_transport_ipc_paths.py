@@ -127,3 +127,58 @@ def test_a_failing_driver_copy_turns_itself_off_and_the_kernel_copies(calls, mon
     assert [c[0] for c in calls] == ["paired"] * 3
     assert gpu_memcpy.disabled and "CUresult 1" in gpu_memcpy.disabled
     assert sum(v for k, v in dp.stats.fallbacks.items() if k.startswith("ipc-memcpy")) == 1
+
+
+def _with_tables(local, mapped=True, monkeypatch=None):
+    """`local` as a CUDA Descs whose run tables lie in the pinned arena (set as its constructors set it)."""
+    local.__dict__["device_tables"] = (local.offset.ctypes.data, None)
+    monkeypatch.setattr(local.regions[0], "device", types.SimpleNamespace(index=0, type="cuda"), raising=False)
+    from transport import pinned_tables
+
+    monkeypatch.setattr(pinned_tables.TABLES, "mapped", {0: mapped})
+    return local
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_descs_with_its_own_tables_takes_the_direct_kernel(calls, monkeypatch, write):
+    from transport import gpu_direct
+
+    direct = []
+    monkeypatch.setattr(gpu_direct, "disabled", None)
+    monkeypatch.setattr(gpu_direct, "launch", lambda remote, local, device, stream, write=False, record=True:
+                        direct.append((local, write, record)) or (None, ("kept",)))
+    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    monkeypatch.setattr(dp, "stream", lambda device: None)
+    s = _session()
+    plan = _plan(dp, s, [0, 2048], [512, 512])
+    local = _with_tables(Descs.from_blocks(make_region(np.zeros(8192, np.uint8)), [3, 1], 512), True, monkeypatch)
+    _, keep = dp.ipc_launch(plan, local, write, plan.live(s), record=False)
+    assert direct == [(local, write, False)] and calls == [] and keep[0] == ("kept",)
+    monkeypatch.setattr(gpu_direct.pinned_tables.TABLES, "mapped", {0: False})   # not mapped here: the slot
+    dp.ipc_launch(plan, local, write, plan.live(s))
+    assert len(direct) == 1 and [c[0] for c in calls] == ["paired"]
+
+
+def test_a_failing_direct_kernel_turns_itself_off_and_the_table_is_filled(calls, monkeypatch):
+    """The direct launch raises before anything is enqueued (a Triton or driver problem): the same
+    transfer goes the filled-table way, the reason is counted once, later ones go there at once."""
+    from transport import gpu_direct
+
+    monkeypatch.setattr(gpu_direct, "disabled", None)
+    tries = []
+
+    def broken(remote, local, device, stream, write=False, record=True):
+        tries.append(1)
+        raise RuntimeError("CUDA error: invalid argument")
+    monkeypatch.setattr(gpu_direct, "launch", broken)
+    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    monkeypatch.setattr(dp, "stream", lambda device: None)
+    s = _session()
+    plan = _plan(dp, s, [0, 2048], [512, 512])
+    local = _with_tables(Descs.from_blocks(make_region(np.zeros(8192, np.uint8)), [3, 1], 512), True, monkeypatch)
+    for _ in range(3):
+        dp.ipc_launch(plan, local, False, plan.live(s))
+    assert tries == [1] and [c[0] for c in calls] == ["paired"] * 3
+    assert "invalid argument" in gpu_direct.disabled
+    assert [k for k in dp.stats.fallbacks if k.startswith("gpu-direct")] == ["gpu-direct: RuntimeError: CUDA error: "
+                                                                              "invalid argument"]

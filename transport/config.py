@@ -85,6 +85,9 @@ class AgentConfig:
         (process_vm_readv/writev with scatter/gather lists, see cma.py).
     gpu_ipc: read/write CUDA memory of a peer on the same host through CUDA IPC with one fused
         kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
+    gpu_direct_tables: on the CUDA IPC path, the kernel reads a read's own runs from its Descs'
+        pinned tables (pinned_tables.py, gpu_direct.py); False: each read writes its run table
+        into a pinned slot first, as before (tens of microseconds more per read).
     inline_copy_bytes: same-host copies up to this size run on the transport's loop thread
         (no thread hand-off); larger ones are spread over worker threads.
     direct_lanes: a read of at most `inline_copy_bytes` of host memory from a peer on this host,
@@ -127,6 +130,7 @@ class AgentConfig:
     max_notify_count: int = 65536
     same_host_copy: bool = True
     gpu_ipc: bool = True
+    gpu_direct_tables: bool = True
     inline_copy_bytes: int = 4 << 20
     direct_lanes: bool = True
     lease_grants: bool = True

@@ -306,7 +306,7 @@ class DataPlane:
                 trace.mark("ipc", "memcpy")
                 return out
         if plan.pairs_with(local):
-            if gpu_direct.usable(local, device.index):
+            if self.config.gpu_direct_tables and gpu_direct.usable(local, device.index):
                 trace.mark("ipc", "sides")
                 try:
                     out = gpu_direct.launch(plan.remote, local, device, stream, write, record)

@@ -15,7 +15,7 @@ def agent_config(settings: AgentSettings, rank: int, compat: Mapping[str, Any]) 
     return AgentConfig(listen=settings.listen_address(rank), auth_key=settings.auth_key(),
                        timeout_s=settings.timeout_s, compat=dict(compat),
                        transports=settings.transports, same_host_copy=settings.same_host_copy,
-                       gpu_ipc=settings.gpu_ipc)
+                       gpu_ipc=settings.gpu_ipc, gpu_direct_tables=settings.gpu_direct_tables)
 
 
 def make_agent(name: str, settings: AgentSettings, rank: int, compat: Mapping[str, Any]) -> Agent:

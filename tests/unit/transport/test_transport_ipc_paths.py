@@ -157,6 +157,11 @@ def test_a_descs_with_its_own_tables_takes_the_direct_kernel(calls, monkeypatch,
     monkeypatch.setattr(gpu_direct.pinned_tables.TABLES, "mapped", {0: False})   # not mapped here: the slot
     dp.ipc_launch(plan, local, write, plan.live(s))
     assert len(direct) == 1 and [c[0] for c in calls] == ["paired"]
+    monkeypatch.setattr(gpu_direct.pinned_tables.TABLES, "mapped", {0: True})
+    off = DataPlane("reader", AgentConfig(gpu_direct_tables=False), None, AgentStats())   # turned off
+    monkeypatch.setattr(off, "stream", lambda device: None)
+    off.ipc_launch(plan, local, write, plan.live(s))
+    assert len(direct) == 1 and [c[0] for c in calls] == ["paired", "paired"]
 
 
 def test_a_failing_direct_kernel_turns_itself_off_and_the_table_is_filled(calls, monkeypatch):

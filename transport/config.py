@@ -86,8 +86,8 @@ class AgentConfig:
     gpu_ipc: read/write CUDA memory of a peer on the same host through CUDA IPC with one fused
         kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
     gpu_direct_tables: on the CUDA IPC path, the kernel reads a read's own runs from its Descs'
-        pinned tables (pinned_tables.py, gpu_direct.py); False: each read writes its run table
-        into a pinned slot first, as before (tens of microseconds more per read).
+        pinned tables (pinned_tables.py, gpu_direct.py) instead of each read writing its run
+        table into a pinned slot first. Off by default until it has run on a GPU (README, GPUs).
     inline_copy_bytes: same-host copies up to this size run on the transport's loop thread
         (no thread hand-off); larger ones are spread over worker threads.
     direct_lanes: a read of at most `inline_copy_bytes` of host memory from a peer on this host,
@@ -130,7 +130,7 @@ class AgentConfig:
     max_notify_count: int = 65536
     same_host_copy: bool = True
     gpu_ipc: bool = True
-    gpu_direct_tables: bool = True
+    gpu_direct_tables: bool = False
     inline_copy_bytes: int = 4 << 20
     direct_lanes: bool = True
     lease_grants: bool = True

@@ -36,7 +36,7 @@ class AgentSettings:
     same_host_copy: host memory of a peer on this host is read with one kernel copy.
     gpu_ipc: CUDA memory of a peer on this host is read through CUDA IPC with one kernel.
     gpu_direct_tables: that kernel reads a read's runs from its descriptors' pinned tables
-        (False: each read writes its run table first).
+        (off: each read writes its run table first; AgentConfig.gpu_direct_tables).
     """
 
     listen_host: str = "127.0.0.1"
@@ -48,7 +48,7 @@ class AgentSettings:
     transports: TransportSet = TransportSet.AUTO
     same_host_copy: bool = True
     gpu_ipc: bool = True
-    gpu_direct_tables: bool = True
+    gpu_direct_tables: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port_base <= 65535:

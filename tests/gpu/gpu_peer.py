@@ -280,6 +280,9 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
 
 class PeerProc:
     def __init__(self, device: str, name: str, start_timeout: float = 120.0, **cfg: Any):
+        # the GPU tests run the kernel over the Descs' own pinned tables (off by default until it
+        # has run on a GPU); test_reads_with_direct_tables_off_fill_a_slot runs the other way
+        cfg.setdefault("gpu_direct_tables", True)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(device, name, cfg, child), daemon=True)

@@ -398,3 +398,26 @@ def test_reads_and_writes_take_their_runs_from_the_descs_own_tables(owner, reade
     for k in (ko, kw):
         owner.call("drop", k)
     reader.call("drop", kr)
+
+
+def test_reads_with_direct_tables_off_fill_a_slot(owner):
+    """With AgentConfig(gpu_direct_tables=False) (the default until the direct kernel has run on a
+    GPU) a read writes its run table into a pinned slot first: asked and granted, every block
+    verified."""
+    reader = PeerProc(READER_DEVICE, "reader-slot", timeout_s=30.0, gpu_direct_tables=False)
+    try:
+        pool, n = 1024, 300
+        ko, kr = _key("sl"), _key("slr")
+        spec = _bufs("sls", pool, (8, 16, 128), "bfloat16", seed=91, layers=3)
+        owner.call("alloc", ko, spec)
+        reader.call("alloc", kr, _bufs("sld", pool, (8, 16, 128), "bfloat16", seed=92, layers=3))
+        s_ids, d_ids = _ids(pool, n), _ids(pool, n)
+        lease = owner.call("expose", ko, s_ids)
+        for rnd in range(2):
+            res, points = reader.call("traced", "read", owner.address, kr, d_ids, lease)
+            assert res["error"] is None and "slot" in points and "kernel" in points, (rnd, points)
+            assert reader.call("verify", kr, d_ids, spec, s_ids)["bad"] == 0, f"round {rnd}"
+        assert reader.call("stats")["gpu_run_tables"]["direct_launches"] == 0
+        owner.call("drop", ko)
+    finally:
+        reader.close()

@@ -29,3 +29,18 @@ def test_spin_keeps_the_thread_busy():
     # a busy loop uses CPU for (nearly) all of it; on a loaded 2-core machine the thread may be
     # preempted, so only ask for a clear majority of some of it
     assert cpu > 0.002 and wall >= 0.02
+
+
+def test_the_readers_direct_tables_follow_the_env_or_the_default(monkeypatch):
+    from nixl_connectors.tools.bench.ours import GPU_DIRECT_ENV, gpu_direct_from_env
+    from transport import AgentConfig
+
+    monkeypatch.delenv(GPU_DIRECT_ENV, raising=False)
+    assert gpu_direct_from_env() is AgentConfig().gpu_direct_tables
+    monkeypatch.setenv(GPU_DIRECT_ENV, "1")
+    assert gpu_direct_from_env() is True
+    monkeypatch.setenv(GPU_DIRECT_ENV, "0")
+    assert gpu_direct_from_env() is False
+    monkeypatch.setenv(GPU_DIRECT_ENV, "yes")
+    with pytest.raises(ValueError, match="1 .on. or 0"):
+        gpu_direct_from_env()

@@ -283,6 +283,12 @@ def test_make_row_and_format():
     assert failed["ratios"] == {} and bad_blocks(failed) == 1 and "boom" in "\n".join(format_row(failed))
     assert bad_blocks(make_row(w, {**ours, "bad_blocks": 3}, refs, None)) == 3
     assert "BAD BLOCKS" in "\n".join(format_row(make_row(w, {**ours, "bad_blocks": 3}, refs, None)))
+    assert "run tables" not in text   # (host memory: nothing to say)
+    cw = Workload("small", 32 << 10, 64, reps=3, warmup=1, measure=Measure.LATENCY, memory=Memory.CUDA)
+    on = {**ours, "gpu_direct_tables": True, "gpu_run_tables": {"direct_launches": 4, "direct_off": None}}
+    assert "read in place (gpu_direct_tables): on; direct launches 4" in "\n".join(format_row(make_row(cw, on, refs, None)))
+    off = {**ours, "gpu_direct_tables": True, "gpu_run_tables": {"direct_launches": 1, "direct_off": "RuntimeError: x"}}
+    assert "off because RuntimeError: x" in "\n".join(format_row(make_row(cw, off, refs, None)))
 
 
 def test_plot_series_and_png(tmp_path):

@@ -37,6 +37,20 @@ CHUNK_ENV = "NIXL_CONNECTORS_BENCH_CHUNK"
 EXPOSE_SETTLE_S = 0.002
 UCX_ENV = "NIXL_CONNECTORS_BENCH_UCX"
 TRACE_ENV = "NIXL_CONNECTORS_BENCH_TRACE"
+GPU_DIRECT_ENV = "NIXL_CONNECTORS_BENCH_GPU_DIRECT"   # "1"/"0": the reader's AgentConfig.gpu_direct_tables
+
+
+def gpu_direct_from_env() -> bool:
+    """The reader's `gpu_direct_tables`: NIXL_CONNECTORS_BENCH_GPU_DIRECT ("1" or "0"), else the
+    AgentConfig default; anything else is a ValueError naming the choices."""
+    from transport import AgentConfig
+
+    v = os.environ.get(GPU_DIRECT_ENV)
+    if v is None or v == "":
+        return AgentConfig.__dataclass_fields__["gpu_direct_tables"].default
+    if v not in ("0", "1"):
+        raise ValueError(f"{GPU_DIRECT_ENV}={v!r}: use 1 (on) or 0 (off)")
+    return v == "1"
 
 
 def block_ids(w: Workload, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -185,8 +199,9 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
         torch.set_num_threads(1)  # no torch worker threads spinning beside the timed reads
     rng = np.random.default_rng(seed)
     dest = _Dest(w, devices.reader, seed + 1)
+    direct = gpu_direct_from_env()
     cfg = AgentConfig(timeout_s=timeout_s, chunk_bytes=chunk, staging_bytes=max(64 << 20, 4 * chunk),
-                      ucx_options=bench_ucx_options())
+                      ucx_options=bench_ucx_options(), gpu_direct_tables=direct)
     times: list[float] = []
     traced: list[list[tuple[str, float]]] = []
     tracing = os.environ.get(TRACE_ENV) == "1"
@@ -236,6 +251,7 @@ def _read_reps(w: Workload, devices: Devices, seed: int, timeout_s: float, chunk
                                             "stream right after, as the engine would use it)" if dest.cuda else ""),
             "settle_after_expose_ms": EXPOSE_SETTLE_S * 1e3, "settle_mode": settle_mode.value,
             "host_pages": None if dest.cuda else pages_from_env().value, "huge_page_fraction": huge,
-            "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(),
+            "ucx_chunk_bytes": chunk, "ucx_options": bench_ucx_options(), "gpu_direct_tables": direct,
+            "gpu_run_tables": mine.get("gpu_run_tables"),
             "hops_us_median": median_hops(traced) if tracing else None,
             "processes": {"reader": [os.getpid(), os.getppid()], "owner": list(owner_pids)}}

@@ -61,6 +61,11 @@ def format_row(row: Mapping[str, Any]) -> list[str]:
             huge = ours.get("huge_page_fraction", {})
             lines.append(f"      host pools (every implementation, references too): {ours['host_pages']} pages; "
                          f"huge-page backed: owner {huge.get('owner')}, reader {huge.get('reader')}")
+        tables = ours.get("gpu_run_tables") or {}
+        if w["memory"] == "cuda" and "gpu_direct_tables" in ours:
+            lines.append(f"      run tables read in place (gpu_direct_tables): {'on' if ours['gpu_direct_tables'] else 'off'}"
+                         f"; direct launches {tables.get('direct_launches', 0)}"
+                         + (f"; off because {tables['direct_off']}" if tables.get("direct_off") else ""))
         if ours.get("hops_us_median"):
             lines.append("      hops (median us): " + ", ".join(f"{k} {v:.1f}" for k, v in ours["hops_us_median"].items()))
     for key, ref in row["references"].items():

@@ -147,7 +147,7 @@ def test_a_descs_with_its_own_tables_takes_the_direct_kernel(calls, monkeypatch,
     monkeypatch.setattr(gpu_direct, "disabled", None)
     monkeypatch.setattr(gpu_direct, "launch", lambda remote, local, device, stream, write=False, record=True:
                         direct.append((local, write, record)) or (None, ("kept",)))
-    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    dp = DataPlane("reader", AgentConfig(gpu_direct_tables=True), None, AgentStats())
     monkeypatch.setattr(dp, "stream", lambda device: None)
     s = _session()
     plan = _plan(dp, s, [0, 2048], [512, 512])
@@ -158,7 +158,7 @@ def test_a_descs_with_its_own_tables_takes_the_direct_kernel(calls, monkeypatch,
     dp.ipc_launch(plan, local, write, plan.live(s))
     assert len(direct) == 1 and [c[0] for c in calls] == ["paired"]
     monkeypatch.setattr(gpu_direct.pinned_tables.TABLES, "mapped", {0: True})
-    off = DataPlane("reader", AgentConfig(gpu_direct_tables=False), None, AgentStats())   # turned off
+    off = DataPlane("reader", AgentConfig(), None, AgentStats())   # off: the default until run on a GPU
     monkeypatch.setattr(off, "stream", lambda device: None)
     off.ipc_launch(plan, local, write, plan.live(s))
     assert len(direct) == 1 and [c[0] for c in calls] == ["paired", "paired"]
@@ -176,7 +176,7 @@ def test_a_failing_direct_kernel_turns_itself_off_and_the_table_is_filled(calls,
         tries.append(1)
         raise RuntimeError("CUDA error: invalid argument")
     monkeypatch.setattr(gpu_direct, "launch", broken)
-    dp = DataPlane("reader", AgentConfig(), None, AgentStats())
+    dp = DataPlane("reader", AgentConfig(gpu_direct_tables=True), None, AgentStats())
     monkeypatch.setattr(dp, "stream", lambda device: None)
     s = _session()
     plan = _plan(dp, s, [0, 2048], [512, 512])

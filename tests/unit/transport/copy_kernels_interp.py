@@ -15,6 +15,24 @@ from transport import gpu_direct, gpu_runs
 from transport.gpu_runs import RunSide, fill_half, half_words, kernel_args, part_args, split_point, variant_of
 
 
+class _Expected:
+    """What both sides must hold after the copy of run i of the remote side to run i of the local
+    one (or back, `write`): computed run by run before the kernel runs."""
+
+    def __init__(self, remote: tuple, local: tuple, ln: np.ndarray, write: bool):
+        (src_p, src_s, src_o), (dst_p, dst_s, dst_o) = (local, remote) if write else (remote, local)
+        self.src, self.dst = src_p, dst_p
+        self.src_before = [p.clone() for p in src_p]
+        self.want = [p.clone() for p in dst_p]
+        for i in range(len(ln)):
+            a, b, m = int(src_o[i]), int(dst_o[i]), int(ln[i])
+            self.want[int(dst_s[i])][b:b + m] = src_p[int(src_s[i])][a:a + m]
+
+    def holds(self) -> bool:
+        return (all(torch.equal(g, w) for g, w in zip(self.dst, self.want))
+                and all(torch.equal(g, w) for g, w in zip(self.src, self.src_before)))
+
+
 def run_case(n: int, rk: int, lk: int, uniform: bool, write: bool, bb: int, misalign: int = 0, seed: int = 0) -> bool:
     rng = np.random.default_rng(seed)
     blocks = max(64, n + 8)
@@ -46,17 +64,10 @@ def run_case(n: int, rk: int, lk: int, uniform: bool, write: bool, bb: int, misa
     if [a.data_ptr() for a in args] != list(ptrs):
         print("argument addresses differ from kernel_args'")
         return False
-    src_p, src_s, src_o, dst_p, dst_s, dst_o = ((lpools, lslot, loff, rpools, rslot, roff) if write
-                                                else (rpools, rslot, roff, lpools, lslot, loff))
-    expect = [p.clone() for p in dst_p]
-    src_before = [p.clone() for p in src_p]
-    for i in range(n):
-        a, b, m = int(src_o[i]), int(dst_o[i]), int(ln[i])
-        expect[int(dst_s[i])][b:b + m] = src_p[int(src_s[i])][a:a + m]
+    check = _Expected((rpools, rslot, roff), (lpools, lslot, loff), ln, write)
     gpu_direct._kernel()[(v.per, n)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2], ALIGN=consts[3],
                                      ULEN=consts[4], MULTI=consts[5], TO_LOCAL=consts[6], num_warps=v.warps)
-    ok = (all(torch.equal(g, w) for g, w in zip(dst_p, expect))
-          and all(torch.equal(g, w) for g, w in zip(src_p, src_before)))
+    ok = check.holds()
     print(f"n={n} remote={rk} local={lk} uniform={uniform} write={write} block={bb} misalign={misalign} "
           f"consts={consts}: {'OK' if ok else 'WRONG'}")
     return ok
@@ -83,13 +94,7 @@ def run_paired_case(n: int, rk: int, lk: int, uniform: bool, write: bool, bb: in
     slot = torch.empty(half_words(local), dtype=torch.int64)
     lh = fill_half(local, slot.numpy(), dev.data_ptr())
     ptrs, consts = kernel_args(dev.data_ptr(), rh, lh, slot.data_ptr(), v, write)
-    src_p, src_s, src_o, dst_p, dst_s, dst_o = ((lpools, lslot, loff, rpools, rslot, roff) if write
-                                                else (rpools, rslot, roff, lpools, lslot, loff))
-    expect = [p.clone() for p in dst_p]
-    src_before = [p.clone() for p in src_p]
-    for i in range(n):
-        a, b, m = int(src_o[i]), int(dst_o[i]), int(ln[i])
-        expect[int(dst_s[i])][b:b + m] = src_p[int(src_s[i])][a:a + m]
+    check = _Expected((rpools, rslot, roff), (lpools, lslot, loff), ln, write)
     _, kernel = gpu_runs._kernel()
     first = split_point(n)
     for lo, part in ((0, ptrs), (first, part_args(ptrs, first, rh.at_lens is not None))) if first else ((0, ptrs),):
@@ -99,8 +104,7 @@ def run_paired_case(n: int, rk: int, lk: int, uniform: bool, write: bool, bb: in
             args[0] = args[0].view(torch.uint8)
         kernel[(v.per, rows)](*args, PIECE=consts[0], WORD=consts[1], EVEN=consts[2], ALIGN=consts[3],
                               ULEN=consts[4], num_warps=v.warps)
-    ok = (all(torch.equal(g, w) for g, w in zip(dst_p, expect))
-          and all(torch.equal(g, w) for g, w in zip(src_p, src_before)))
+    ok = check.holds()
     print(f"paired n={n} remote={rk} local={lk} uniform={uniform} write={write} block={bb} "
           f"parts={2 if first else 1} consts={consts}: {'OK' if ok else 'WRONG'}")
     return ok

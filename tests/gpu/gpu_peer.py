@@ -155,7 +155,7 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         if cuda:
             torch.cuda.synchronize(device)
     from transport import Agent, AgentConfig, TransferError
-    from transport import gpu_copy, gpu_memcpy, gpu_runs, packing, trace
+    from transport import gpu_copy, gpu_direct, gpu_memcpy, gpu_runs, packing, trace
 
     agent = Agent(name, AgentConfig(**cfg))
     bufs: dict[str, Bufs] = {}
@@ -165,8 +165,10 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
         """Die (SIGKILL) in the middle of the data path: in the UCX path's pack/unpack of chunk
         `after`+1, or ("kernel") right after launching the `after`+1-th fused copy kernel, while
         it still reads or writes the peer's memory."""
-        # (the driver's copy of one contiguous range counts as a kernel: it reads the peer's memory too)
-        targets = ([(gpu_copy, "launch"), (gpu_runs, "launch"), (gpu_memcpy, "copy")] if where == "kernel"
+        # (the driver's copy of one contiguous range counts as a kernel: it reads the peer's memory too;
+        # so does the direct kernel, which reads its runs from the Descs' own tables)
+        targets = ([(gpu_copy, "launch"), (gpu_runs, "launch"), (gpu_direct, "launch"), (gpu_memcpy, "copy")]
+                   if where == "kernel"
                    else [(packing, where)])
         count = [0]
         for mod, name in targets:

@@ -87,7 +87,8 @@ class AgentConfig:
         kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
     gpu_direct_tables: on the CUDA IPC path, the kernel reads a read's own runs from its Descs'
         pinned tables (pinned_tables.py, gpu_direct.py) instead of each read writing its run
-        table into a pinned slot first. Off by default until it has run on a GPU (README, GPUs).
+        table into a pinned slot first (on since it ran on an H100: 0.79-0.81x of the contiguous
+        copy against 0.70x for 16,384 scattered blocks; README, GPUs).
     inline_copy_bytes: same-host copies up to this size run on the transport's loop thread
         (no thread hand-off); larger ones are spread over worker threads.
     direct_lanes: a read of at most `inline_copy_bytes` of host memory from a peer on this host,
@@ -130,7 +131,7 @@ class AgentConfig:
     max_notify_count: int = 65536
     same_host_copy: bool = True
     gpu_ipc: bool = True
-    gpu_direct_tables: bool = False
+    gpu_direct_tables: bool = True
     inline_copy_bytes: int = 4 << 20
     direct_lanes: bool = True
     lease_grants: bool = True

@@ -48,7 +48,7 @@ class AgentSettings:
     transports: TransportSet = TransportSet.AUTO
     same_host_copy: bool = True
     gpu_ipc: bool = True
-    gpu_direct_tables: bool = False
+    gpu_direct_tables: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port_base <= 65535:

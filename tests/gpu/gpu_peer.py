@@ -282,8 +282,8 @@ def _child(device: str, name: str, cfg: dict, conn) -> None:
 
 class PeerProc:
     def __init__(self, device: str, name: str, start_timeout: float = 120.0, **cfg: Any):
-        # the GPU tests run the kernel over the Descs' own pinned tables (off by default until it
-        # has run on a GPU); test_reads_with_direct_tables_off_fill_a_slot runs the other way
+        # the GPU tests run the kernel over the Descs' own pinned tables, as agents do by default;
+        # test_reads_with_direct_tables_off_fill_a_slot runs the other way
         cfg.setdefault("gpu_direct_tables", True)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()

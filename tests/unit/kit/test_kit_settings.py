@@ -79,7 +79,7 @@ def test_auth_key_from_env_or_file(tmp_path):
 
 def test_agent_config_carries_everything():
     s = AgentSettings(listen_port_base=7000, timeout_s=4, transports=TransportSet.TCP, same_host_copy=False,
-                      gpu_ipc=False, gpu_direct_tables=True, auth_key_env="K")
+                      gpu_ipc=False, gpu_direct_tables=False, auth_key_env="K")
     os.environ["K"] = "abc"
     try:
         c = agent_config(s, 2, {"model": "m"})
@@ -87,7 +87,7 @@ def test_agent_config_carries_everything():
         del os.environ["K"]
     assert (c.listen, c.auth_key, c.timeout_s, c.transports, c.same_host_copy, c.gpu_ipc, c.compat) == (
         "127.0.0.1:7002", b"abc", 4.0, TransportSet.TCP, False, False, {"model": "m"})
-    assert c.gpu_direct_tables is True and agent_config(AgentSettings(), 0, {}).gpu_direct_tables is False
+    assert c.gpu_direct_tables is False and agent_config(AgentSettings(), 0, {}).gpu_direct_tables is True
 
 
 def test_compat_dict():

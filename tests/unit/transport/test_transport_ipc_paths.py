@@ -158,7 +158,8 @@ def test_a_descs_with_its_own_tables_takes_the_direct_kernel(calls, monkeypatch,
     dp.ipc_launch(plan, local, write, plan.live(s))
     assert len(direct) == 1 and [c[0] for c in calls] == ["paired"]
     monkeypatch.setattr(gpu_direct.pinned_tables.TABLES, "mapped", {0: True})
-    off = DataPlane("reader", AgentConfig(), None, AgentStats())   # off: the default until run on a GPU
+    assert AgentConfig().gpu_direct_tables is True   # on by default (it ran on an H100)
+    off = DataPlane("reader", AgentConfig(gpu_direct_tables=False), None, AgentStats())   # switched off
     monkeypatch.setattr(off, "stream", lambda device: None)
     off.ipc_launch(plan, local, write, plan.live(s))
     assert len(direct) == 1 and [c[0] for c in calls] == ["paired", "paired"]

@@ -12,13 +12,20 @@ collected (its owner object's `__del__`, which only appends to a queue: it may r
 allocation, on any thread). When pinned memory cannot be had (no CUDA, the budget is spent), a
 caller gets None and keeps ordinary arrays: the read then writes its table as before (slower,
 never wrong). Why the arena is off is kept in `disabled`.
+
+A forked child does not own its parent's pinned memory (CUDA cannot be used there, and the driver
+keeps pinned pages out of the child): each arena turns itself off in a forked child, keeping the
+chunks' objects untouched (freeing them there would be a CUDA call), so nothing new is placed in
+memory that is not the child's.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
 import logging
+import os
 import threading
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -63,6 +70,7 @@ class PinnedArena:
         self.refused = 0                                 # requests answered None (budget spent)
         self.mapped: dict[int, bool] = {}               # device index -> every chunk mapped at its address
         self._types: dict[int, Any] = {}                # block size -> its owner type
+        _ARENAS.add(self)
 
     # -- blocks ---------------------------------------------------------------------------------
     def array(self, n: int, dtype: Any) -> tuple[np.ndarray, int] | None:
@@ -148,6 +156,16 @@ class PinnedArena:
             self._free.setdefault(size, []).append(addr)
             self.in_use -= size
 
+    def forked(self) -> None:
+        """In a forked child (os.register_at_fork): hand out nothing more. The chunks' objects are
+        kept, not freed (that would be a CUDA call in a process that cannot make one)."""
+        self._lock = threading.Lock()   # (another thread may have held it at the fork)
+        self._orphans = (self._chunks, self._free)
+        self._chunks, self._free, self._bump = [], {}, (0, 0)
+        self.held = self.in_use = 0
+        self.mapped = {}
+        self.disabled = "a forked child: its parent's pinned memory is not this process's"
+
     # -- what the launch asks --------------------------------------------------------------------
     def holds(self, addr: int, nbytes: int) -> bool:
         for a, n, _ in self._chunks:
@@ -183,5 +201,15 @@ class PinnedArena:
             return {"held_bytes": self.held, "in_use_bytes": self.in_use, "chunks": len(self._chunks),
                     "refused": self.refused, "disabled": self.disabled}
 
+
+_ARENAS: "weakref.WeakSet[PinnedArena]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for arena in list(_ARENAS):
+        arena.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 TABLES = PinnedArena()

@@ -220,3 +220,42 @@ def test_the_tables_stay_alive_with_the_descs_and_come_back_after(arena):
     del d, other
     gc.collect()
     assert arena.stats()["in_use_bytes"] == 0
+
+
+def test_a_forked_child_places_nothing_in_its_parents_pinned_memory():
+    """After a fork the child does not own the parent's pinned chunks (CUDA keeps them out of it):
+    the child's arena hands out nothing, says why, and does not wait on a lock the parent held at
+    the fork; the parent's arena goes on as before."""
+    import json
+    import os
+    import signal
+    import time
+
+    a = _arena()
+    kept = _arr(a, 100, np.int64)
+    r, w = os.pipe()
+    a._lock.acquire()   # (held by "another thread" at the fork)
+    pid = os.fork()
+    if pid == 0:   # the child: only os-level exits from here
+        try:
+            out = {"got": a.array(10, np.int64) is not None, "disabled": a.disabled, "stats": a.stats(),
+                   "global": pinned_tables.TABLES.disabled}
+        except BaseException as e:   # noqa: BLE001 (reported to the parent, which fails the test)
+            out = {"error": repr(e)}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    a._lock.release()
+    os.close(w)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung (a lock held at the fork?)")
+        time.sleep(0.01)
+    with os.fdopen(r, "rb") as f:
+        out = json.loads(f.read() or b"{}")
+    assert "error" not in out and out, out
+    assert out["got"] is False and "forked" in out["disabled"] and "forked" in out["global"]
+    assert out["stats"]["chunks"] == 0 and out["stats"]["held_bytes"] == 0
+    assert a.disabled is None and _arr(a, 10, np.int64) is not None and kept[0] == kept[0]

@@ -188,3 +188,27 @@ def test_a_failing_direct_kernel_turns_itself_off_and_the_table_is_filled(calls,
     assert "invalid argument" in gpu_direct.disabled
     assert [k for k in dp.stats.fallbacks if k.startswith("gpu-direct")] == ["gpu-direct: RuntimeError: CUDA error: "
                                                                               "invalid argument"]
+
+
+def test_the_gpu_fault_tests_can_die_in_every_copy_the_ipc_path_launches():
+    """tests/gpu's "kernel" death point (gpu_peer.arm_die) must wrap every function through which
+    DataPlane's CUDA IPC path enqueues a copy over the peer's memory; when one is missing, the
+    reader-killed-mid-kernel test reads to the end and fails on the GPU machine only (as it did when
+    the direct kernel arrived)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[3]
+    launched = set()
+    for node in ast.walk(ast.parse((root / "transport" / "dataplane.py").read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id.startswith("gpu_")
+                and node.func.attr in ("launch", "copy")):
+            launched.add((node.func.value.id, node.func.attr))
+    wrapped = set()
+    for node in ast.walk(ast.parse((root / "tests" / "gpu" / "gpu_peer.py").read_text())):
+        if (isinstance(node, ast.Tuple) and len(node.elts) == 2 and isinstance(node.elts[0], ast.Name)
+                and isinstance(node.elts[1], ast.Constant) and node.elts[0].id.startswith("gpu_")):
+            wrapped.add((node.elts[0].id, node.elts[1].value))
+    assert len(launched) >= 4, launched   # (the parse found the launches: gpu_memcpy, gpu_direct, gpu_runs, gpu_copy)
+    assert launched <= wrapped, f"not wrapped by arm_die('kernel'): {sorted(launched - wrapped)}"

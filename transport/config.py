@@ -87,7 +87,7 @@ class AgentConfig:
         kernel per transfer (see cuda_ipc.py) instead of pack/UCX/unpack.
     gpu_direct_tables: on the CUDA IPC path, the kernel reads a read's own runs from its Descs'
         pinned tables (pinned_tables.py, gpu_direct.py) instead of each read writing its run
-        table into a pinned slot first (on since it ran on an H100: 0.79-0.81x of the contiguous
+        table into a pinned slot first (on since it ran on an H100: 0.72-0.81x of the contiguous
         copy against 0.70x for 16,384 scattered blocks; README, GPUs).
     inline_copy_bytes: same-host copies up to this size run on the transport's loop thread
         (no thread hand-off); larger ones are spread over worker threads.

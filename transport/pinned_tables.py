@@ -70,6 +70,7 @@ class PinnedArena:
         self.refused = 0                                 # requests answered None (budget spent)
         self.mapped: dict[int, bool] = {}               # device index -> every chunk mapped at its address
         self._types: dict[int, Any] = {}                # block size -> its owner type
+        self._orphans: tuple = ()                        # a forked child: its parent's chunks, never used
         _ARENAS.add(self)
 
     # -- blocks ---------------------------------------------------------------------------------
@@ -162,6 +163,8 @@ class PinnedArena:
         self._lock = threading.Lock()   # (another thread may have held it at the fork)
         self._orphans = (self._chunks, self._free)
         self._chunks, self._free, self._bump = [], {}, (0, 0)
+        self._freed = collections.deque()   # (inherited blocks' frees go to the old queue, never drained)
+        self._types = {}
         self.held = self.in_use = 0
         self.mapped = {}
         self.disabled = "a forked child: its parent's pinned memory is not this process's"

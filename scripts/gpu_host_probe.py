@@ -1,6 +1,7 @@
-"""Host cost of the fused copy's launch path (transport/gpu_runs.launch) in one process, warm
-(back to back) against cold (each call after an idle sleep, as a reader that waited for its
-lease), next to the driver calls it is made of: how much of a read's host time is the code and
+"""Host cost of the fused copy's launch paths in one process (transport/gpu_runs.launch with its
+table in device or mapped memory; transport/gpu_direct.launch reading the runs from a Descs' own
+pinned tables, "direct"), warm (back to back) against cold (each call after an idle sleep, as a
+reader that waited for its lease), next to the driver calls it is made of: how much of a read's host time is the code and
 how much is a CPU that idled. Median microseconds of host time per call.
 
     python3 scripts/gpu_host_probe.py [--reps 200] [--idle-ms 2] [--json F]
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from nixl_connectors.tools.bench.settle import SettleMode, settle
-from transport import gpu_remote, gpu_runs
+from transport import Descs, gpu_direct, gpu_remote, gpu_runs
+from transport.region import make_region
 
 SHAPES = {   # name: (runs per layer, run bytes, pool blocks per layer, layers)
     "64 x 32 KiB": (64, 32 << 10, 1024, 1), "16,384 x 32 KiB": (16384, 32 << 10, 65536, 1),
@@ -102,6 +104,33 @@ def main() -> None:
                 row[f"{home.value}/{mode}"] = {"launch_host_us": float(np.median(host) * 1e6),
                                                "launch_to_synced_us": float(np.median(total) * 1e6)}
         gpu_runs.LOCAL_TABLE = gpu_runs.TableHome.MAPPED
+        # the direct kernel over the Descs' own tables (the default path); the bytes checked below
+        # are then its own (the destination is zeroed first)
+        ldesc = Descs.from_parts(tuple(make_region(t) for t in dsts),
+                                 [np.full(n, i, np.int32) for i in range(layers)],
+                                 [did.astype(np.int64) * rb] * layers, [np.full(n, rb, np.int64)] * layers)
+        if gpu_direct.usable(ldesc, dev.index):
+            for d in dsts:
+                d.zero_()
+            e, _ = gpu_direct.launch(remote, ldesc, dev, stream)   # (compiles the variant)
+            e.synchronize()
+            for mode, before in (("warm", None), ("after_sleep", idle), ("after_spin", busy)):
+                host, total = [], []
+                for _ in range(max(10, args.reps // 4)):
+                    if before is not None:
+                        before()
+                    t0 = time.perf_counter()
+                    e, _ = gpu_direct.launch(remote, ldesc, dev, stream)
+                    t1 = time.perf_counter()
+                    e.synchronize()
+                    t2 = time.perf_counter()
+                    host.append(t1 - t0)
+                    total.append(t2 - t0)
+                row[f"direct/{mode}"] = {"launch_host_us": float(np.median(host) * 1e6),
+                                         "launch_to_synced_us": float(np.median(total) * 1e6)}
+        else:
+            print(f"{name}: the direct kernel is not usable here (tables {ldesc.device_tables}, "
+                  f"off: {gpu_direct.disabled})")
         copy = []
         for _ in range(max(10, args.reps // 4)):
             t0 = time.perf_counter()
@@ -119,9 +148,9 @@ def main() -> None:
                 print(f"   {k:20s} host {r['launch_host_us']:7.1f} us   launch->synced {r['launch_to_synced_us']:7.1f} us")
         del srcs, dsts, flat, flat2
         torch.cuda.empty_cache()
-    la = gpu_runs._LAUNCHER
-    out["launcher"] = {k: getattr(la, k, None) for k in ("raw_launches", "fast_launches", "disabled", "raw_disabled")}
-    print("launcher:", out["launcher"])
+    for label, la in (("launcher", gpu_runs._LAUNCHER), ("direct_launcher", gpu_direct._LAUNCHER)):
+        out[label] = {k: getattr(la, k, None) for k in ("raw_launches", "fast_launches", "disabled", "raw_disabled")}
+        print(f"{label}:", out[label])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -35,6 +35,29 @@ def _median_us(fn, reps: int, before=None) -> float:
     return float(np.median(ts) * 1e6)
 
 
+def _launch_rows(label: str, launch, reps: int, modes) -> dict:
+    """Median host time of `launch()` (returns (event, held or None)) and launch to synchronized,
+    per (mode, what runs before each call); `held.synced()` after each synchronize."""
+    rows = {}
+    for mode, before in modes:
+        host, total = [], []
+        for _ in range(reps):
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            e, held = launch()
+            t1 = time.perf_counter()
+            e.synchronize()
+            t2 = time.perf_counter()
+            if hasattr(held, "synced"):
+                held.synced()
+            host.append(t1 - t0)
+            total.append(t2 - t0)
+        rows[f"{label}/{mode}"] = {"launch_host_us": float(np.median(host) * 1e6),
+                                   "launch_to_synced_us": float(np.median(total) * 1e6)}
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=200)
@@ -83,26 +106,14 @@ def main() -> None:
         flat = torch.empty(n * layers * rb, dtype=torch.uint8, device=dev)
         flat2 = torch.empty_like(flat)
         row = {}
+        reps = max(10, args.reps // 4)
+        modes = (("warm", None), ("after_sleep", idle), ("after_spin", busy))
         for home in gpu_runs.TableHome:
             gpu_runs.LOCAL_TABLE = home
             e, held = gpu_runs.launch(remote, local, dev, stream)   # (compiles the variant)
             e.synchronize()
             held.synced()
-            for mode, before in (("warm", None), ("after_sleep", idle), ("after_spin", busy)):
-                host, total = [], []
-                for _ in range(max(10, args.reps // 4)):
-                    if before is not None:
-                        before()
-                    t0 = time.perf_counter()
-                    e, held = gpu_runs.launch(remote, local, dev, stream)
-                    t1 = time.perf_counter()
-                    e.synchronize()
-                    t2 = time.perf_counter()
-                    held.synced()
-                    host.append(t1 - t0)
-                    total.append(t2 - t0)
-                row[f"{home.value}/{mode}"] = {"launch_host_us": float(np.median(host) * 1e6),
-                                               "launch_to_synced_us": float(np.median(total) * 1e6)}
+            row.update(_launch_rows(home.value, lambda: gpu_runs.launch(remote, local, dev, stream), reps, modes))
         gpu_runs.LOCAL_TABLE = gpu_runs.TableHome.MAPPED
         # the direct kernel over the Descs' own tables (the default path); the bytes checked below
         # are then its own (the destination is zeroed first)
@@ -114,20 +125,7 @@ def main() -> None:
                 d.zero_()
             e, _ = gpu_direct.launch(remote, ldesc, dev, stream)   # (compiles the variant)
             e.synchronize()
-            for mode, before in (("warm", None), ("after_sleep", idle), ("after_spin", busy)):
-                host, total = [], []
-                for _ in range(max(10, args.reps // 4)):
-                    if before is not None:
-                        before()
-                    t0 = time.perf_counter()
-                    e, _ = gpu_direct.launch(remote, ldesc, dev, stream)
-                    t1 = time.perf_counter()
-                    e.synchronize()
-                    t2 = time.perf_counter()
-                    host.append(t1 - t0)
-                    total.append(t2 - t0)
-                row[f"direct/{mode}"] = {"launch_host_us": float(np.median(host) * 1e6),
-                                         "launch_to_synced_us": float(np.median(total) * 1e6)}
+            row.update(_launch_rows("direct", lambda: gpu_direct.launch(remote, ldesc, dev, stream), reps, modes))
         else:
             print(f"{name}: the direct kernel is not usable here (tables {ldesc.device_tables}, "
                   f"off: {gpu_direct.disabled})")
